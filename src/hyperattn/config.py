@@ -1,0 +1,115 @@
+"""Configuration of the approximate attention methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = ["HyperAttentionConfig", "METHODS"]
+
+#: Methods understood by :func:`hyperattn.hyper_attention`.
+#:
+#: - ``"structured"`` (default): exact on sinks/heavy columns, a local window and the
+#:   LSH block; the rest estimated by sampling; per-head error estimate and guard.
+#: - ``"hyper"``: the paper's HyperAttention (sortLSH blocks + uniform residual samples).
+#: - ``"exact"``: exact attention through the same entry point.
+#: - ``"streaming"``, ``"vertical_slash"``, ``"block_topk"``, ``"oracle_topk"``: peer
+#:   patterns and the oracle limit, for side-by-side measurements.
+METHODS = (
+    "structured",
+    "hyper",
+    "exact",
+    "streaming",
+    "vertical_slash",
+    "block_topk",
+    "oracle_topk",
+)
+
+# min_seq_len used when the config leaves it as None.
+_DEFAULT_MIN_SEQ_LEN = {"hyper": 4096}
+_FALLBACK_MIN_SEQ_LEN = 1024
+
+
+@dataclass(frozen=True)
+class HyperAttentionConfig:
+    """Budget and randomness of one approximate attention call.
+
+    Args:
+        lsh_num_projs: hash bits ``r``; keys and queries fall in ``2**r`` angular buckets
+            ordered by Gray code (adjacent buckets differ in one hyperplane). Default 7.
+        block_size: ``b``, keys per block of the sorted order that each query block
+            attends exactly. Default 256.
+        sample_size: ``m``, residual columns sampled per (batch, KV head, sub-problem).
+            ``m >= n`` takes every column, which makes the result exact. Default 256.
+        min_seq_len: at or below this many keys (per level of the causal recursion)
+            attention is exact. ``None`` (default) means the method's own default:
+            4096 for ``"hyper"`` (the paper's), 1024 for the others.
+        seed: ``None`` draws fresh randomness from torch's global generator on every
+            call (so ``torch.manual_seed`` makes runs repeatable); an int fixes hashes
+            and samples.
+        method: one of :data:`METHODS`. Default ``"structured"``.
+        window: local window of recent keys each query attends exactly (structured and
+            streaming methods). Default 256.
+        num_sinks: leading "sink" columns always attended exactly. Default 16.
+        heavy_columns: extra heavy columns per head found by the probe. Default 64.
+        probe_rows: query rows per head scored against all keys to find heavy columns and
+            to estimate the error. Default 64.
+        max_error: per-head relative error target; heads whose estimate exceeds it are
+            computed exactly. ``None`` disables the guard. Default 0.05.
+        check_finite: check inputs for NaN/Inf (one reduction per tensor). Default True.
+    """
+
+    lsh_num_projs: int = 7
+    block_size: int = 256
+    sample_size: int = 256
+    min_seq_len: int | None = None
+    seed: int | None = None
+    method: str = "structured"
+    window: int = 256
+    num_sinks: int = 16
+    heavy_columns: int = 64
+    probe_rows: int = 64
+    max_error: float | None = 0.05
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("lsh_num_projs", self.lsh_num_projs, low=1, high=16)
+        _check_int("block_size", self.block_size, low=1)
+        _check_int("sample_size", self.sample_size, low=0)
+        if self.min_seq_len is not None:
+            _check_int("min_seq_len", self.min_seq_len, low=0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0)
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        _check_int("window", self.window, low=0)
+        _check_int("num_sinks", self.num_sinks, low=0)
+        _check_int("heavy_columns", self.heavy_columns, low=0)
+        _check_int("probe_rows", self.probe_rows, low=0)
+        if self.max_error is not None:
+            if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)):
+                raise TypeError(f"max_error: expected a float or None, got {type(self.max_error).__name__}")
+            if not (math.isfinite(self.max_error) and self.max_error > 0):
+                raise ValueError(f"max_error: expected a finite float > 0 or None, got {self.max_error!r}")
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite: expected a bool, got {type(self.check_finite).__name__}")
+
+    @property
+    def effective_min_seq_len(self) -> int:
+        """``min_seq_len`` with ``None`` resolved to the method's default."""
+        if self.min_seq_len is not None:
+            return self.min_seq_len
+        return _DEFAULT_MIN_SEQ_LEN.get(self.method, _FALLBACK_MIN_SEQ_LEN)
+
+    def replace(self, **changes) -> HyperAttentionConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value, *, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected an int {bound}, got {value}")

@@ -1,0 +1,213 @@
+"""Public attention functions: input validation, method dispatch, stats.
+
+Shape legend: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads with
+``Hq % Hkv == 0`` (GQA/MQA; K/V are never repeated in memory), ``Nq``/``Nk`` query/key
+lengths, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import HyperAttentionConfig
+from .reference.exact import attention_lse
+from .reference.hyper import causal_plan, hyper_attention_reference, noncausal_plan, scored_pairs
+
+__all__ = ["hyper_attention", "exact_attention", "AttentionStats"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DEFAULT_CONFIG = HyperAttentionConfig()
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """What one call did.
+
+    Attributes:
+        method: the method that ran.
+        keys_per_query: average number of keys scored per query over the whole call
+            (exact parts, probes and samples included); exact causal attention at ``N``
+            scores ``(N + 1) / 2``.
+        est_error: ``(B, Hq)`` fp32 estimate of each head's relative output error
+            ``||O - O_exact|| / ||O_exact||``; 0 for exact heads, NaN where the method
+            makes no estimate (``"hyper"``).
+        exact_heads: ``(B, Hq)`` bool, heads the error guard computed exactly (all False
+            where no guard ran).
+    """
+
+    method: str
+    keys_per_query: float
+    est_error: Tensor
+    exact_heads: Tensor
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_inputs(q, k, v, causal, scale, config, check_finite: bool) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-D tensor (B, Hq, Nq, D), got shape {_shape(q)}")
+    bsz, hq, nq, dim = q.shape
+    if k.dim() != 4:
+        raise ValueError(f"k: expected a 4-D tensor (B, Hkv, Nk, D), got shape {_shape(k)}")
+    if v.dim() != 4:
+        raise ValueError(f"v: expected a 4-D tensor (B, Hkv, Nk, D), got shape {_shape(v)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q: expected dtype float32, bfloat16 or float16, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (q's), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (q's), got {x.device}")
+    if min(q.shape) == 0:
+        raise ValueError(f"q: expected a non-empty tensor (B, Hq, Nq, D), got shape {_shape(q)}")
+    if k.shape[0] != bsz or k.shape[3] != dim or min(k.shape) == 0:
+        raise ValueError(f"k: expected (B, Hkv, Nk, D) with B == q's {bsz}, D == q's {dim} and no empty "
+                         f"dimension, got {_shape(k)}")
+    if hq % k.shape[1] != 0:
+        raise ValueError(f"k: expected a head count Hkv that divides q's Hq = {hq}, got Hkv = {k.shape[1]}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the same shape as k {_shape(k)}, got {_shape(v)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: expected a finite float > 0 or None, got {scale!r}")
+    if config is not None and not isinstance(config, HyperAttentionConfig):
+        raise TypeError(f"config: expected a HyperAttentionConfig or None, got {type(config).__name__}")
+    if check_finite:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name}: expected finite values, found NaN or Inf "
+                                 "(pass config=HyperAttentionConfig(check_finite=False) to skip this check)")
+
+
+def _exact_pairs(nq: int, nk: int, causal: bool) -> int:
+    if not causal:
+        return nq * nk
+    return sum(max(0, min(nk, i + 1 + nk - nq)) for i in range(nq)) if nq != nk else nq * (nq + 1) // 2
+
+
+def _run_exact(q, k, v, scale, causal, config, seed):
+    out, lse = attention_lse(q, k, v, scale, causal)
+    zeros = torch.zeros(q.shape[0], q.shape[1], device=q.device)
+    stats = AttentionStats("exact", _exact_pairs(q.shape[2], k.shape[2], causal) / q.shape[2], zeros,
+                           torch.ones_like(zeros, dtype=torch.bool))
+    return out, lse, stats
+
+
+def _run_hyper(q, k, v, scale, causal, config, seed):
+    nq, nk = q.shape[2], k.shape[2]
+    min_len = config.effective_min_seq_len
+    if q.is_cuda:
+        from .kernels import dispatch as kernel_dispatch  # imported lazily: needs triton
+        out, lse = kernel_dispatch.hyper_attention_cuda(q, k, v, scale=scale, causal=causal, config=config,
+                                                        seed=seed)
+    else:
+        out, lse = hyper_attention_reference(q, k, v, scale=scale, causal=causal, block_size=config.block_size,
+                                             sample_size=config.sample_size, num_projs=config.lsh_num_projs,
+                                             min_seq_len=min_len, seed=seed)
+    plan = causal_plan(nq, nk, min_len) if causal else noncausal_plan(nq, nk, min_len)
+    pairs = scored_pairs(plan, config.block_size, config.sample_size, nq, nk)
+    nan = torch.full((q.shape[0], q.shape[1]), float("nan"), device=q.device)
+    return out, lse, AttentionStats("hyper", pairs / nq, nan, torch.zeros_like(nan, dtype=torch.bool))
+
+
+def _method(name: str) -> Callable:
+    if name == "exact":
+        return _run_exact
+    if name == "hyper":
+        return _run_hyper
+    from .reference import structured, peers  # the structured method and peer patterns
+
+    runners = {"structured": structured.run, **peers.RUNNERS}
+    return runners[name]
+
+
+def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+                    config: HyperAttentionConfig | None = None, *, return_lse: bool = False,
+                    return_stats: bool = False):
+    """Approximate attention in near-linear time.
+
+    Args:
+        q: ``(B, Hq, Nq, D)`` queries, float32/bfloat16/float16.
+        k: ``(B, Hkv, Nk, D)`` keys, same dtype and device; ``Hq % Hkv == 0``.
+        v: ``(B, Hkv, Nk, D)`` values.
+        causal: causal mask aligned to the last key (query ``i`` sees keys
+            ``j <= i + Nk - Nq``), like flash-attn. Default False.
+        scale: logit scale; default ``D ** -0.5``.
+        config: method and budget (:class:`HyperAttentionConfig`); default
+            ``HyperAttentionConfig()``, the structured method with its error guard.
+        return_lse: also return ``lse: (B, Hq, Nq)`` fp32, the log-sum-exp of the
+            (estimated) scaled logits of each row.
+        return_stats: also return :class:`AttentionStats`.
+
+    Returns:
+        ``out: (B, Hq, Nq, D)`` in the input dtype (accumulated in fp32); then ``lse`` if
+        ``return_lse``; then ``stats`` if ``return_stats``. CPU tensors run the PyTorch
+        reference, CUDA tensors the Triton kernels (same answer for the same seed, up to
+        rounding). Differentiable: the gradient is the exact gradient of the approximate
+        function for the drawn hashes and samples.
+
+    Raises:
+        TypeError, ValueError: on invalid inputs, naming the argument.
+
+    Examples::
+
+        >>> import torch, hyperattn as ha
+        >>> q = torch.randn(1, 8, 4096, 64); k = v = torch.randn(1, 2, 4096, 64)
+        >>> cfg = ha.HyperAttentionConfig(method="hyper", min_seq_len=1024, seed=0)
+        >>> out, lse = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_lse=True)
+        >>> out.shape, lse.shape
+        (torch.Size([1, 8, 4096, 64]), torch.Size([1, 8, 4096]))
+    """
+    cfg = _DEFAULT_CONFIG if config is None else config
+    _check_inputs(q, k, v, causal, scale, config, cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    out, lse, stats = _method(cfg.method)(q, k, v, scale, causal, cfg, seed)
+    out = out.to(q.dtype)
+    result = (out,)
+    if return_lse:
+        result += (lse.float(),)
+    if return_stats:
+        result += (stats,)
+    return result[0] if len(result) == 1 else result
+
+
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None, *,
+                    return_lse: bool = False, check_finite: bool = True):
+    """Exact attention with the same contract as :func:`hyper_attention`.
+
+    Without ``return_lse`` it runs ``torch.nn.functional.scaled_dot_product_attention``
+    (its fastest backend) where the masks agree; otherwise the fp32 reference.
+
+    Returns ``out: (B, Hq, Nq, D)`` in the input dtype, and ``lse: (B, Hq, Nq)`` fp32 if
+    ``return_lse``.
+
+    Examples::
+
+        >>> import torch, hyperattn as ha
+        >>> q = torch.randn(1, 4, 128, 32); k = v = torch.randn(1, 4, 128, 32)
+        >>> ha.exact_attention(q, k, v, causal=True).shape
+        torch.Size([1, 4, 128, 32])
+    """
+    _check_inputs(q, k, v, causal, scale, None, check_finite)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not return_lse and (not causal or q.shape[2] == k.shape[2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    out, lse = attention_lse(q, k, v, scale, causal)
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)

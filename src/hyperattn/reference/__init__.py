@@ -1,0 +1,1 @@
+"""Pure-PyTorch reference implementations: the specification the kernels are tested against."""
