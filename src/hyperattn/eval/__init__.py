@@ -1,0 +1,1 @@
+"""Measurement on real models: Q/K/V capture, error metrics, perplexity."""
