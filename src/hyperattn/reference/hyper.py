@@ -95,18 +95,22 @@ def causal_plan(nq: int, nk: int, min_seq_len: int) -> list[Piece]:
 
 @dataclass(frozen=True)
 class Draws:
-    """Random inputs of one call: hyperplanes ``proj: (D, r)`` and stratum offsets ``u: (P, B, Hkv, m)`` in [0, 1)."""
+    """Random inputs of one call: hyperplanes ``proj: (D, r)`` and stratum offsets ``u: (P, B, Hq, m)`` in [0, 1).
+
+    Samples are drawn per *query* head, so a GQA call equals the same call with K/V
+    repeated per query head, draw for draw.
+    """
 
     proj: Tensor
     u: Tensor
 
 
-def draw_randomness(seed: int, head_dim: int, num_projs: int, num_pieces: int, batch: int, kv_heads: int,
+def draw_randomness(seed: int, head_dim: int, num_projs: int, num_pieces: int, batch: int, heads: int,
                     sample_size: int) -> Draws:
     """Hyperplanes and sample offsets for ``num_pieces`` approximate pieces, from a CPU generator."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     proj = draw_projections(head_dim, num_projs, gen)
-    u = torch.rand(num_pieces, batch, kv_heads, sample_size, generator=gen)
+    u = torch.rand(num_pieces, batch, heads, sample_size, generator=gen)
     return Draws(proj=proj, u=u)
 
 
@@ -135,8 +139,8 @@ def hyper_block_sample(q: Tensor, k: Tensor, v: Tensor, scale: float, proj: Tens
     """Non-causal HyperAttention for fixed hashes and samples (steps 2-5 above), fp32.
 
     ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)``, ``proj: (D, r)``,
-    ``sample_idx, sample_logw: (B, Hkv, m)`` (columns and their log-weights, shared by the
-    query heads of one KV head). Returns ``out: (B, Hq, Nq, D)``, ``lse: (B, Hq, Nq)``.
+    ``sample_idx, sample_logw: (B, Hq, m)`` (columns and their log-weights, per query
+    head). Returns ``out: (B, Hq, Nq, D)``, ``lse: (B, Hq, Nq)``.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -169,11 +173,13 @@ def hyper_block_sample(q: Tensor, k: Tensor, v: Tensor, scale: float, proj: Tens
 
     # Residual part, in original query order: sampled keys of a query's own block are masked.
     q_block_id = q_inv // q_block  # (B, Hkv, G, Nq)
-    k_block_id = (torch.argsort(k_perm, dim=-1) // block_size).gather(-1, sample_idx)  # (B, Hkv, m)
-    k_s = _gather_rows(kf, sample_idx).unsqueeze(2)
-    v_s = _gather_rows(vf, sample_idx).unsqueeze(2)
-    scores = (qg @ k_s.transpose(-1, -2)) * scale + sample_logw.unsqueeze(2).unsqueeze(3)
-    own = q_block_id.unsqueeze(-1) == k_block_id.unsqueeze(2).unsqueeze(3)
+    sample_idx = sample_idx.reshape(bsz, hkv, group * sample_idx.shape[-1])
+    k_block_id = (torch.argsort(k_perm, dim=-1) // block_size).gather(-1, sample_idx)
+    k_block_id = k_block_id.reshape(bsz, hkv, group, -1)  # (B, Hkv, G, m)
+    k_s = _gather_rows(kf, sample_idx).reshape(bsz, hkv, group, -1, dim)
+    v_s = _gather_rows(vf, sample_idx).reshape(bsz, hkv, group, -1, dim)
+    scores = (qg @ k_s.transpose(-1, -2)) * scale + sample_logw.reshape(bsz, hkv, group, 1, -1)
+    own = q_block_id.unsqueeze(-1) == k_block_id.unsqueeze(3)
     out_s, lse_s = softmax_lse(scores.masked_fill(own, float("-inf")), v_s)
 
     out, lse = merge_lse(out_blk, lse_blk, out_s, lse_s)
@@ -188,7 +194,7 @@ def hyper_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, 
     hkv, nk = k.shape[1], k.shape[2]
     plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
     approx = [p for p in plan if p.approx]
-    draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hkv, sample_size)
+    draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hq, sample_size)
 
     out = q.new_zeros(bsz, hq, nq, v.shape[-1], dtype=torch.float32)
     lse = q.new_full((bsz, hq, nq), float("-inf"), dtype=torch.float32)
