@@ -1,0 +1,295 @@
+"""Triton attention kernels with an online softmax in fp32, the building blocks of the fast paths.
+
+Two kernels, one per access pattern:
+
+- :func:`range_attention`: every query row ``r`` (original order) attends the contiguous
+  keys ``[lo[r], hi[r]]``. Causal diagonal blocks, block-diagonal exact attention and plain
+  exact attention are all of this form. Tiles that lie inside every row's range run
+  without masks.
+- :func:`gathered_attention`: a tile of rows read through an index array (a sorted order)
+  attends a run of keys read through another index array (the matching sorted key
+  block), then a list of gathered columns carrying a per-column log-weight, each masked
+  out for rows whose tile ``block_id`` equals the column's block id. This is the fused
+  HyperAttention block + residual-sample step; the structured method's "LSH block +
+  sinks/heavy columns (log-weight 0) + samples (log-weight ``log|stratum|``)" fits it too.
+
+Both write ``out (B, Hq, Nq, D)`` fp32 and ``lse (B, Hq, Nq)`` fp32 at the rows' original
+positions; with ``merge=True`` they combine with what those buffers already hold through
+the log-sum-exp (paper, ``add_self_attentions``), so pieces that cover disjoint key sets of
+the same rows can run one launch after another without extra buffers. Rows that see no
+key give ``out = 0`` and ``lse = -inf``.
+
+Logits are kept in base 2 (``exp2``, scale premultiplied by ``log2(e)``), the usual
+flash-attention trick; the stored ``lse`` is natural.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["range_attention", "gathered_attention", "TILE_ROWS"]
+
+#: Most rows in one tile of :func:`gathered_attention` (the largest BLOCK_M it tunes over).
+TILE_ROWS = 128
+
+LOG2E = 1.4426950408889634
+
+
+def _configs(shapes):
+    # The interpreter cannot time configs: give it one.
+    if triton.knobs.runtime.interpret:
+        shapes = shapes[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    # fp32 tiles take twice the shared memory; large tiles then spill.
+    if named_args["Q"].dtype == torch.float32:
+        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+        return small or configs[:1]
+    return configs
+
+
+@triton.jit
+def _tile_update(acc, m_i, l_i, q, k_t, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    # One online-softmax step over a key tile; logits in base 2.
+    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where(valid, s + s_bias, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; shifting by 0 keeps its weights at 0.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, O, LSE, o_rows, lse_rows, row_ok, offs_d, MERGE: tl.constexpr):
+    # Normalise, optionally LSE-merge with the buffers' previous contents, store.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    o_ptrs = O + o_rows[:, None] + offs_d[None, :]
+    if MERGE:
+        prev_lse = tl.load(LSE + lse_rows, mask=row_ok, other=float("-inf"))
+        prev_out = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+        top = tl.maximum(prev_lse, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_prev = tl.exp(prev_lse - top)
+        w_new = tl.exp(lse - top)
+        total = w_prev + w_new
+        none = total == 0.0
+        total_safe = tl.where(none, 1.0, total)
+        out = (prev_out * w_prev[:, None] + out * w_new[:, None]) / total_safe[:, None]
+        lse = tl.where(none, float("-inf"), top + tl.log(total_safe))
+    tl.store(o_ptrs, out, mask=row_ok[:, None])
+    tl.store(LSE + lse_rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, lo, hi, start, end, t0, t1,
+                 offs_n, offs_d, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    for t in range(t0, t1):
+        cols = start + t * BLOCK_N + offs_n
+        if MASKED:
+            valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
+            col_ok = cols < end
+            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :],
+                          other=0.0)  # [D, BLOCK_N]
+            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
+        else:
+            valid = None
+            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
+            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :])  # [BLOCK_N, D]
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_t, v, 0.0, valid, qk_scale, MASKED, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.autotune(
+    configs=_configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)]),
+    key=["HEAD_DIM", "MERGE", "SIZE_CLASS"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["O", "LSE"],
+)
+@triton.jit
+def _range_attention_kernel(Q, K, V, O, LSE, LO, HI,
+                            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                            stride_vb, stride_vh, stride_vn,
+                            num_heads, group, nq, qk_scale, SIZE_CLASS,
+                            HEAD_DIM: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    kvh = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < nq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lo = tl.load(LO + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + rows, mask=row_ok, other=-1)
+    nonempty = row_ok & (lo <= hi)
+    # Key tiles start at the smallest lo; tiles inside every row's range need no mask.
+    start = tl.min(tl.where(nonempty, lo, 2147483647), 0)
+    end = tl.max(tl.where(nonempty, hi + 1, 0), 0)
+    start = tl.minimum(start, end)
+    lo_max = tl.max(tl.where(row_ok, lo, 0), 0)
+    hi_min = tl.min(tl.where(row_ok, hi, 2147483647), 0)
+    num_tiles = tl.cdiv(end - start, BLOCK_N)
+    t_full0 = tl.minimum(tl.cdiv(tl.maximum(lo_max - start, 0), BLOCK_N), num_tiles)
+    t_full1 = tl.minimum(tl.maximum((hi_min + 1 - start) // BLOCK_N, t_full0), num_tiles)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    qk_scale = qk_scale * 1.4426950408889634
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, lo, hi, start, end,
+                                 0, t_full0, offs_n, offs_d, qk_scale, BLOCK_N, True, PRECISION)
+    acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, lo, hi, start, end,
+                                 t_full0, t_full1, offs_n, offs_d, qk_scale, BLOCK_N, False, PRECISION)
+    acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, lo, hi, start, end,
+                                 t_full1, num_tiles, offs_n, offs_d, qk_scale, BLOCK_N, True, PRECISION)
+    flat_rows = bh.to(tl.int64) * nq + rows
+    _finish(acc, m_i, l_i, O, LSE, flat_rows * HEAD_DIM, flat_rows, row_ok, offs_d, MERGE)
+
+
+@triton.autotune(
+    configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)]),
+    key=["HEAD_DIM", "MERGE", "SIZE_CLASS"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["O", "LSE"],
+)
+@triton.jit
+def _gathered_attention_kernel(Q, K, V, O, LSE, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK, NSAMP,
+                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                               stride_vb, stride_vh, stride_vn,
+                               num_heads, kv_heads, group, nq, nqidx, nkidx, max_samples, qk_scale, SIZE_CLASS,
+                               HEAD_DIM: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    bkv = b * kv_heads + kvh
+    row_start = tl.load(TILES + tile * 6 + 0)
+    row_end = tl.load(TILES + tile * 6 + 1)
+    key_start = tl.load(TILES + tile * 6 + 2)
+    key_end = tl.load(TILES + tile * 6 + 3)
+    piece = tl.load(TILES + tile * 6 + 4)
+    block_id = tl.load(TILES + tile * 6 + 5)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qk_scale = qk_scale * 1.4426950408889634
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+
+    # A tile holds at most TILE_ROWS (128) rows; with a smaller BLOCK_M the program walks it in slices.
+    for r0 in range(row_start, row_end, BLOCK_M):
+        slots = r0 + tl.arange(0, BLOCK_M)
+        row_ok = slots < row_end
+        rows = tl.load(QIDX + bh * nqidx + slots, mask=row_ok, other=0)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # The matching block of the sorted keys.
+        for n0 in range(key_start, key_end, BLOCK_N):
+            kslots = n0 + offs_n
+            k_ok = kslots < key_end
+            cols = tl.load(KIDX + bkv * nkidx + kslots, mask=k_ok, other=0)
+            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=k_ok[None, :],
+                          other=0.0)  # [D, BLOCK_N]
+            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_t, v, 0.0, k_ok[None, :], qk_scale, True,
+                                         PRECISION)
+        # Gathered columns: log-weights added, the tile's own block masked (already counted).
+        num_samples = tl.load(NSAMP + piece)
+        s_base = (piece.to(tl.int64) * tl.num_programs(1) + bh) * max_samples
+        for j0 in range(0, num_samples, BLOCK_N):
+            sj = j0 + offs_n
+            s_ok = sj < num_samples
+            cols = tl.load(SIDX + s_base + sj, mask=s_ok, other=0)
+            blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
+            logw = tl.load(SLOGW + piece * max_samples + sj, mask=s_ok, other=0.0)
+            keep = s_ok & (blk != block_id)
+            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=s_ok[None, :],
+                          other=0.0)  # [D, BLOCK_N]
+            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_t, v, (logw * 1.4426950408889634)[None, :],
+                                         keep[None, :], qk_scale, True, PRECISION)
+        o_rows = (bh * nq + rows) * HEAD_DIM
+        _finish(acc, m_i, l_i, O, LSE, o_rows, bh * nq + rows, row_ok, offs_d, MERGE)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 products so the kernels match the fp32 reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _size_class(n: int) -> int:
+    return max(12, n.bit_length())
+
+
+def range_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, out: Tensor,
+                    lse: Tensor, merge: bool) -> None:
+    """Row ``r`` of ``q (B, Hq, Nq, D)`` attends keys ``[lo[r], hi[r]]`` of ``k, v (B, Hkv, Nk, D)``.
+
+    ``lo, hi: (Nq,)`` int32, shared by all heads (``lo > hi``: no key). Writes (or with
+    ``merge`` LSE-merges into) ``out (B, Hq, Nq, D)`` fp32 and ``lse (B, Hq, Nq)`` fp32,
+    both contiguous.
+    """
+    bsz, hq, nq, dim = q.shape
+    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
+    _range_attention_kernel[grid](
+        q, k, v, out, lse, lo, hi,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        hq, hq // k.shape[1], nq, scale, _size_class(nq),
+        HEAD_DIM=dim, MERGE=merge, PRECISION=_precision(q.dtype),
+    )
+
+
+def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, tiles: Tensor,
+                       sample_index: Tensor, sample_logw: Tensor, sample_block: Tensor, num_samples: Tensor,
+                       scale: float, out: Tensor, lse: Tensor, merge: bool) -> None:
+    """Fused sorted-block + gathered-column attention over a table of row tiles.
+
+    ``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D)``; ``q_index (B*Hq, Sq)`` and
+    ``k_index (B*Hkv, Sk)`` map slots of a sorted order to original positions.
+    ``tiles (T, 6)`` int32 rows ``[row_start, row_end, key_start, key_end, piece, block_id]``:
+    query slots ``[row_start, row_end)`` attend key slots ``[key_start, key_end)`` and the
+    gathered columns of ``piece``: ``sample_index, sample_block (P, B*Hq, M)`` (original key
+    positions and their block ids), ``sample_logw (P, M)`` fp32 natural log-weights,
+    ``num_samples (P,)`` int32 valid columns. A column whose block id equals the tile's
+    ``block_id`` is skipped. Writes (or merges into) ``out``/``lse`` at the rows' original
+    positions.
+    """
+    bsz, hq, nq, dim = q.shape
+    grid = (tiles.shape[0], bsz * hq)
+    _gathered_attention_kernel[grid](
+        q, k, v, out, lse, q_index, k_index, tiles, sample_index, sample_logw, sample_block, num_samples,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        hq, k.shape[1], hq // k.shape[1], nq, q_index.shape[-1], k_index.shape[-1], sample_index.shape[-1],
+        scale, _size_class(nq),
+        HEAD_DIM=dim, MERGE=merge, PRECISION=_precision(q.dtype),
+    )

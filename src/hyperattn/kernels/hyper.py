@@ -1,0 +1,211 @@
+"""HyperAttention forward on the GPU (mirrors :mod:`hyperattn.reference.hyper`), same function for the same draws.
+
+The reference's plan (:func:`~hyperattn.reference.hyper.causal_plan`) is flattened into a
+few launches:
+
+- exact pieces: in the causal recursion they join, per query row, into one contiguous
+  causal key range (a segment's off-diagonal exact block followed by its diagonal
+  leaves), so they run as one :func:`~hyperattn.kernels.attention.range_attention`
+  launch (a second one only for an exact prefix with ``Nk > Nq`` that is not adjacent);
+- approximate pieces: grouped into launches whose pieces have disjoint query and key
+  ranges (one launch per recursion level). Per group, one hashing pass
+  (:func:`~hyperattn.kernels.lsh.lsh_sort_keys`) and one stable integer sort per head
+  give every piece its sorted order; one fused
+  :func:`~hyperattn.kernels.attention.gathered_attention` launch then attends each sorted
+  query block to its key block and the piece's residual samples, and LSE-merges the result
+  into the output rows in place.
+
+Plans (segments, tile tables, exact ranges) depend only on the shapes and the budget and
+are cached per device; the draws (hyperplanes, stratum offsets) come from
+:func:`~hyperattn.reference.hyper.draw_randomness` and
+:func:`~hyperattn.reference.hyper.stratified_samples`, exactly as in the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..reference.hyper import Piece, causal_plan, draw_randomness, noncausal_plan, stratified_samples
+from .attention import TILE_ROWS, gathered_attention, range_attention
+from .lsh import lsh_sort_keys
+
+__all__ = ["KernelPlan", "kernel_plan", "hyper_forward"]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Approximate pieces run by one fused launch (disjoint query and key ranges)."""
+
+    pieces: tuple[Piece, ...]
+    approx_index: tuple[int, ...]  # each piece's index among the plan's approximate pieces (its draws)
+    q_base: tuple[int, ...]  # first slot of each piece in the group's sorted query order
+    k_base: tuple[int, ...]
+    tiles: Tensor  # (T, 6) int32, see gathered_attention
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Launch plan of one (Nq, Nk, budget, causal) shape on one device.
+
+    ``exact``: list of ``(lo, hi)`` int32 ``(Nq,)`` per-row key ranges, one range launch
+    each; ``groups``: fused launches of approximate pieces; ``seg_q (G, Nq)`` and
+    ``seg_k (G, Nk)`` int32: each position's piece within group ``g`` (``len(pieces)``
+    where it is in none); ``covers_all``: the first launch writes every row (no merge).
+    """
+
+    exact: list[tuple[Tensor, Tensor]]
+    groups: list[_Group]
+    seg_q: Tensor
+    seg_k: Tensor
+    num_approx: int
+    covers_all: bool
+
+
+def _exact_ranges(plan: list[Piece], nq: int, nk: int) -> list[tuple[Tensor, Tensor]]:
+    ranges: list[tuple[Tensor, Tensor]] = []
+    for piece in plan:
+        if piece.approx:
+            continue
+        rows = torch.arange(piece.q0, piece.q1)
+        lo = torch.full_like(rows, piece.k0)
+        hi = rows - piece.q0 + piece.k0 if piece.causal else torch.full_like(rows, piece.k1 - 1)
+        for cur_lo, cur_hi in ranges:
+            seg_lo, seg_hi = cur_lo[piece.q0:piece.q1], cur_hi[piece.q0:piece.q1]
+            empty = seg_lo > seg_hi
+            after = seg_hi + 1 == lo
+            before = hi + 1 == seg_lo
+            if bool((empty | after | before).all()):
+                cur_lo[piece.q0:piece.q1] = torch.where(empty | after, torch.where(empty, lo, seg_lo), lo)
+                cur_hi[piece.q0:piece.q1] = torch.where(empty | after, hi, seg_hi)
+                break
+        else:
+            new_lo, new_hi = torch.zeros(nq, dtype=torch.long), torch.full((nq,), -1, dtype=torch.long)
+            new_lo[piece.q0:piece.q1], new_hi[piece.q0:piece.q1] = lo, hi
+            ranges.append((new_lo, new_hi))
+    return [(lo.int(), hi.int()) for lo, hi in ranges]
+
+
+def _tiles(pieces: tuple[Piece, ...], q_base: tuple[int, ...], k_base: tuple[int, ...], block_size: int) -> Tensor:
+    rows = []
+    for j, (p, qb0, kb0) in enumerate(zip(pieces, q_base, k_base)):
+        pq, pk = p.q1 - p.q0, p.k1 - p.k0
+        num_blocks = math.ceil(pk / block_size)
+        q_block = math.ceil(pq / num_blocks)
+        for i in range(math.ceil(pq / q_block)):
+            r1 = min((i + 1) * q_block, pq)
+            key = (kb0 + i * block_size, kb0 + min((i + 1) * block_size, pk))
+            for r0 in range(i * q_block, r1, TILE_ROWS):
+                rows.append((qb0 + r0, qb0 + min(r0 + TILE_ROWS, r1), *key, j, i))
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 6)
+
+
+def _groups(plan: list[Piece], block_size: int) -> list[_Group]:
+    approx = [(i, p) for i, p in enumerate(p for p in plan if p.approx)]
+    runs: list[list[tuple[int, Piece]]] = []
+    for index, piece in approx:
+        run = runs[-1] if runs else None
+        if run is None or any(p.q0 < piece.q1 and piece.q0 < p.q1 or p.k0 < piece.k1 and piece.k0 < p.k1
+                              for _, p in run):
+            runs.append([(index, piece)])
+        else:
+            run.append((index, piece))
+    groups = []
+    for run in runs:
+        pieces = tuple(p for _, p in run)
+        q_base = tuple(sum(p.q1 - p.q0 for p in pieces[:j]) for j in range(len(pieces)))
+        k_base = tuple(sum(p.k1 - p.k0 for p in pieces[:j]) for j in range(len(pieces)))
+        groups.append(_Group(pieces, tuple(i for i, _ in run), q_base, k_base,
+                             _tiles(pieces, q_base, k_base, block_size)))
+    return groups
+
+
+def _segments(groups: list[_Group], n: int, query: bool) -> Tensor:
+    seg = torch.empty(len(groups), n, dtype=torch.int32)
+    for g, group in enumerate(groups):
+        seg[g] = len(group.pieces)
+        for j, p in enumerate(group.pieces):
+            lo, hi = (p.q0, p.q1) if query else (p.k0, p.k1)
+            seg[g, lo:hi] = j
+    return seg
+
+
+@functools.lru_cache(maxsize=32)
+def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, causal: bool, device: str) -> KernelPlan:
+    """The cached launch plan for one shape and budget, its tensors on ``device``."""
+    plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
+    groups = _groups(plan, block_size)
+    dev = torch.device(device)
+    exact = [(lo.to(dev), hi.to(dev)) for lo, hi in _exact_ranges(plan, nq, nk)]
+    groups = [_Group(g.pieces, g.approx_index, g.q_base, g.k_base, g.tiles.to(dev)) for g in groups]
+    covers_all = bool(exact) or (len(groups) > 0 and all(p.q0 == 0 and p.q1 == nq for p in groups[0].pieces))
+    return KernelPlan(exact, groups, _segments(groups, nq, True).to(dev), _segments(groups, nk, False).to(dev),
+                      sum(len(g.pieces) for g in groups), covers_all)
+
+
+def _group_samples(group: _Group, u: Tensor, k_slot: Tensor, bsz: int, hq: int, hkv: int, block_size: int):
+    """Sample columns, log-weights, block ids and counts of one group's pieces, padded to one width."""
+    idx_list, logw_list = [], []
+    for piece, index in zip(group.pieces, group.approx_index):
+        idx, logw = stratified_samples(u[index], piece.k1 - piece.k0)
+        idx_list.append(idx + piece.k0)
+        logw_list.append(logw[0, 0])
+    width = max(x.shape[-1] for x in idx_list)
+    num = len(idx_list)
+    device = u.device
+    sample_idx = torch.zeros(num, bsz, hq, width, dtype=torch.long, device=device)
+    sample_logw = torch.zeros(num, width, dtype=torch.float32, device=device)
+    counts = torch.tensor([x.shape[-1] for x in idx_list], dtype=torch.int32, device=device)
+    for j, (idx, logw) in enumerate(zip(idx_list, logw_list)):
+        sample_idx[j, ..., :idx.shape[-1]] = idx
+        sample_logw[j, :logw.shape[-1]] = logw
+    # Block of each sampled key in its piece's sorted order (queries of a KV head share its sort).
+    group_size = hq // hkv
+    pos = sample_idx.reshape(num, bsz, hkv, group_size, width).permute(1, 2, 0, 3, 4).reshape(bsz, hkv, -1)
+    slots = k_slot.reshape(bsz, hkv, -1).gather(-1, pos).reshape(bsz, hkv, num, group_size, width)
+    slots = slots.permute(2, 0, 1, 3, 4).reshape(num, bsz * hq, width)
+    k_base = torch.tensor(group.k_base, device=device).reshape(num, 1, 1)
+    sample_block = ((slots - k_base) // block_size).int()
+    return sample_idx.reshape(num, bsz * hq, width), sample_logw, sample_block, counts
+
+
+def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
+                  sample_size: int, num_projs: int, min_seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The paper's method with Triton kernels; same contract and draws as ``hyper_attention_reference``.
+
+    ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)`` CUDA tensors (last dim contiguous, D a
+    power of two in [16, 128]). Returns ``out: (B, Hq, Nq, D)`` and ``lse: (B, Hq, Nq)``,
+    both fp32.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    plan = kernel_plan(nq, nk, min_seq_len, block_size, causal, str(q.device))
+    out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(bsz, hq, nq, device=q.device, dtype=torch.float32)
+    merge = False
+    if not plan.covers_all:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        merge = True
+    for lo, hi in plan.exact:
+        range_attention(q, k, v, lo, hi, scale, out, lse, merge)
+        merge = True
+    if not plan.groups:
+        return out, lse
+    draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, sample_size)
+    proj = draws.proj.to(q.device)
+    u = draws.u.to(q.device)
+    q_perm = torch.sort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True).indices
+    k_perm = torch.sort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True).indices
+    k_slot = torch.empty_like(k_perm).scatter_(-1, k_perm, torch.arange(nk, device=q.device).expand_as(k_perm))
+    for g, group in enumerate(plan.groups):
+        sample_idx, sample_logw, sample_block, counts = _group_samples(group, u, k_slot[g], bsz, hq, hkv,
+                                                                       block_size)
+        gathered_attention(q, k, v, q_perm[g], k_perm[g], group.tiles, sample_idx, sample_logw, sample_block,
+                           counts, scale, out, lse, merge)
+        merge = True
+    return out, lse

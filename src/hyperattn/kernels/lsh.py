@@ -1,0 +1,70 @@
+"""Fused sortLSH hashing (mirrors :mod:`hyperattn.reference.lsh`): project, sign bits, Gray rank, sort keys.
+
+One pass over ``x`` gives every row its bucket (the Gray-code rank of its sign pattern
+under the hyperplanes) and writes, for each launch group ``g`` of approximate pieces, the
+integer sort key ``segment[g, pos] << r | bucket``. A stable sort of those keys along the
+sequence sorts each piece's rows by bucket, in the piece's own slot range, for every
+piece of the group at once: one sort per (group, head) instead of one per piece.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["lsh_sort_keys"]
+
+# Hyperplanes are padded to this many columns (the smallest dot width; r <= 16 by config).
+_R_PAD = 16
+
+
+@triton.jit
+def _lsh_keys_kernel(X, PROJ, SEG, KEYS, stride_xb, stride_xh, stride_xn, num_heads, n, num_projs,
+                     NUM_GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, R_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, R_PAD)
+    x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + offs_d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
+    proj = tl.load(PROJ + offs_d[:, None] * R_PAD + offs_r[None, :])  # [D, R_PAD]
+    # Full fp32 products: a sign is only flipped by rounding where x.P is within rounding of 0.
+    y = tl.dot(x, proj, input_precision="ieee")  # [BLOCK, R_PAD]
+    bits = (y > 0) & (offs_r[None, :] < num_projs)
+    pattern = tl.sum(tl.where(bits, 1 << offs_r[None, :], 0), 1)
+    # Inverse Gray code: rank = pattern ^ (pattern >> 1) ^ (pattern >> 2) ^ ...
+    rank = pattern
+    shift = pattern >> 1
+    for _ in tl.static_range(R_PAD):
+        rank = rank ^ shift
+        shift = shift >> 1
+    rows64 = rows.to(tl.int64)
+    for g in tl.static_range(NUM_GROUPS):
+        seg = tl.load(SEG + g * n + rows64, mask=ok, other=0)
+        tl.store(KEYS + (g * tl.num_programs(1) + bh) * n + rows64, (seg << num_projs) | rank, mask=ok)
+
+
+def lsh_sort_keys(x: Tensor, proj: Tensor, segments: Tensor) -> Tensor:
+    """Sort keys ``(G, B*H, N)`` int32 for ``x: (B, H, N, D)``, ``proj: (D, r)`` fp32, ``segments: (G, N)`` int32.
+
+    ``key = segments[g, pos] << r | bucket(x[b, h, pos])`` with the bucket of
+    :func:`hyperattn.reference.lsh.lsh_buckets`; ``segments`` must satisfy
+    ``segments.max() < 2 ** (31 - r)``.
+    """
+    bsz, heads, n, dim = x.shape
+    num_projs = proj.shape[1]
+    padded = torch.zeros(dim, _R_PAD, device=x.device, dtype=torch.float32)
+    padded[:, :num_projs] = proj
+    num_groups = segments.shape[0]
+    keys = torch.empty(num_groups, bsz * heads, n, device=x.device, dtype=torch.int32)
+    block = 64
+    grid = (triton.cdiv(n, block), bsz * heads)
+    _lsh_keys_kernel[grid](x, padded, segments, keys, x.stride(0), x.stride(1), x.stride(2), heads, n, num_projs,
+                           NUM_GROUPS=num_groups, HEAD_DIM=dim, R_PAD=_R_PAD, BLOCK=block, num_warps=4)
+    return keys
