@@ -54,10 +54,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _tile_update(acc, m_i, l_i, q, k_t, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
+def _tile_update(acc, m_i, l_i, q, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
                  PRECISION: tl.constexpr):
     # One online-softmax step over a key tile; logits in base 2.
-    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
         s = tl.where(valid, s + s_bias, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -103,15 +103,15 @@ def _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, l
         if MASKED:
             valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
             col_ok = cols < end
-            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :],
-                          other=0.0)  # [D, BLOCK_N]
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
             v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None],
                         other=0.0)  # [BLOCK_N, D]
         else:
             valid = None
-            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :])  # [BLOCK_N, D]
             v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :])  # [BLOCK_N, D]
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_t, v, 0.0, valid, qk_scale, MASKED, PRECISION)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, MASKED, PRECISION)
     return acc, m_i, l_i
 
 
@@ -214,11 +214,11 @@ def _gathered_attention_kernel(Q, K, V, O, LSE, QIDX, KIDX, TILES, SIDX, SLOGW, 
             kslots = n0 + offs_n
             k_ok = kslots < key_end
             cols = tl.load(KIDX + bkv * nkidx + kslots, mask=k_ok, other=0)
-            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=k_ok[None, :],
-                          other=0.0)  # [D, BLOCK_N]
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
             v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None],
                         other=0.0)  # [BLOCK_N, D]
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_t, v, 0.0, k_ok[None, :], qk_scale, True,
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, k_ok[None, :], qk_scale, True,
                                          PRECISION)
         # Gathered columns: log-weights added, the tile's own block masked (already counted).
         num_samples = tl.load(NSAMP + piece)
@@ -230,11 +230,11 @@ def _gathered_attention_kernel(Q, K, V, O, LSE, QIDX, KIDX, TILES, SIDX, SLOGW, 
             blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
             logw = tl.load(SLOGW + piece * max_samples + sj, mask=s_ok, other=0.0)
             keep = s_ok & (blk != block_id)
-            k_t = tl.load(K + k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=s_ok[None, :],
-                          other=0.0)  # [D, BLOCK_N]
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=s_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
             v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None],
                         other=0.0)  # [BLOCK_N, D]
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_t, v, (logw * 1.4426950408889634)[None, :],
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, (logw * 1.4426950408889634)[None, :],
                                          keep[None, :], qk_scale, True, PRECISION)
         o_rows = (bh * nq + rows) * HEAD_DIM
         _finish(acc, m_i, l_i, O, LSE, o_rows, bh * nq + rows, row_ok, offs_d, MERGE)

@@ -39,13 +39,16 @@ __all__ = ["KernelPlan", "kernel_plan", "hyper_forward"]
 
 @dataclass(frozen=True)
 class _Group:
-    """Approximate pieces run by one fused launch (disjoint query and key ranges)."""
+    """Approximate pieces run by one fused launch (disjoint query and key ranges); tensors on the device."""
 
     pieces: tuple[Piece, ...]
-    approx_index: tuple[int, ...]  # each piece's index among the plan's approximate pieces (its draws)
-    q_base: tuple[int, ...]  # first slot of each piece in the group's sorted query order
-    k_base: tuple[int, ...]
     tiles: Tensor  # (T, 6) int32, see gathered_attention
+    k_base: Tensor  # (p,) first slot of each piece in the group's sorted key order
+    k0: Tensor  # (p,) first key position of each piece
+    num_samples: Tensor  # (p,) int32 columns each piece samples: min(m, its key count)
+    width: int  # max of num_samples
+    # Pieces of equal key count draw their samples in one call: (count, local index, approx index).
+    by_length: tuple[tuple[int, Tensor, Tensor], ...]
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,8 @@ def _tiles(pieces: tuple[Piece, ...], q_base: tuple[int, ...], k_base: tuple[int
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 6)
 
 
-def _groups(plan: list[Piece], block_size: int) -> list[_Group]:
-    approx = [(i, p) for i, p in enumerate(p for p in plan if p.approx)]
+def _groups(plan: list[Piece], block_size: int, sample_size: int, device: torch.device) -> list[_Group]:
+    approx = list(enumerate(p for p in plan if p.approx))
     runs: list[list[tuple[int, Piece]]] = []
     for index, piece in approx:
         run = runs[-1] if runs else None
@@ -117,10 +120,19 @@ def _groups(plan: list[Piece], block_size: int) -> list[_Group]:
     groups = []
     for run in runs:
         pieces = tuple(p for _, p in run)
-        q_base = tuple(sum(p.q1 - p.q0 for p in pieces[:j]) for j in range(len(pieces)))
-        k_base = tuple(sum(p.k1 - p.k0 for p in pieces[:j]) for j in range(len(pieces)))
-        groups.append(_Group(pieces, tuple(i for i, _ in run), q_base, k_base,
-                             _tiles(pieces, q_base, k_base, block_size)))
+        lengths = [p.k1 - p.k0 for p in pieces]
+        q_base = [sum(p.q1 - p.q0 for p in pieces[:j]) for j in range(len(pieces))]
+        k_base = [sum(lengths[:j]) for j in range(len(pieces))]
+        by_length = tuple(
+            (n, torch.tensor([j for j, m in enumerate(lengths) if m == n], device=device),
+             torch.tensor([i for (i, _), m in zip(run, lengths) if m == n], device=device))
+            for n in sorted(set(lengths)))
+        counts = [min(sample_size, n) for n in lengths]
+        groups.append(_Group(
+            pieces=pieces, tiles=_tiles(pieces, q_base, k_base, block_size).to(device),
+            k_base=torch.tensor(k_base, device=device), k0=torch.tensor([p.k0 for p in pieces], device=device),
+            num_samples=torch.tensor(counts, dtype=torch.int32, device=device), width=max(counts),
+            by_length=by_length))
     return groups
 
 
@@ -135,42 +147,39 @@ def _segments(groups: list[_Group], n: int, query: bool) -> Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, causal: bool, device: str) -> KernelPlan:
+def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, sample_size: int, causal: bool,
+                device: str) -> KernelPlan:
     """The cached launch plan for one shape and budget, its tensors on ``device``."""
     plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
-    groups = _groups(plan, block_size)
     dev = torch.device(device)
+    groups = _groups(plan, block_size, sample_size, dev)
     exact = [(lo.to(dev), hi.to(dev)) for lo, hi in _exact_ranges(plan, nq, nk)]
-    groups = [_Group(g.pieces, g.approx_index, g.q_base, g.k_base, g.tiles.to(dev)) for g in groups]
     covers_all = bool(exact) or (len(groups) > 0 and all(p.q0 == 0 and p.q1 == nq for p in groups[0].pieces))
     return KernelPlan(exact, groups, _segments(groups, nq, True).to(dev), _segments(groups, nk, False).to(dev),
                       sum(len(g.pieces) for g in groups), covers_all)
 
 
 def _group_samples(group: _Group, u: Tensor, k_slot: Tensor, bsz: int, hq: int, hkv: int, block_size: int):
-    """Sample columns, log-weights, block ids and counts of one group's pieces, padded to one width."""
-    idx_list, logw_list = [], []
-    for piece, index in zip(group.pieces, group.approx_index):
-        idx, logw = stratified_samples(u[index], piece.k1 - piece.k0)
-        idx_list.append(idx + piece.k0)
-        logw_list.append(logw[0, 0])
-    width = max(x.shape[-1] for x in idx_list)
-    num = len(idx_list)
-    device = u.device
-    sample_idx = torch.zeros(num, bsz, hq, width, dtype=torch.long, device=device)
-    sample_logw = torch.zeros(num, width, dtype=torch.float32, device=device)
-    counts = torch.tensor([x.shape[-1] for x in idx_list], dtype=torch.int32, device=device)
-    for j, (idx, logw) in enumerate(zip(idx_list, logw_list)):
-        sample_idx[j, ..., :idx.shape[-1]] = idx
-        sample_logw[j, :logw.shape[-1]] = logw
-    # Block of each sampled key in its piece's sorted order (queries of a KV head share its sort).
-    group_size = hq // hkv
-    pos = sample_idx.reshape(num, bsz, hkv, group_size, width).permute(1, 2, 0, 3, 4).reshape(bsz, hkv, -1)
-    slots = k_slot.reshape(bsz, hkv, -1).gather(-1, pos).reshape(bsz, hkv, num, group_size, width)
+    """Sample columns ``(p, B*Hq, M)``, log-weights ``(p, M)`` and block ids ``(p, B*Hq, M)`` of one group."""
+    num, width = len(group.pieces), group.width
+    sample_idx = torch.zeros(num, bsz, hq, width, dtype=torch.long, device=u.device)
+    sample_logw = torch.zeros(num, width, dtype=torch.float32, device=u.device)
+    for length, local, index in group.by_length:
+        idx, logw = stratified_samples(u.index_select(0, index), length)
+        sample_idx[local, ..., :idx.shape[-1]] = idx + group.k0[local].reshape(-1, 1, 1, 1)
+        sample_logw[local, :idx.shape[-1]] = logw[:, 0, 0]
+    # Block of each sampled key in its piece's sorted order (the query heads of a KV head share its sort).
+    per_kv = hq // hkv
+    pos = sample_idx.reshape(num, bsz, hkv, per_kv, width).permute(1, 2, 0, 3, 4).reshape(bsz, hkv, -1)
+    slots = k_slot.reshape(bsz, hkv, -1).gather(-1, pos).reshape(bsz, hkv, num, per_kv, width)
     slots = slots.permute(2, 0, 1, 3, 4).reshape(num, bsz * hq, width)
-    k_base = torch.tensor(group.k_base, device=device).reshape(num, 1, 1)
-    sample_block = ((slots - k_base) // block_size).int()
-    return sample_idx.reshape(num, bsz * hq, width), sample_logw, sample_block, counts
+    sample_block = ((slots - group.k_base.reshape(-1, 1, 1)) // block_size).int()
+    return sample_idx.reshape(num, bsz * hq, width), sample_logw, sample_block
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    # From pinned memory the copy is queued on the stream instead of synchronising it.
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
@@ -183,7 +192,7 @@ def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    plan = kernel_plan(nq, nk, min_seq_len, block_size, causal, str(q.device))
+    plan = kernel_plan(nq, nk, min_seq_len, block_size, sample_size, causal, str(q.device))
     out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(bsz, hq, nq, device=q.device, dtype=torch.float32)
     merge = False
@@ -196,16 +205,15 @@ def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
         merge = True
     if not plan.groups:
         return out, lse
+    # Drawn on the host while the exact launches run; copied without a stream sync.
     draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, sample_size)
-    proj = draws.proj.to(q.device)
-    u = draws.u.to(q.device)
-    q_perm = torch.sort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True).indices
-    k_perm = torch.sort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True).indices
+    proj, u = _to_device(draws.proj, q.device), _to_device(draws.u, q.device)
+    q_perm = torch.argsort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True)
+    k_perm = torch.argsort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True)
     k_slot = torch.empty_like(k_perm).scatter_(-1, k_perm, torch.arange(nk, device=q.device).expand_as(k_perm))
     for g, group in enumerate(plan.groups):
-        sample_idx, sample_logw, sample_block, counts = _group_samples(group, u, k_slot[g], bsz, hq, hkv,
-                                                                       block_size)
+        sample_idx, sample_logw, sample_block = _group_samples(group, u, k_slot[g], bsz, hq, hkv, block_size)
         gathered_attention(q, k, v, q_perm[g], k_perm[g], group.tiles, sample_idx, sample_logw, sample_block,
-                           counts, scale, out, lse, merge)
+                           group.num_samples, scale, out, lse, merge)
         merge = True
     return out, lse
