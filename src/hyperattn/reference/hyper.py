@@ -83,7 +83,7 @@ def causal_plan(nq: int, nk: int, min_seq_len: int) -> list[Piece]:
     while level:
         next_level = []
         for q0, k0, length in level:
-            if length <= min_seq_len:
+            if length <= max(min_seq_len, 1):
                 pieces.append(Piece(q0, q0 + length, k0, k0 + length, causal=True, approx=False))
                 continue
             half = (length + 1) // 2
@@ -107,7 +107,10 @@ class Draws:
 
 def draw_randomness(seed: int, head_dim: int, num_projs: int, num_pieces: int, batch: int, heads: int,
                     sample_size: int) -> Draws:
-    """Hyperplanes and sample offsets for ``num_pieces`` approximate pieces, from a CPU generator."""
+    """Hyperplanes and sample offsets for ``num_pieces`` approximate pieces, from a CPU generator.
+
+    Callers pass ``sample_size = min(config.sample_size, Nk)``: no piece has more columns.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     proj = draw_projections(head_dim, num_projs, gen)
     u = torch.rand(num_pieces, batch, heads, sample_size, generator=gen)
@@ -194,7 +197,7 @@ def hyper_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, 
     hkv, nk = k.shape[1], k.shape[2]
     plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
     approx = [p for p in plan if p.approx]
-    draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hq, sample_size)
+    draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hq, min(sample_size, nk))
 
     out = q.new_zeros(bsz, hq, nq, v.shape[-1], dtype=torch.float32)
     lse = q.new_full((bsz, hq, nq), float("-inf"), dtype=torch.float32)

@@ -1,0 +1,30 @@
+"""Shared test helpers: one relative-error function and the tolerances, in one place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# fp32 results compared with fp32 exact attention: both sum the same terms in a different
+# order, so they agree to a few ulps of the largest term (~1e-6); 2e-5 leaves room for
+# log-sum-exp merges of up to ~20 pieces.
+FP32_ATOL = 2e-5
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||x - ref||_F / ||ref||_F`` in float64."""
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def qkv(batch, hq, hkv, nq, nk, dim, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, nq, dim, generator=gen)
+    k = torch.randn(batch, hkv, nk, dim, generator=gen)
+    v = torch.randn(batch, hkv, nk, dim, generator=gen)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
