@@ -1,0 +1,264 @@
+"""Forward-pass timings of HyperAttention and its baselines on one device, and a kernel-time profile.
+
+Every implementation is timed on the same inputs in the same process: one warm-up call
+(compilation, autotuning), one call that records peak memory, then CUDA-event timings of
+repeated calls (at least ``min_reps``, more while under ``budget_ms``), median reported.
+On a CPU, wall-clock timings replace events and only the CPU implementations run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import HyperAttentionConfig
+from ..ops import hyper_attention
+from ..reference.hyper import causal_plan, hyper_attention_reference, noncausal_plan, scored_pairs
+
+__all__ = ["IMPLS", "BenchShape", "run_forward_bench", "profile_hyper", "exact_pairs", "versions"]
+
+#: Implementations the harness knows; CPU runs only "hyper" and "sdpa-math".
+IMPLS = ("hyper", "hyper-reference", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math",
+         "flex-sink-window")
+
+# Sink tokens and window of the FlexAttention baseline (the issue's block-sparse reference point).
+FLEX_SINKS, FLEX_WINDOW = 128, 512
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """Inputs of one benchmark: ``q (batch, heads, n, head_dim)``, ``k, v (batch, kv_heads, n, head_dim)``."""
+
+    batch: int = 1
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+
+
+class _Skip(Exception):
+    """A row that is not run, with the reason."""
+
+
+def versions() -> dict:
+    """Device name and library versions recorded in every results file."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "triton": triton_version}
+
+
+def exact_pairs(n: int, causal: bool) -> int:
+    """(query, key) scores of exact attention for one head at ``Nq = Nk = n``."""
+    return n * (n + 1) // 2 if causal else n * n
+
+
+def _flex_pairs(n: int) -> int:
+    rows = torch.arange(n, dtype=torch.float64)
+    window = torch.clamp(rows + 1, max=FLEX_WINDOW)
+    sinks = torch.clamp(rows + 1 - FLEX_WINDOW, min=0, max=FLEX_SINKS)
+    return int((window + sinks).sum())
+
+
+def _inputs(n: int, shape: BenchShape, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, shape.dtype)
+    q = torch.randn(shape.batch, shape.heads, n, shape.head_dim, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(shape.batch, shape.kv_heads, n, shape.head_dim, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(shape.batch, shape.kv_heads, n, shape.head_dim, device=device, dtype=dtype, generator=gen)
+    return q, k, v
+
+
+def _sdpa(backend_name: str, q: Tensor, k: Tensor, v: Tensor, causal: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+    gqa = q.shape[1] != k.shape[1]
+
+    def call(kk, vv, enable_gqa):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=enable_gqa)
+
+    config = {"backend": backend_name, "gqa": "native" if gqa else "none"}
+    try:
+        call(k, v, gqa)
+        return (lambda: call(k, v, gqa)), config
+    except RuntimeError:
+        if not gqa:
+            raise
+    # The backend has no GQA: K/V repeated per query head before timing, as a user would.
+    group = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    call(kr, vr, False)
+    return (lambda: call(kr, vr, False)), {**config, "gqa": "kv repeated outside the timing"}
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, causal: bool):
+    if not causal:
+        raise _Skip("skipped: the sink+window baseline is causal only")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sink_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((kv_idx < FLEX_SINKS) | (q_idx - kv_idx < FLEX_WINDOW))
+
+    n = q.shape[2]
+    mask = create_block_mask(sink_window, None, None, n, n, device=q.device, _compile=True)
+    flex = torch.compile(flex_attention, dynamic=False)
+    gqa = q.shape[1] != k.shape[1]
+    return (lambda: flex(q, k, v, block_mask=mask, enable_gqa=gqa)), {"sinks": FLEX_SINKS, "window": FLEX_WINDOW,
+                                                                      "compiled": True}
+
+
+def _hyper_config_dict(config: HyperAttentionConfig) -> dict:
+    return {**asdict(config), "min_seq_len": config.effective_min_seq_len}
+
+
+def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Callable, dict, int]:
+    n = q.shape[2]
+    if impl in ("hyper", "hyper-reference"):
+        config = HyperAttentionConfig(method="hyper")
+        plan = (causal_plan if causal else noncausal_plan)(n, n, config.effective_min_seq_len)
+        pairs = scored_pairs(plan, config.block_size, config.sample_size, n, n)
+        if impl == "hyper":
+            return (lambda: hyper_attention(q, k, v, causal=causal, config=config)), _hyper_config_dict(config), pairs
+        scale = q.shape[-1] ** -0.5
+
+        def reference():
+            return hyper_attention_reference(q, k, v, scale=scale, causal=causal, block_size=config.block_size,
+                                             sample_size=config.sample_size, num_projs=config.lsh_num_projs,
+                                             min_seq_len=config.effective_min_seq_len, seed=0)
+
+        return reference, {**_hyper_config_dict(config), "seed": 0, "path": "PyTorch reference"}, pairs
+    if impl.startswith("sdpa-"):
+        fn, config = _sdpa(impl.removeprefix("sdpa-"), q, k, v, causal)
+        return fn, config, exact_pairs(n, causal)
+    if impl == "flex-sink-window":
+        fn, config = _flex(q, k, v, causal)
+        return fn, config, _flex_pairs(n)
+    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+
+
+def _time_ms(fn: Callable, cuda: bool, budget_ms: float, min_reps: int, max_reps: int) -> float:
+    def once() -> float:
+        if not cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    times = [once()]
+    reps = int(min(max_reps, max(min_reps, budget_ms / max(times[0], 1e-3))))
+    times += [once() for _ in range(reps - 1)]
+    return statistics.median(times)
+
+
+def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.device, max_n: dict,
+             budget_ms: float, min_reps: int, max_reps: int) -> dict:
+    row = {"n": n, "causal": causal, "backward": False, "impl": impl, "config": {}, "ms": None, "peak_gb": None}
+    cuda = device.type == "cuda"
+    try:
+        if n > max_n.get(impl, math.inf):
+            raise _Skip(f"skipped: n > {max_n[impl]} for {impl} (set by --max-n)")
+        q, k, v = _inputs(n, shape, device)
+        fn, config, pairs = _build(impl, q, k, v, causal)
+        row["config"] = config
+        row["pairs_per_head"] = pairs
+        fn()  # warm-up: compilation, autotuning, plan caches
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        row["ms"] = _time_ms(fn, cuda, budget_ms, min_reps, max_reps)
+        row["tflops"] = 4 * shape.head_dim * pairs * shape.batch * shape.heads / (row["ms"] * 1e-3) / 1e12
+    except _Skip as skip:
+        row["error"] = str(skip)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as exc:  # a failing backend is a result (e.g. unsupported shape), not a crash
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def run_forward_bench(lengths: list[int], impls: list[str], causal_modes: list[bool], shape: BenchShape,
+                      device: torch.device, max_n: dict | None = None, budget_ms: float = 400.0, min_reps: int = 3,
+                      max_reps: int = 20, progress: bool = True) -> dict:
+    """Time every ``(n, causal, impl)``; returns the results object (schema in :mod:`hyperattn.bench`).
+
+    Examples::
+
+        >>> import torch
+        >>> from hyperattn.bench.forward import BenchShape, run_forward_bench
+        >>> shape = BenchShape(heads=2, kv_heads=1, head_dim=32, dtype="float32")
+        >>> res = run_forward_bench([256], ["hyper", "sdpa-math"], [True], shape, torch.device("cpu"),
+        ...                         progress=False)
+        >>> sorted(r["impl"] for r in res["rows"])
+        ['hyper', 'sdpa-math']
+    """
+    from tqdm import tqdm
+
+    jobs = [(n, causal, impl) for n in lengths for causal in causal_modes for impl in impls]
+    rows = []
+    for n, causal, impl in tqdm(jobs, desc="bench", disable=not progress):
+        rows.append(_run_row(impl, n, causal, shape, device, max_n or {}, budget_ms, min_reps, max_reps))
+    return {**versions(), "shape": asdict(shape), "rows": rows}
+
+
+# Kernel-name fragments of each stage of the CUDA path, for the profile.
+_STAGES = (
+    ("hashing", ("_lsh_keys_kernel",)),
+    ("sorting", ("sort", "Sort", "radix", "Radix", "scatter", "Scatter")),
+    ("exact pieces", ("_range_attention_kernel",)),
+    ("approximate pieces", ("_gathered_attention_kernel",)),
+)
+
+
+def profile_hyper(n: int, causal: bool, shape: BenchShape, device: torch.device, reps: int = 3) -> dict:
+    """GPU time per stage of one ``method="hyper"`` call (torch.profiler, mean over ``reps``), in ms.
+
+    Stages: hashing, sorting (sorts and the inverse permutation), exact pieces,
+    approximate pieces, other (input checks, sample tables, casts); plus ``total`` and
+    the ten most expensive kernels.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = _inputs(n, shape, device)
+    config = HyperAttentionConfig(method="hyper")
+    hyper_attention(q, k, v, causal=causal, config=config)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            hyper_attention(q, k, v, causal=causal, config=config)
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.device_time / 1e3 / reps
+    stages = {name: 0.0 for name, _ in _STAGES} | {"other": 0.0}
+    for name, ms in per_kernel.items():
+        stage = next((s for s, keys in _STAGES if any(key in name for key in keys)), "other")
+        stages[stage] += ms
+    top = sorted(per_kernel.items(), key=lambda item: -item[1])[:10]
+    return {"n": n, "causal": causal, "stages_ms": stages, "total_ms": sum(stages.values()),
+            "top_kernels_ms": [{"name": name[:120], "ms": ms} for name, ms in top]}

@@ -1,0 +1,75 @@
+"""The benchmark harness on the CPU: results schema, table, plot, SDPA extrapolation."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from hyperattn.bench import cli
+from hyperattn.bench.forward import BenchShape, exact_pairs, run_forward_bench
+from hyperattn.bench.plot import plot_results
+
+ROW_KEYS = {"n", "causal", "backward", "impl", "config", "ms", "peak_gb"}
+
+
+@pytest.fixture(scope="module")
+def results():
+    shape = BenchShape(heads=2, kv_heads=1, head_dim=32, dtype="float32")
+    return run_forward_bench([128, 256], ["hyper", "sdpa-math", "sdpa-cudnn"], [True, False], shape,
+                             torch.device("cpu"), max_n={"sdpa-math": 128}, budget_ms=5, min_reps=2, max_reps=2,
+                             progress=False)
+
+
+def test_results_follow_the_schema(results):
+    assert {"device", "torch", "triton", "shape", "rows"} <= set(results)
+    assert len(results["rows"]) == 2 * 2 * 3
+    for row in results["rows"]:
+        assert ROW_KEYS <= set(row)
+        assert (row["ms"] is None) == ("error" in row)
+
+
+def test_rows_that_cannot_run_say_why(results):
+    by = {(r["n"], r["causal"], r["impl"]): r for r in results["rows"]}
+    assert by[(128, True, "hyper")]["ms"] > 0
+    assert "n > 128" in by[(256, True, "sdpa-math")]["error"]
+    shape = BenchShape(heads=2, kv_heads=1, head_dim=32, dtype="float32")
+    (flex,) = run_forward_bench([64], ["flex-sink-window"], [False], shape, torch.device("cpu"), progress=False)["rows"]
+    assert "causal only" in flex["error"]
+    # No cuDNN backend on a CPU: the failure is a row, not a crash.
+    assert by[(128, False, "sdpa-cudnn")]["ms"] is None and by[(128, False, "sdpa-cudnn")]["error"]
+
+
+def test_table_lists_every_row_and_speedups(results):
+    table = cli.format_table(results)
+    assert table.count("\n") == 1 + len(results["rows"])
+    assert "1.0x" in table  # sdpa-math against itself
+
+
+def test_fastest_sdpa_is_extrapolated_quadratically():
+    rows = [{"n": 1024, "causal": True, "impl": "sdpa-flash", "ms": 2.0},
+            {"n": 1024, "causal": True, "impl": "sdpa-cudnn", "ms": 1.0}]
+    assert cli._fastest_sdpa(rows, 1024, True) == (1.0, False)
+    assert cli._fastest_sdpa(rows, 4096, True) == (16.0, True)
+    assert cli._fastest_sdpa(rows, 4096, False) == (None, False)
+
+
+def test_exact_pairs_counts_the_causal_triangle():
+    assert exact_pairs(4, True) == 10 and exact_pairs(4, False) == 16
+
+
+def test_plot_writes_a_png(results, tmp_path):
+    path = tmp_path / "bench.png"
+    plot_results(results, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_writes_json(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    path = tmp_path / "r.json"
+    args = parser.parse_args(["--lengths", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+                              "--causal", "yes", "--budget-ms", "1", "--json", str(path), "--no-progress"])
+    assert cli.run(args) == 0
+    assert '"impl": "hyper"' in path.read_text()

@@ -1,0 +1,222 @@
+"""Triton kernels of ``method="hyper"`` against the PyTorch reference, on the same draws.
+
+The launch-plan tests run wherever ``triton`` imports; the kernel tests need CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import qkv, rel_err
+
+from hyperattn import HyperAttentionConfig, hyper_attention
+from hyperattn.reference.exact import attention_lse
+from hyperattn.reference.hyper import causal_plan, draw_randomness, hyper_attention_reference, noncausal_plan
+from hyperattn.reference.lsh import lsh_buckets
+
+triton = pytest.importorskip("triton")
+
+from hyperattn.kernels.hyper import kernel_plan  # noqa: E402  (needs triton)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# fp32 kernel vs fp32 reference: the same terms summed in another order, base-2 exponentials
+# and LSE merges in place; measured ~3e-7 relative, 1e-5 leaves room for ~20 merges per row.
+FP32_RTOL = 1e-5
+# Low precision (flash-attention's rule, STYLE 7): the kernel's error against the fp32
+# reference may be at most twice that of exact attention computed in the same precision.
+LOWP_FACTOR = 2.0
+
+# (B, Hq, Hkv, Nq, Nk, D, block_size, sample_size, min_seq_len)
+CASES = [
+    (1, 4, 2, 63, 63, 64, 16, 8, 16),
+    (1, 2, 1, 1025, 1025, 128, 64, 32, 128),
+    (2, 4, 2, 700, 300, 64, 32, 16, 64),
+    (1, 4, 4, 300, 700, 64, 32, 16, 64),
+    (1, 8, 2, 4096, 4096, 128, 256, 256, 1024),
+]
+CASE_IDS = ["n63-gqa", "n1025-d128", "nq700-nk300", "nq300-nk700", "n4096-b256"]
+
+
+def _config(block, samples, min_len, seed=0, projs=5):
+    return HyperAttentionConfig(method="hyper", block_size=block, sample_size=samples, min_seq_len=min_len,
+                                lsh_num_projs=projs, seed=seed)
+
+
+def _reference(q, k, v, causal, cfg):
+    return hyper_attention_reference(q, k, v, scale=q.shape[-1] ** -0.5, causal=causal, block_size=cfg.block_size,
+                                     sample_size=cfg.sample_size, num_projs=cfg.lsh_num_projs,
+                                     min_seq_len=cfg.effective_min_seq_len, seed=cfg.seed)
+
+
+def _exact_low_precision(q, k, v, causal):
+    """Exact attention rounded as a flash kernel rounds: fp32 scores, probabilities and output in q's dtype."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        rows = torch.arange(nq, device=q.device).unsqueeze(1) + nk - nq
+        s = s.masked_fill(torch.arange(nk, device=q.device) > rows, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return (p.to(q.dtype) @ v).to(q.dtype).float()
+
+
+# --- launch plan (any device) --------------------------------------------------------------------
+
+PLAN_SHAPES = [(1, 1, 0), (63, 63, 16), (100, 100, 10), (33, 80, 8), (80, 33, 8), (1025, 1025, 128),
+               (300, 700, 64)]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("nq,nk,min_len", PLAN_SHAPES, ids=lambda x: str(x))
+def test_plan_covers_every_visible_pair_once(nq, nk, min_len, causal):
+    plan = kernel_plan(nq, nk, min_len, 16, 8, causal, "cpu")
+    counts = torch.zeros(nq, nk, dtype=torch.int32)
+    cols = torch.arange(nk)
+    for lo, hi in plan.exact:
+        counts += ((cols >= lo.long().unsqueeze(1)) & (cols <= hi.long().unsqueeze(1))).int()
+    for group in plan.groups:
+        for p in group.pieces:
+            counts[p.q0:p.q1, p.k0:p.k1] += 1
+    rows = torch.arange(nq).unsqueeze(1) + (nk - nq)
+    visible = (cols.unsqueeze(0) <= rows) if causal else torch.ones(nq, nk, dtype=torch.bool)
+    assert torch.equal(counts, visible.int())
+    pieces = (causal_plan if causal else noncausal_plan)(nq, nk, min_len)
+    assert plan.num_approx == sum(p.approx for p in pieces)
+
+
+@pytest.mark.parametrize("nq,nk,min_len", PLAN_SHAPES[1:], ids=lambda x: str(x))
+def test_plan_tiles_cover_each_sorted_row_once(nq, nk, min_len):
+    block = 16
+    plan = kernel_plan(nq, nk, min_len, block, 8, True, "cpu")
+    for group in plan.groups:
+        tiles = group.tiles.long()
+        total_rows = sum(p.q1 - p.q0 for p in group.pieces)
+        covered = torch.zeros(total_rows, dtype=torch.int32)
+        for r0, r1, k0, k1, piece, _ in tiles.tolist():
+            covered[r0:r1] += 1
+            assert 0 < k1 - k0 <= block and r1 - r0 <= 128
+        assert torch.equal(covered, torch.ones_like(covered))
+        # Disjoint query and key ranges within a launch: the in-place merges cannot race.
+        for a in group.pieces:
+            for b in group.pieces:
+                assert a is b or (a.q1 <= b.q0 or b.q1 <= a.q0) and (a.k1 <= b.k0 or b.k1 <= a.k0)
+
+
+# --- kernels (CUDA) ------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_kernel_matches_reference(case, causal, dtype):
+    bsz, hq, hkv, nq, nk, dim, block, samples, min_len = case
+    q, k, v = qkv(bsz, hq, hkv, nq, nk, dim, dtype=dtype, device="cuda", seed=nq + nk)
+    cfg = _config(block, samples, min_len, seed=3)
+    out, lse = hyper_attention(q, k, v, causal=causal, config=cfg, return_lse=True)
+    ref_out, ref_lse = _reference(q, k, v, causal, cfg)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    visible = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), visible)
+    if dtype == torch.float32:
+        assert rel_err(out, ref_out) < FP32_RTOL
+        assert rel_err(lse[visible], ref_lse[visible]) < FP32_RTOL
+    else:
+        exact, _ = attention_lse(q, k, v, q.shape[-1] ** -0.5, causal)
+        baseline = rel_err(_exact_low_precision(q, k, v, causal), exact)
+        assert rel_err(out, ref_out) <= LOWP_FACTOR * baseline
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("nq,nk", [(1025, 1025), (700, 300), (300, 700)], ids=lambda x: str(x))
+def test_full_budget_is_exact(nq, nk, causal):
+    q, k, v = qkv(1, 4, 2, nq, nk, 64, device="cuda", seed=7)
+    cfg = _config(64, 10**6, 64)
+    out, lse = hyper_attention(q, k, v, causal=causal, config=cfg, return_lse=True)
+    exact_out, exact_lse = attention_lse(q, k, v, q.shape[-1] ** -0.5, causal)
+    visible = torch.isfinite(exact_lse)
+    assert rel_err(out, exact_out) < FP32_RTOL
+    assert rel_err(lse[visible], exact_lse[visible]) < FP32_RTOL
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_gqa_equals_repeated_kv(causal):
+    q, k, v = qkv(1, 8, 2, 1000, 1000, 64, device="cuda", seed=11)
+    cfg = _config(32, 16, 64, seed=5)
+    out = hyper_attention(q, k, v, causal=causal, config=cfg)
+    repeated = hyper_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), causal=causal, config=cfg)
+    # Same draws and the same per-KV-head key order: only summation order could differ.
+    assert rel_err(out, repeated) < FP32_RTOL
+
+
+@needs_cuda
+def test_causal_rows_never_see_later_keys():
+    n, cut = 1500, 777
+    q, k, v = qkv(1, 4, 2, n, n, 64, device="cuda", seed=13)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, cut:] = torch.randn_like(k2[:, :, cut:]) * 3
+    v2[:, :, cut:] = torch.randn_like(v2[:, :, cut:]) * 3
+    cfg = _config(32, 16, 64, seed=2)
+    out = hyper_attention(q, k, v, causal=True, config=cfg)
+    out2 = hyper_attention(q, k2, v2, causal=True, config=cfg)
+    assert torch.equal(out[:, :, :cut], out2[:, :, :cut])
+    assert not torch.equal(out[:, :, cut:], out2[:, :, cut:])
+
+
+@needs_cuda
+def test_hash_kernel_matches_reference_buckets():
+    from hyperattn.kernels.lsh import lsh_sort_keys
+
+    x = torch.randn(2, 3, 999, 128, device="cuda", dtype=torch.bfloat16)
+    draws = draw_randomness(0, 128, 7, 1, 1, 1, 1)
+    proj = draws.proj.cuda()
+    segments = torch.stack([torch.zeros(999, dtype=torch.int32), torch.arange(999, dtype=torch.int32) // 100])
+    keys = lsh_sort_keys(x, proj, segments.cuda()).long()
+    buckets = lsh_buckets(x, proj).reshape(1, 6, 999)
+    assert torch.equal(keys & 127, buckets.expand(2, -1, -1))
+    assert torch.equal(keys >> 7, segments.cuda().long().unsqueeze(1).expand(-1, 6, -1))
+
+
+@needs_cuda
+def test_unsupported_head_dim_falls_back_to_reference():
+    q, k, v = qkv(1, 2, 1, 300, 300, 48, device="cuda", seed=17)
+    cfg = _config(32, 16, 64, seed=1)
+    with pytest.warns(UserWarning, match="head dim 48"):
+        out = hyper_attention(q, k, v, causal=True, config=cfg)
+    ref, _ = _reference(q, k, v, True, cfg)
+    assert torch.equal(out, ref)
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_backward_is_the_reference_gradient(causal):
+    q, k, v = qkv(1, 4, 2, 400, 400, 64, device="cuda", seed=19)
+    grad = torch.randn(1, 4, 400, 64, device="cuda")
+    cfg = _config(32, 16, 64, seed=4)
+    grads = []
+    for run in ("kernel", "reference"):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        if run == "kernel":
+            out, lse = hyper_attention(*inputs, causal=causal, config=cfg, return_lse=True)
+        else:
+            out, lse = _reference(*inputs, causal, cfg)
+        ((out * grad).sum() + lse.nan_to_num(0.0, neginf=0.0).sum()).backward()
+        grads.append([x.grad for x in inputs])
+    for got, want in zip(*grads):
+        # Both are the reference's backward on the same draws: equal up to fp32 rounding.
+        assert rel_err(got, want) < FP32_RTOL
+
+
+@needs_cuda
+def test_default_config_long_sequence_matches_reference():
+    n = 16384
+    q, k, v = qkv(1, 4, 1, n, n, 128, dtype=torch.bfloat16, device="cuda", seed=23)
+    cfg = HyperAttentionConfig(method="hyper", seed=9)
+    out = hyper_attention(q, k, v, causal=True, config=cfg)
+    ref, _ = _reference(q, k, v, True, cfg)
+    exact, _ = attention_lse(q[:, :, -2048:], k, v, q.shape[-1] ** -0.5, True)
+    baseline = rel_err(_exact_low_precision(q[:, :, -2048:], k, v, True), exact)
+    assert rel_err(out, ref) <= LOWP_FACTOR * baseline
