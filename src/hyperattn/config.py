@@ -53,10 +53,19 @@ class HyperAttentionConfig:
             streaming methods). Default 256.
         num_sinks: leading "sink" columns always attended exactly. Default 16.
         heavy_columns: extra heavy columns per head found by the probe. Default 64.
-        probe_rows: query rows per head scored against all keys to find heavy columns and
-            to estimate the error. Default 64.
+        probe_rows: query rows per head scored against all keys to estimate the error
+            (structured). Default 64.
         max_error: per-head relative error target; heads whose estimate exceeds it are
-            computed exactly. ``None`` disables the guard. Default 0.05.
+            recomputed with 4x the key blocks and samples, then exactly if still above.
+            ``None`` disables the guard. Default 0.05.
+        query_block: consecutive query rows that share one exact set (structured). Default 64.
+        key_blocks: key blocks of 64 keys each query block attends exactly, chosen by block
+            scores (structured). Default 6.
+        block_probes: random rows per query block scored against all keys, whose weights
+            pick heavy columns and guide the residual samples (structured). Default 1.
+        lsh_block: keys of each query's own LSH bucket attended exactly (structured). Default 32.
+        sample_mix: share of uniform sampling in the residual proposal; the rest follows
+            the block-probe weights (structured). 1.0 is plain uniform sampling. Default 0.5.
         check_finite: check inputs for NaN/Inf (one reduction per tensor). Default True.
     """
 
@@ -72,6 +81,11 @@ class HyperAttentionConfig:
     probe_rows: int = 64
     max_error: float | None = 0.05
     check_finite: bool = True
+    query_block: int = 64
+    key_blocks: int = 6
+    block_probes: int = 1
+    lsh_block: int = 32
+    sample_mix: float = 0.5
 
     def __post_init__(self) -> None:
         _check_int("lsh_num_projs", self.lsh_num_projs, low=1, high=16)
@@ -92,6 +106,14 @@ class HyperAttentionConfig:
                 raise TypeError(f"max_error: expected a float or None, got {type(self.max_error).__name__}")
             if not (math.isfinite(self.max_error) and self.max_error > 0):
                 raise ValueError(f"max_error: expected a finite float > 0 or None, got {self.max_error!r}")
+        _check_int("query_block", self.query_block, low=1)
+        _check_int("key_blocks", self.key_blocks, low=0)
+        _check_int("block_probes", self.block_probes, low=0)
+        _check_int("lsh_block", self.lsh_block, low=0)
+        if isinstance(self.sample_mix, bool) or not isinstance(self.sample_mix, (int, float)):
+            raise TypeError(f"sample_mix: expected a float in (0, 1], got {type(self.sample_mix).__name__}")
+        if not 0 < self.sample_mix <= 1:
+            raise ValueError(f"sample_mix: expected a float in (0, 1], got {self.sample_mix!r}")
         if not isinstance(self.check_finite, bool):
             raise TypeError(f"check_finite: expected a bool, got {type(self.check_finite).__name__}")
 
