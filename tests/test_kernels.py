@@ -74,7 +74,7 @@ def test_plan_covers_every_visible_pair_once(nq, nk, min_len, causal):
     plan = kernel_plan(nq, nk, min_len, 16, 8, causal, "cpu")
     counts = torch.zeros(nq, nk, dtype=torch.int32)
     cols = torch.arange(nk)
-    for lo, hi in plan.exact:
+    for lo, hi, _ in plan.exact:
         counts += ((cols >= lo.long().unsqueeze(1)) & (cols <= hi.long().unsqueeze(1))).int()
     for group in plan.groups:
         for p in group.pieces:

@@ -13,11 +13,12 @@ Two kernels, one per access pattern:
   HyperAttention block + residual-sample step; the structured method's "LSH block +
   sinks/heavy columns (log-weight 0) + samples (log-weight ``log|stratum|``)" fits it too.
 
-Both write ``out (B, Hq, Nq, D)`` fp32 and ``lse (B, Hq, Nq)`` fp32 at the rows' original
-positions; with ``merge=True`` they combine with what those buffers already hold through
-the log-sum-exp (paper, ``add_self_attentions``), so pieces that cover disjoint key sets of
-the same rows can run one launch after another without extra buffers. Rows that see no
-key give ``out = 0`` and ``lse = -inf``.
+Both write ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)`` fp32 at the rows' original
+positions; rows flagged in ``prior`` are first combined with what an fp32 accumulator and
+``lse`` already hold through the log-sum-exp (paper, ``add_self_attentions``), so pieces
+that cover disjoint key sets of the same rows run one launch after another, in place, and
+the last launch writes the result in the input dtype. Rows that see no key give
+``out = 0`` and ``lse = -inf``.
 
 Logits are kept in base 2 (``exp2``, scale premultiplied by ``log2(e)``), the usual
 flash-attention trick; the stored ``lse`` is natural.
@@ -71,16 +72,18 @@ def _tile_update(acc, m_i, l_i, q, k, v, s_bias, valid, qk_scale, MASKED: tl.con
 
 
 @triton.jit
-def _finish(acc, m_i, l_i, O, LSE, o_rows, lse_rows, row_ok, offs_d, MERGE: tl.constexpr):
-    # Normalise, optionally LSE-merge with the buffers' previous contents, store.
+def _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, flat_rows, row_ok, offs_d, HEAD_DIM: tl.constexpr,
+            HAS_PRIOR: tl.constexpr):
+    # Normalise; where PRIOR flags a row, LSE-merge with what ACC/LSE already hold; store to OUT/LSE.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
-    o_ptrs = O + o_rows[:, None] + offs_d[None, :]
-    if MERGE:
-        prev_lse = tl.load(LSE + lse_rows, mask=row_ok, other=float("-inf"))
-        prev_out = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+    if HAS_PRIOR:
+        merge = row_ok & (tl.load(PRIOR + rows, mask=row_ok, other=0) != 0)
+        prev_lse = tl.load(LSE + flat_rows, mask=merge, other=float("-inf"))
+        prev_out = tl.load(ACC + flat_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=merge[:, None],
+                           other=0.0)
         top = tl.maximum(prev_lse, lse)
         top = tl.where(top == float("-inf"), 0.0, top)
         w_prev = tl.exp(prev_lse - top)
@@ -90,8 +93,9 @@ def _finish(acc, m_i, l_i, O, LSE, o_rows, lse_rows, row_ok, offs_d, MERGE: tl.c
         total_safe = tl.where(none, 1.0, total)
         out = (prev_out * w_prev[:, None] + out * w_new[:, None]) / total_safe[:, None]
         lse = tl.where(none, float("-inf"), top + tl.log(total_safe))
-    tl.store(o_ptrs, out, mask=row_ok[:, None])
-    tl.store(LSE + lse_rows, lse, mask=row_ok)
+    o_ptrs = OUT + flat_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + flat_rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -116,17 +120,17 @@ def _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, l
 
 
 @triton.autotune(
-    configs=_configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)]),
-    key=["HEAD_DIM", "MERGE", "SIZE_CLASS"],
+    configs=_configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]),
+    key=["HEAD_DIM", "HAS_PRIOR"],
     prune_configs_by={"early_config_prune": _prune},
-    restore_value=["O", "LSE"],
+    restore_value=["OUT", "LSE"],
 )
 @triton.jit
-def _range_attention_kernel(Q, K, V, O, LSE, LO, HI,
+def _range_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, LO, HI,
                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                             stride_vb, stride_vh, stride_vn,
-                            num_heads, group, nq, qk_scale, SIZE_CLASS,
-                            HEAD_DIM: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr,
+                            num_heads, group, nq, qk_scale,
+                            HEAD_DIM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -165,21 +169,21 @@ def _range_attention_kernel(Q, K, V, O, LSE, LO, HI,
     acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, lo, hi, start, end,
                                  t_full1, num_tiles, offs_n, offs_d, qk_scale, BLOCK_N, True, PRECISION)
     flat_rows = bh.to(tl.int64) * nq + rows
-    _finish(acc, m_i, l_i, O, LSE, flat_rows * HEAD_DIM, flat_rows, row_ok, offs_d, MERGE)
+    _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, flat_rows, row_ok, offs_d, HEAD_DIM, HAS_PRIOR)
 
 
 @triton.autotune(
-    configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)]),
-    key=["HEAD_DIM", "MERGE", "SIZE_CLASS"],
+    configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]),
+    key=["HEAD_DIM", "HAS_PRIOR"],
     prune_configs_by={"early_config_prune": _prune},
-    restore_value=["O", "LSE"],
+    restore_value=["OUT", "LSE"],
 )
 @triton.jit
-def _gathered_attention_kernel(Q, K, V, O, LSE, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK, NSAMP,
+def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK, NSAMP,
                                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                                stride_vb, stride_vh, stride_vn,
-                               num_heads, kv_heads, group, nq, nqidx, nkidx, max_samples, qk_scale, SIZE_CLASS,
-                               HEAD_DIM: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr,
+                               num_heads, kv_heads, group, nq, nqidx, nkidx, max_samples, qk_scale,
+                               HEAD_DIM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -236,8 +240,7 @@ def _gathered_attention_kernel(Q, K, V, O, LSE, QIDX, KIDX, TILES, SIDX, SLOGW, 
                         other=0.0)  # [BLOCK_N, D]
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, (logw * 1.4426950408889634)[None, :],
                                          keep[None, :], qk_scale, True, PRECISION)
-        o_rows = (bh * nq + rows) * HEAD_DIM
-        _finish(acc, m_i, l_i, O, LSE, o_rows, bh * nq + rows, row_ok, offs_d, MERGE)
+        _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, bh * nq + rows, row_ok, offs_d, HEAD_DIM, HAS_PRIOR)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -245,51 +248,48 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _size_class(n: int) -> int:
-    return max(12, n.bit_length())
-
-
-def range_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, out: Tensor,
-                    lse: Tensor, merge: bool) -> None:
+def range_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, acc: Tensor,
+                    out: Tensor, lse: Tensor, prior: Tensor | None) -> None:
     """Row ``r`` of ``q (B, Hq, Nq, D)`` attends keys ``[lo[r], hi[r]]`` of ``k, v (B, Hkv, Nk, D)``.
 
-    ``lo, hi: (Nq,)`` int32, shared by all heads (``lo > hi``: no key). Writes (or with
-    ``merge`` LSE-merges into) ``out (B, Hq, Nq, D)`` fp32 and ``lse (B, Hq, Nq)`` fp32,
-    both contiguous.
+    ``lo, hi: (Nq,)`` int32, shared by all heads (``lo > hi``: no key). Stores
+    ``out (B, Hq, Nq, D)`` (any float dtype) and ``lse (B, Hq, Nq)`` fp32; rows flagged in
+    ``prior: (Nq,)`` int8 are first LSE-merged with ``acc (B, Hq, Nq, D)`` fp32 and ``lse``
+    (``out`` may be ``acc``). All buffers contiguous.
     """
     bsz, hq, nq, dim = q.shape
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
     _range_attention_kernel[grid](
-        q, k, v, out, lse, lo, hi,
+        q, k, v, acc, out, lse, prior, lo, hi,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        hq, hq // k.shape[1], nq, scale, _size_class(nq),
-        HEAD_DIM=dim, MERGE=merge, PRECISION=_precision(q.dtype),
+        hq, hq // k.shape[1], nq, scale,
+        HEAD_DIM=dim, HAS_PRIOR=prior is not None, PRECISION=_precision(q.dtype),
     )
 
 
 def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, tiles: Tensor,
                        sample_index: Tensor, sample_logw: Tensor, sample_block: Tensor, num_samples: Tensor,
-                       scale: float, out: Tensor, lse: Tensor, merge: bool) -> None:
+                       scale: float, acc: Tensor, out: Tensor, lse: Tensor, prior: Tensor | None) -> None:
     """Fused sorted-block + gathered-column attention over a table of row tiles.
 
     ``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D)``; ``q_index (B*Hq, Sq)`` and
     ``k_index (B*Hkv, Sk)`` map slots of a sorted order to original positions.
     ``tiles (T, 6)`` int32 rows ``[row_start, row_end, key_start, key_end, piece, block_id]``:
-    query slots ``[row_start, row_end)`` attend key slots ``[key_start, key_end)`` and the
-    gathered columns of ``piece``: ``sample_index, sample_block (P, B*Hq, M)`` (original key
-    positions and their block ids), ``sample_logw (P, M)`` fp32 natural log-weights,
-    ``num_samples (P,)`` int32 valid columns. A column whose block id equals the tile's
-    ``block_id`` is skipped. Writes (or merges into) ``out``/``lse`` at the rows' original
-    positions.
+    query slots ``[row_start, row_end)`` (at most :data:`TILE_ROWS`) attend key slots
+    ``[key_start, key_end)`` and the gathered columns of ``piece``:
+    ``sample_index, sample_block (P, B*Hq, M)`` (original key positions and their block
+    ids), ``sample_logw (P, M)`` fp32 natural log-weights, ``num_samples (P,)`` int32 valid
+    columns. A column whose block id equals the tile's ``block_id`` is skipped. Stores and
+    merges like :func:`range_attention`, at the rows' original positions.
     """
     bsz, hq, nq, dim = q.shape
     grid = (tiles.shape[0], bsz * hq)
     _gathered_attention_kernel[grid](
-        q, k, v, out, lse, q_index, k_index, tiles, sample_index, sample_logw, sample_block, num_samples,
+        q, k, v, acc, out, lse, prior, q_index, k_index, tiles, sample_index, sample_logw, sample_block,
+        num_samples,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hq, k.shape[1], hq // k.shape[1], nq, q_index.shape[-1], k_index.shape[-1], sample_index.shape[-1],
-        scale, _size_class(nq),
-        HEAD_DIM=dim, MERGE=merge, PRECISION=_precision(q.dtype),
+        scale, HEAD_DIM=dim, HAS_PRIOR=prior is not None, PRECISION=_precision(q.dtype),
     )

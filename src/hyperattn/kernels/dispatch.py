@@ -65,7 +65,7 @@ class _HyperAttention(torch.autograd.Function):
         inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
         with torch.enable_grad():
             out, lse = _reference(*inputs, *ctx.args)
-        pairs = [(t, g) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
+        pairs = [(t, g.to(t.dtype)) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
         wanted = [x for x in inputs if x.requires_grad]
         grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
         dq, dk, dv = (next(grads) if x.requires_grad else None for x in inputs)
@@ -74,7 +74,7 @@ class _HyperAttention(torch.autograd.Function):
 
 def hyper_attention_cuda(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,
                          config: HyperAttentionConfig, seed: int) -> tuple[Tensor, Tensor]:
-    """The paper's method on validated CUDA inputs: ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``, fp32.
+    """The paper's method on validated CUDA inputs: ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32.
 
     Same function as :func:`hyperattn.reference.hyper.hyper_attention_reference` for the
     same ``seed`` (same plan, hyperplanes and samples), up to float rounding; a hash can

@@ -23,6 +23,7 @@ are cached per device; the draws (hyperplanes, stratum offsets) come from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -49,24 +50,26 @@ class _Group:
     width: int  # max of num_samples
     # Pieces of equal key count draw their samples in one call: (count, local index, approx index).
     by_length: tuple[tuple[int, Tensor, Tensor], ...]
+    prior: Tensor | None = None  # (Nq,) int8: rows an earlier launch wrote (merged, not overwritten)
 
 
 @dataclass(frozen=True)
 class KernelPlan:
     """Launch plan of one (Nq, Nk, budget, causal) shape on one device.
 
-    ``exact``: list of ``(lo, hi)`` int32 ``(Nq,)`` per-row key ranges, one range launch
-    each; ``groups``: fused launches of approximate pieces; ``seg_q (G, Nq)`` and
-    ``seg_k (G, Nk)`` int32: each position's piece within group ``g`` (``len(pieces)``
-    where it is in none); ``covers_all``: the first launch writes every row (no merge).
+    Launches run in this order: ``groups`` (fused approximate launches, one per recursion
+    level), then ``exact``: ``(lo, hi, prior)`` per-row key ranges ``(Nq,)`` int32 and the
+    rows ``(Nq,)`` int8 that earlier launches wrote (``None``: none). ``seg_q (G, Nq)`` and
+    ``seg_k (G, Nk)`` int32: each position's piece within group ``g`` (``len(pieces)`` where
+    it is in none). The last launch writes every row, so it stores the result in the
+    input dtype directly.
     """
 
-    exact: list[tuple[Tensor, Tensor]]
+    exact: list[tuple[Tensor, Tensor, Tensor | None]]
     groups: list[_Group]
     seg_q: Tensor
     seg_k: Tensor
     num_approx: int
-    covers_all: bool
 
 
 def _exact_ranges(plan: list[Piece], nq: int, nk: int) -> list[tuple[Tensor, Tensor]]:
@@ -146,6 +149,10 @@ def _segments(groups: list[_Group], n: int, query: bool) -> Tensor:
     return seg
 
 
+def _prior(covered: Tensor) -> Tensor | None:
+    return covered.to(torch.int8) if bool(covered.any()) else None
+
+
 @functools.lru_cache(maxsize=32)
 def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, sample_size: int, causal: bool,
                 device: str) -> KernelPlan:
@@ -153,10 +160,22 @@ def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, sample_size
     plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
     dev = torch.device(device)
     groups = _groups(plan, block_size, sample_size, dev)
-    exact = [(lo.to(dev), hi.to(dev)) for lo, hi in _exact_ranges(plan, nq, nk)]
-    covers_all = bool(exact) or (len(groups) > 0 and all(p.q0 == 0 and p.q1 == nq for p in groups[0].pieces))
+    covered = torch.zeros(nq, dtype=torch.bool)
+    for g, group in enumerate(groups):
+        prior = _prior(covered)
+        groups[g] = dataclasses.replace(group, prior=None if prior is None else prior.to(dev))
+        for p in group.pieces:
+            covered[p.q0:p.q1] = True
+    exact = []
+    for lo, hi in _exact_ranges(plan, nq, nk):
+        prior = _prior(covered)
+        exact.append((lo.to(dev), hi.to(dev), None if prior is None else prior.to(dev)))
+        covered[:] = True  # a range launch writes every row, empty ranges as out 0, lse -inf
+    # The last launch must write every row: exact ranges always do; without them the one
+    # approximate piece is the non-causal call over all rows.
+    assert exact or (len(groups) == 1 and all(p.q0 == 0 and p.q1 == nq for p in groups[0].pieces))
     return KernelPlan(exact, groups, _segments(groups, nq, True).to(dev), _segments(groups, nk, False).to(dev),
-                      sum(len(g.pieces) for g in groups), covers_all)
+                      sum(len(g.pieces) for g in groups))
 
 
 def _group_samples(group: _Group, u: Tensor, k_slot: Tensor, bsz: int, hq: int, hkv: int, block_size: int):
@@ -184,36 +203,33 @@ def _to_device(x: Tensor, device: torch.device) -> Tensor:
 
 def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
                   sample_size: int, num_projs: int, min_seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The paper's method with Triton kernels; same contract and draws as ``hyper_attention_reference``.
+    """The paper's method with Triton kernels; same draws as ``hyper_attention_reference``.
 
     ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)`` CUDA tensors (last dim contiguous, D a
-    power of two in [16, 128]). Returns ``out: (B, Hq, Nq, D)`` and ``lse: (B, Hq, Nq)``,
-    both fp32.
+    power of two in [16, 128]). Returns ``out: (B, Hq, Nq, D)`` in q's dtype (accumulated
+    and merged in fp32) and ``lse: (B, Hq, Nq)`` fp32.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     plan = kernel_plan(nq, nk, min_seq_len, block_size, sample_size, causal, str(q.device))
-    out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=torch.float32)
+    out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(bsz, hq, nq, device=q.device, dtype=torch.float32)
-    merge = False
-    if not plan.covers_all:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        merge = True
-    for lo, hi in plan.exact:
-        range_attention(q, k, v, lo, hi, scale, out, lse, merge)
-        merge = True
-    if not plan.groups:
-        return out, lse
-    # Drawn on the host while the exact launches run; copied without a stream sync.
-    draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, sample_size)
-    proj, u = _to_device(draws.proj, q.device), _to_device(draws.u, q.device)
-    q_perm = torch.argsort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True)
-    k_perm = torch.argsort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True)
-    k_slot = torch.empty_like(k_perm).scatter_(-1, k_perm, torch.arange(nk, device=q.device).expand_as(k_perm))
-    for g, group in enumerate(plan.groups):
-        sample_idx, sample_logw, sample_block = _group_samples(group, u, k_slot[g], bsz, hq, hkv, block_size)
-        gathered_attention(q, k, v, q_perm[g], k_perm[g], group.tiles, sample_idx, sample_logw, sample_block,
-                           group.num_samples, scale, out, lse, merge)
-        merge = True
+    launches = len(plan.groups) + len(plan.exact)
+    # Partial results of all but the last launch are kept in fp32.
+    acc = out if launches == 1 or q.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
+    done = 0
+    if plan.groups:
+        draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, sample_size)
+        proj, u = _to_device(draws.proj, q.device), _to_device(draws.u, q.device)
+        q_perm = torch.argsort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True)
+        k_perm = torch.argsort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True)
+        k_slot = torch.empty_like(k_perm).scatter_(-1, k_perm, torch.arange(nk, device=q.device).expand_as(k_perm))
+        for g, group in enumerate(plan.groups):
+            sample_idx, sample_logw, sample_block = _group_samples(group, u, k_slot[g], bsz, hq, hkv, block_size)
+            done += 1
+            gathered_attention(q, k, v, q_perm[g], k_perm[g], group.tiles, sample_idx, sample_logw, sample_block,
+                               group.num_samples, scale, acc, out if done == launches else acc, lse, group.prior)
+    for lo, hi, prior in plan.exact:
+        done += 1
+        range_attention(q, k, v, lo, hi, scale, acc, out if done == launches else acc, lse, prior)
     return out, lse
