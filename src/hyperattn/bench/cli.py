@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-n", nargs="*", default=[], metavar="IMPL=N",
                         help="skip an implementation above N (defaults: " +
                              ", ".join(f"{k}={v}" for k, v in _DEFAULT_MAX_N.items()) + ")")
+    parser.add_argument("--flex-lengths", type=int, nargs="*", default=[32768, 131072, 1048576],
+                        help="lengths at which flex-sink-window runs (each compiles once; default 32768 131072 "
+                             "1048576)")
     parser.add_argument("--budget-ms", type=float, default=400.0, help="timing budget per row (default 400)")
     parser.add_argument("--profile", type=int, nargs="*", metavar="N",
                         help="also profile the CUDA path of method='hyper' at these lengths (stage breakdown)")
@@ -104,17 +107,21 @@ def run(args: argparse.Namespace) -> int:
         if name not in IMPLS or not value.isdigit():
             raise SystemExit(f"--max-n: expected IMPL=N with IMPL in {IMPLS}, got {item!r}")
         max_n[name] = int(value)
-    results = run_forward_bench(lengths, impls, modes, shape, device, max_n=max_n, budget_ms=args.budget_ms,
-                                progress=not args.no_progress)
+    def save(partial: dict) -> None:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(partial, fh, indent=1)
+
+    results = run_forward_bench(lengths, impls, modes, shape, device, max_n=max_n,
+                                only={"flex-sink-window": set(args.flex_lengths)}, budget_ms=args.budget_ms,
+                                progress=not args.no_progress, on_row=save)
     if args.profile and cuda:
         results["profile"] = [profile_hyper(n, causal, shape, device) for n in args.profile for causal in modes]
     print(format_table(results))
     for prof in results.get("profile", []):
         stages = ", ".join(f"{k} {v:.2f}" for k, v in prof["stages_ms"].items())
         print(f"profile n={prof['n']} causal={prof['causal']}: total {prof['total_ms']:.2f} ms ({stages})")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    save(results)
     if args.plot:
         from .plot import plot_results
 

@@ -170,12 +170,14 @@ def _time_ms(fn: Callable, cuda: bool, budget_ms: float, min_reps: int, max_reps
 
 
 def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.device, max_n: dict,
-             budget_ms: float, min_reps: int, max_reps: int) -> dict:
+             only: dict, budget_ms: float, min_reps: int, max_reps: int) -> dict:
     row = {"n": n, "causal": causal, "backward": False, "impl": impl, "config": {}, "ms": None, "peak_gb": None}
     cuda = device.type == "cuda"
     try:
         if n > max_n.get(impl, math.inf):
             raise _Skip(f"skipped: n > {max_n[impl]} for {impl} (set by --max-n)")
+        if impl in only and n not in only[impl]:
+            raise _Skip(f"skipped: {impl} runs only at n in {sorted(only[impl])}")
         q, k, v = _inputs(n, shape, device)
         fn, config, pairs = _build(impl, q, k, v, causal)
         row["config"] = config
@@ -202,9 +204,14 @@ def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.d
 
 
 def run_forward_bench(lengths: list[int], impls: list[str], causal_modes: list[bool], shape: BenchShape,
-                      device: torch.device, max_n: dict | None = None, budget_ms: float = 400.0, min_reps: int = 3,
-                      max_reps: int = 20, progress: bool = True) -> dict:
+                      device: torch.device, max_n: dict | None = None, only: dict | None = None,
+                      budget_ms: float = 400.0, min_reps: int = 3, max_reps: int = 20, progress: bool = True,
+                      on_row: Callable[[dict], None] | None = None) -> dict:
     """Time every ``(n, causal, impl)``; returns the results object (schema in :mod:`hyperattn.bench`).
+
+    ``max_n``: ``{impl: N}`` skips an implementation above ``N``; ``only``: ``{impl: lengths}``
+    runs it only at those lengths (rows skipped with a reason). ``on_row`` receives the
+    results so far after every row (to save partial results).
 
     Examples::
 
@@ -219,10 +226,13 @@ def run_forward_bench(lengths: list[int], impls: list[str], causal_modes: list[b
     from tqdm import tqdm
 
     jobs = [(n, causal, impl) for n in lengths for causal in causal_modes for impl in impls]
-    rows = []
+    results = {**versions(), "shape": asdict(shape), "rows": []}
     for n, causal, impl in tqdm(jobs, desc="bench", disable=not progress):
-        rows.append(_run_row(impl, n, causal, shape, device, max_n or {}, budget_ms, min_reps, max_reps))
-    return {**versions(), "shape": asdict(shape), "rows": rows}
+        results["rows"].append(_run_row(impl, n, causal, shape, device, max_n or {}, only or {}, budget_ms,
+                                        min_reps, max_reps))
+        if on_row is not None:
+            on_row(results)
+    return results
 
 
 # Kernel-name fragments of each stage of the CUDA path, for the profile.
