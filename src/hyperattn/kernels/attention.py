@@ -26,6 +26,8 @@ flash-attention trick; the stored ``lse`` is natural.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -119,12 +121,6 @@ def _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, l
     return acc, m_i, l_i
 
 
-@triton.autotune(
-    configs=_configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]),
-    key=["HEAD_DIM", "HAS_PRIOR"],
-    prune_configs_by={"early_config_prune": _prune},
-    restore_value=["OUT", "LSE"],
-)
 @triton.jit
 def _range_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, LO, HI,
                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -172,12 +168,6 @@ def _range_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, LO, HI,
     _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, flat_rows, row_ok, offs_d, HEAD_DIM, HAS_PRIOR)
 
 
-@triton.autotune(
-    configs=_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]),
-    key=["HEAD_DIM", "HAS_PRIOR"],
-    prune_configs_by={"early_config_prune": _prune},
-    restore_value=["OUT", "LSE"],
-)
 @triton.jit
 def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK, NSAMP,
                                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -243,6 +233,32 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
         _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, bh * nq + rows, row_ok, offs_d, HEAD_DIM, HAS_PRIOR)
 
 
+_RANGE_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
+_GATHERED_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)])
+
+
+def _tuned(kernel, configs):
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "HAS_PRIOR"],
+                           prune_configs_by={"early_config_prune": _prune}, restore_value=["OUT", "LSE"])(kernel)
+
+
+_KERNELS = {
+    "range": (_tuned(_range_attention_kernel, _RANGE_CONFIGS), _range_attention_kernel, _RANGE_CONFIGS[0]),
+    "gathered": (_tuned(_gathered_attention_kernel, _GATHERED_CONFIGS), _gathered_attention_kernel,
+                 _GATHERED_CONFIGS[0]),
+}
+
+
+def _launch(name: str, grid, *args, **kwargs) -> None:
+    # HYPERATTN_AUTOTUNE=0 skips tuning (first config): each tuned variant costs several
+    # compilations, which dominates short runs such as the test suite.
+    tuned, plain, first = _KERNELS[name]
+    if os.environ.get("HYPERATTN_AUTOTUNE", "1") != "0":
+        tuned[grid](*args, **kwargs)
+    else:
+        plain[grid](*args, **kwargs, **first.all_kwargs())
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep full fp32 products so the kernels match the fp32 reference.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -259,8 +275,8 @@ def range_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, sca
     """
     bsz, hq, nq, dim = q.shape
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
-    _range_attention_kernel[grid](
-        q, k, v, acc, out, lse, prior, lo, hi,
+    _launch(
+        "range", grid, q, k, v, acc, out, lse, prior, lo, hi,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hq, hq // k.shape[1], nq, scale,
@@ -285,8 +301,8 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index
     """
     bsz, hq, nq, dim = q.shape
     grid = (tiles.shape[0], bsz * hq)
-    _gathered_attention_kernel[grid](
-        q, k, v, acc, out, lse, prior, q_index, k_index, tiles, sample_index, sample_logw, sample_block,
+    _launch(
+        "gathered", grid, q, k, v, acc, out, lse, prior, q_index, k_index, tiles, sample_index, sample_logw, sample_block,
         num_samples,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
