@@ -492,7 +492,7 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
         q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
         k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
         bigger = budget.scaled(_ESCALATION)
-        o2, l2, _, est2, pairs2 = _approx_rows(q_sel, k_sel, v_sel, scale, causal, bigger, seed + 1, r0, eval_blocks)
+        o2, l2, _, est2, pairs2 = _approx_rows(q_sel, k_sel, v_sel, scale, causal, bigger, seed, r0, eval_blocks)
         est2 = est2[0]
         pairs[heads[:, 0], heads[:, 1]] += pairs2
         still = est2 > max_error
