@@ -113,6 +113,19 @@ def test_plan_tiles_cover_each_sorted_row_once(nq, nk, min_len):
                 assert a is b or (a.q1 <= b.q0 or b.q1 <= a.q0) and (a.k1 <= b.k0 or b.k1 <= a.k0)
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_sample_tables_are_contiguous(hq, hkv):
+    from hyperattn.kernels.hyper import _group_samples
+
+    plan = kernel_plan(300, 700, 64, 32, 16, True, "cpu")
+    group = max(plan.groups, key=lambda g: len(g.pieces))
+    u = draw_randomness(3, 64, 5, plan.num_approx, 1, hq, 16).u
+    k_slot = torch.arange(700).expand(hkv, 700)
+    tables = _group_samples(group, u, k_slot, 1, hq, hkv, 32)
+    # The kernel indexes the tables flat; a permuted view here once mixed up pieces and heads.
+    assert len(group.pieces) > 1 and all(t.is_contiguous() for t in tables)
+
+
 # --- kernels (CUDA) ------------------------------------------------------------------------------
 
 @needs_cuda

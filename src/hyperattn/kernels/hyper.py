@@ -192,7 +192,8 @@ def _group_samples(group: _Group, u: Tensor, k_slot: Tensor, bsz: int, hq: int, 
     pos = sample_idx.reshape(num, bsz, hkv, per_kv, width).permute(1, 2, 0, 3, 4).reshape(bsz, hkv, -1)
     slots = k_slot.reshape(bsz, hkv, -1).gather(-1, pos).reshape(bsz, hkv, num, per_kv, width)
     slots = slots.permute(2, 0, 1, 3, 4).reshape(num, bsz * hq, width)
-    sample_block = ((slots - group.k_base.reshape(-1, 1, 1)) // block_size).int()
+    # The kernel indexes these flat: permuted views must be copied into contiguous memory.
+    sample_block = ((slots - group.k_base.reshape(-1, 1, 1)) // block_size).int().contiguous()
     return sample_idx.reshape(num, bsz * hq, width), sample_logw, sample_block
 
 
