@@ -6,6 +6,8 @@ Fast tests use a tiny random Llama (GQA: 4 query heads, 2 KV heads); tests marke
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -389,8 +391,8 @@ def test_model_left_padded_batch_equals_sdpa(smol):
     texts = [tokenizer.decode(ids[0, :48]), tokenizer.decode(ids[0, 200:220])]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     ref = _logits(model, batch.input_ids, attention_mask=batch.attention_mask)
-    out = _logits(model, batch.input_ids, hf.HyperPolicy(config=MODEL_BUDGETS["hyper-full-budget"], min_query_len=1),
-                  attention_mask=batch.attention_mask)
+    policy = hf.HyperPolicy(config=MODEL_BUDGETS["hyper-full-budget"], min_query_len=1)
+    out = _logits(model, batch.input_ids, policy, attention_mask=batch.attention_mask)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(out[real], ref[real], atol=MODEL_ATOL, rtol=0)
 
@@ -416,3 +418,22 @@ def test_model_generate_runs_with_default_config_on_long_prompt(smol, spy):
     assert torch.equal(out[:, :ids.shape[1]], ids)
     # prefill (N = 1100, above the default min_seq_len of 1024) went through hyper in every layer
     assert len(spy.calls) == model.config.num_hidden_layers and {c[0] for c in spy.calls} == {ids.shape[1]}
+
+
+# ---------------------------------------------------------------------------------------
+# the prefill benchmark, on a tiny model on the CPU (the GPU run is a device job)
+
+
+def test_prefill_bench_writes_every_row_and_a_plot(tmp_path):
+    from hyperattn.bench.prefill import plot_prefill, run_prefill_bench
+
+    out = tmp_path / "cpu-prefill.json"
+    results = run_prefill_bench("tiny", lengths=[48], reps=1, out=str(out), methods=("hyper",), device="cpu")
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == results["rows"]
+    assert [(r["impl"], r["method"]) for r in saved["rows"]] == [("sdpa", None), ("hyper", "hyper"),
+                                                                  ("hyper-last-half", "hyper")]
+    assert all(r["ms"] is not None and r["ms"] > 0 and r["n"] == 48 for r in saved["rows"])
+    assert {"device", "torch", "model", "rows"} <= saved.keys()
+    plot_prefill(saved, str(tmp_path / "cpu-prefill.png"))
+    assert (tmp_path / "cpu-prefill.png").stat().st_size > 0

@@ -145,6 +145,9 @@ class HyperPolicy:
         return dataclasses.replace(self, layers=layers, layer_configs=configs)
 
 
+_DEFAULT_POLICY = HyperPolicy()
+
+
 def _check_layer(name: str, layer) -> None:
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"{name}: expected int layer indices, got {type(layer).__name__} ({layer!r})")
@@ -281,7 +284,7 @@ def hyper_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions: attn_implementation='hyper' never materialises attention weights; "
                          "load the model with attn_implementation='eager' to get them")
-    policy = getattr(module, _POLICY_ATTR, None) or HyperPolicy()
+    policy = getattr(module, _POLICY_ATTR, None) or _DEFAULT_POLICY
     config = policy.config_for(getattr(module, "layer_idx", None))
     if config is None or query.shape[2] < policy.min_query_len:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
