@@ -20,6 +20,12 @@ Results file (stable schema, one JSON object)::
          "pairs_per_head": 1.2e9,    # (query, key) scores one head computes (the mask's, not padding)
          "tflops": 310.0,            # 4 * D * pairs * B * Hq / time: work actually done per second
          "error": "..."}             # only on failed or skipped rows
+      ],
+      "profile": [                   # only with --profile: GPU time per stage of method="hyper"
+        {"n": 131072, "causal": true, "total_ms": 40.7,
+         "stages_ms": {"hashing": ..., "sorting": ..., "exact pieces": ..., "approximate pieces": ...,
+                       "other": ...},
+         "top_kernels_ms": [{"name": "...", "ms": ...}]}
       ]
     }
 
