@@ -16,7 +16,7 @@ from hyperattn.reference.lsh import lsh_buckets
 
 triton = pytest.importorskip("triton")
 
-from hyperattn.kernels.hyper import kernel_plan  # noqa: E402  (needs triton)
+from hyperattn.kernels.hyper import kernel_plan  # after importorskip: needs triton
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

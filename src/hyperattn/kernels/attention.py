@@ -272,9 +272,19 @@ def range_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, sca
     ``out (B, Hq, Nq, D)`` (any float dtype) and ``lse (B, Hq, Nq)`` fp32; rows flagged in
     ``prior: (Nq,)`` int8 are first LSE-merged with ``acc (B, Hq, Nq, D)`` fp32 and ``lse``
     (``out`` may be ``acc``). All buffers contiguous.
+
+    Examples::
+
+        >>> q = torch.randn(1, 4, 1000, 64, device="cuda"); k = v = torch.randn(1, 2, 1000, 64, device="cuda")
+        >>> rows = torch.arange(1000, device="cuda", dtype=torch.int32)
+        >>> out, lse = torch.empty_like(q), torch.empty(1, 4, 1000, device="cuda")
+        >>> range_attention(q, k, v, torch.zeros_like(rows), rows, 0.125, out, out, lse, None)  # exact causal
     """
     bsz, hq, nq, dim = q.shape
-    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
+
+    def grid(meta):
+        return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
+
     _launch(
         "range", grid, q, k, v, acc, out, lse, prior, lo, hi,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -298,12 +308,25 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index
     ids), ``sample_logw (P, M)`` fp32 natural log-weights, ``num_samples (P,)`` int32 valid
     columns. A column whose block id equals the tile's ``block_id`` is skipped. Stores and
     merges like :func:`range_attention`, at the rows' original positions.
+
+    Examples::
+
+        >>> # rows 0-127 (identity order) attend keys 0-63 and columns 100, 200 (weight e^1.5)
+        >>> q = torch.randn(1, 1, 128, 64, device="cuda"); k = v = torch.randn(1, 1, 256, 64, device="cuda")
+        >>> q_ident = torch.arange(128, device="cuda").reshape(1, -1)
+        >>> k_ident = torch.arange(256, device="cuda").reshape(1, -1)
+        >>> tiles = torch.tensor([[0, 128, 0, 64, 0, 0]], dtype=torch.int32, device="cuda")
+        >>> cols = torch.tensor([[[100, 200]]], device="cuda")
+        >>> out, lse = torch.empty_like(q), torch.empty(1, 1, 128, device="cuda")
+        >>> gathered_attention(q, k, v, q_ident, k_ident, tiles, cols, torch.full((1, 2), 1.5, device="cuda"),
+        ...                    torch.ones_like(cols, dtype=torch.int32), torch.tensor([2], dtype=torch.int32,
+        ...                    device="cuda"), 0.125, out, out, lse, None)
     """
     bsz, hq, nq, dim = q.shape
     grid = (tiles.shape[0], bsz * hq)
     _launch(
-        "gathered", grid, q, k, v, acc, out, lse, prior, q_index, k_index, tiles, sample_index, sample_logw, sample_block,
-        num_samples,
+        "gathered", grid, q, k, v, acc, out, lse, prior, q_index, k_index, tiles, sample_index, sample_logw,
+        sample_block, num_samples,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hq, k.shape[1], hq // k.shape[1], nq, q_index.shape[-1], k_index.shape[-1], sample_index.shape[-1],

@@ -156,7 +156,14 @@ def _prior(covered: Tensor) -> Tensor | None:
 @functools.lru_cache(maxsize=32)
 def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, sample_size: int, causal: bool,
                 device: str) -> KernelPlan:
-    """The cached launch plan for one shape and budget, its tensors on ``device``."""
+    """The cached launch plan for one shape and budget, its tensors on ``device``.
+
+    Examples::
+
+        >>> plan = kernel_plan(131072, 131072, 4096, 256, 256, True, "cpu")
+        >>> len(plan.groups), len(plan.exact), plan.num_approx  # 4 fused levels, one exact launch
+        (4, 1, 15)
+    """
     plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
     dev = torch.device(device)
     groups = _groups(plan, block_size, sample_size, dev)
@@ -209,6 +216,13 @@ def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
     ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)`` CUDA tensors (last dim contiguous, D a
     power of two in [16, 128]). Returns ``out: (B, Hq, Nq, D)`` in q's dtype (accumulated
     and merged in fp32) and ``lse: (B, Hq, Nq)`` fp32.
+
+    Examples::
+
+        >>> q = torch.randn(1, 8, 16384, 128, device="cuda", dtype=torch.bfloat16)
+        >>> k = v = torch.randn(1, 2, 16384, 128, device="cuda", dtype=torch.bfloat16)
+        >>> out, lse = hyper_forward(q, k, v, scale=128 ** -0.5, causal=True, block_size=256, sample_size=256,
+        ...                          num_projs=7, min_seq_len=4096, seed=0)
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]

@@ -58,6 +58,14 @@ def lsh_sort_keys(x: Tensor, proj: Tensor, segments: Tensor) -> Tensor:
     ``key = segments[g, pos] << r | bucket(x[b, h, pos])`` with the bucket of
     :func:`hyperattn.reference.lsh.lsh_buckets`; ``segments`` must satisfy
     ``segments.max() < 2 ** (31 - r)``.
+
+    Examples::
+
+        >>> x = torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
+        >>> proj = torch.randn(64, 7, device="cuda")
+        >>> segments = torch.zeros(1, 1000, dtype=torch.int32, device="cuda")
+        >>> lsh_sort_keys(x, proj, segments).shape  # bucket of each row, piece 0
+        torch.Size([1, 2, 1000])
     """
     bsz, heads, n, dim = x.shape
     num_projs = proj.shape[1]
