@@ -82,7 +82,7 @@ def format_table(results: dict) -> str:
         eff = eff / (row["ms"] * 1e-3) / 1e12
         peak = "" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}"
         lines.append(f"{str(row['causal']):>6} {row['n']:>8} {row['impl']:<17} {row['ms']:>10.3f} {speedup:>9} "
-                     f"{eff:>9.1f} {row.get('tflops', 0.0):>7.1f} {peak:>8}")
+                     f"{eff:>9.4g} {row.get('tflops', 0.0):>7.4g} {peak:>8}")
     return "\n".join(lines)
 
 
