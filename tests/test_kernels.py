@@ -129,7 +129,7 @@ def test_sample_tables_are_contiguous(hq, hkv):
 # --- kernels (CUDA) ------------------------------------------------------------------------------
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_kernel_matches_reference(case, causal, dtype):
