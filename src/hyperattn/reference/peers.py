@@ -138,6 +138,9 @@ def peer_rows(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
     r0 = first_approx_row(nq, nk, causal, config.effective_min_seq_len)
     state = _prepare(name, qf, kf, scale, causal, config, seed)
     keys = torch.arange(nk, device=q.device)
+    if name == "oracle_topk":  # stratum offsets of every row, so a row's samples do not depend on `rows`
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        offsets = torch.rand(bsz, hq, nq, config.sample_size, generator=gen)
     outs, lses, scored = [], [], 0.0
     for c0 in range(0, len(rows), _ROW_CHUNK):
         r = rows[c0:c0 + _ROW_CHUNK].to(q.device)
@@ -147,9 +150,8 @@ def peer_rows(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
         visible = visible[None, None].expand(bsz, hq, -1, -1)
         approx = (r >= r0)[None, None, :, None]
         if name == "oracle_topk":
-            gen = torch.Generator(device="cpu").manual_seed(seed + c0)
             s = s.masked_fill(~visible, _NEG_INF)
-            keep, logw, count = _oracle(s, config.block_size, config.sample_size, gen)
+            keep, logw, count = _oracle(s, config.block_size, offsets[:, :, r.cpu()].to(q.device))
             s = torch.where(approx, s + logw, s).masked_fill(approx & ~keep, _NEG_INF)
             scored += float(torch.where(approx[..., 0], count, visible.sum(-1)).sum())
         else:
@@ -166,8 +168,8 @@ def peer_rows(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2), per_row
 
 
-def _oracle(s: Tensor, topk: int, samples: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``topk`` of each row exact plus ``samples`` stratified samples of the rest.
+def _oracle(s: Tensor, topk: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``topk`` of each row exact plus stratified samples of the rest, one per offset in ``u (B, Hq, R, m)``.
 
     Returns ``keep (B, Hq, R, Nk)`` bool, ``logw`` (log-weights, 0 on the top keys) and the
     per-row count of scored keys.
@@ -179,11 +181,11 @@ def _oracle(s: Tensor, topk: int, samples: int, gen: torch.Generator) -> tuple[T
     rest = visible & ~keep
     rest_count = rest.sum(-1, keepdim=True)
     logw = torch.zeros_like(s)
+    samples = u.shape[-1]
     if samples > 0:
         strata = torch.arange(samples + 1, device=s.device)
         bounds = torch.div(strata * rest_count, samples, rounding_mode="floor")
         lo, size = bounds[..., :-1], bounds[..., 1:] - bounds[..., :-1]
-        u = torch.rand(size.shape, generator=gen).to(s.device)
         rank = lo + torch.minimum((u * size).long(), (size - 1).clamp(min=0))
         idx = torch.searchsorted(rest.long().cumsum(-1), rank + 1).clamp(max=s.shape[-1] - 1)
         valid = size > 0

@@ -85,7 +85,7 @@ class Budget:
     min_seq_len: int = 1024
 
     def scaled(self, factor: int) -> Budget:
-        """A larger budget for the guard's second try: ``factor`` times the key blocks and samples."""
+        """A larger budget for the guard: ``factor`` times the key blocks and samples."""
         return Budget(**{**self.__dict__, "key_blocks": self.key_blocks * factor,
                          "sample_size": self.sample_size * factor})
 
@@ -379,8 +379,8 @@ def first_approx_row(nq: int, nk: int, causal: bool, min_seq_len: int) -> int:
     return min(nq, max(0, min_seq_len - (nk - nq)))
 
 
-# The guard's second try uses this many times the key blocks and samples.
-_ESCALATION = 4
+# Budgets the guard tries, as multiples of the key blocks and samples, before exact.
+_ESCALATION = (2, 4, 8)
 
 
 def _probe_error(out_approx: Tensor, out_exact: Tensor) -> Tensor:
@@ -491,21 +491,37 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
         heads = torch.nonzero(est > max_error)  # (S, 2): (batch, head)
         q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
         k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
-        bigger = budget.scaled(_ESCALATION)
-        o2, l2, _, est2, pairs2 = _approx_rows(q_sel, k_sel, v_sel, scale, causal, bigger, seed, r0, eval_blocks)
-        est2 = est2[0]
-        pairs[heads[:, 0], heads[:, 1]] += pairs2
-        still = est2 > max_error
-        if bool(still.any()):
-            o3, l3 = attention_lse(q_sel[:, still], k_sel[:, still], v_sel[:, still], scale, causal)
-            o2[:, still], l2[:, still] = o3[:, :, rows], l3[:, :, rows]
-            est2 = est2.masked_fill(still, 0.0)
-            bad = heads[still]
+        # Each larger budget is first tried on the probe blocks only (a few % of the full
+        # cost); a head runs once, at the smallest budget whose estimate meets max_error.
+        level = torch.full((len(heads),), len(_ESCALATION), dtype=torch.long)
+        probe_only = torch.zeros(0, dtype=torch.long)
+        approx_rows = nq - r0
+        for i, factor in reversed(list(enumerate(_ESCALATION))):
+            _, _, tried_rows, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal,
+                                                            budget.scaled(factor), seed, r0, probe_only)
+            level = torch.where(est_i[0] <= max_error, i, level)
+            # The probe blocks' attention was computed; charge it at the full call's rate.
+            pairs[heads[:, 0], heads[:, 1]] += pairs_i * len(tried_rows) / approx_rows
+        new_est = torch.zeros(len(heads))
+        for i, factor in enumerate(_ESCALATION):
+            pick = level == i
+            if bool(pick.any()):
+                o2, l2, _, est2, pairs2 = _approx_rows(q_sel[:, pick], k_sel[:, pick], v_sel[:, pick], scale, causal,
+                                                       budget.scaled(factor), seed, r0, eval_blocks)
+                chosen = heads[pick]
+                out = out.index_put((chosen[:, 0], chosen[:, 1]), o2[0])
+                lse = lse.index_put((chosen[:, 0], chosen[:, 1]), l2[0])
+                new_est[pick] = est2[0]
+                pairs[chosen[:, 0], chosen[:, 1]] += pairs2
+        pick = level == len(_ESCALATION)
+        if bool(pick.any()):
+            o3, l3 = attention_lse(q_sel[:, pick], k_sel[:, pick], v_sel[:, pick], scale, causal)
+            bad = heads[pick]
+            out = out.index_put((bad[:, 0], bad[:, 1]), o3[0][:, rows])
+            lse = lse.index_put((bad[:, 0], bad[:, 1]), l3[0][:, rows])
             pairs[bad[:, 0], bad[:, 1]] += _exact_row_pairs(r0, nq, nq, nk, causal)
             exact_heads[bad[:, 0], bad[:, 1]] = True
-        out = out.index_put((heads[:, 0], heads[:, 1]), o2[0])
-        lse = lse.index_put((heads[:, 0], heads[:, 1]), l2[0])
-        est = est.index_put((heads[:, 0], heads[:, 1]), est2)
+        est = est.index_put((heads[:, 0], heads[:, 1]), new_est.to(est.device))
     stats = stats_type("structured", float(pairs.mean()) / nq, est, exact_heads)
     if eval_blocks is not None:
         return out, lse, stats, rows

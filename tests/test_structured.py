@@ -1,0 +1,188 @@
+"""The structured method: exactness with a full budget, unbiased residual, guard, stats, needle retrieval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hyperattn as ha
+from conftest import FP32_ATOL, qkv, rel_err
+from hyperattn.reference import structured
+from hyperattn.reference.exact import attention_lse
+
+# Small budgets so that short test sequences really approximate.
+SMALL = dict(query_block=16, key_blocks=2, window=16, num_sinks=2, heavy_columns=4, lsh_block=8, sample_size=16,
+             probe_rows=8, min_seq_len=32)
+
+
+def _cfg(**changes):
+    return ha.HyperAttentionConfig(**{**SMALL, "seed": 0, "max_error": None, **changes})
+
+
+SHAPES = [
+    pytest.param(1, 2, 2, 63, 63, id="N63"),
+    pytest.param(2, 4, 2, 200, 200, id="gqa-N200"),
+    pytest.param(1, 4, 1, 150, 333, id="mqa-Nq150-Nk333"),
+    pytest.param(1, 2, 2, 257, 97, id="Nq257-Nk97"),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("batch,hq,hkv,nq,nk", SHAPES)
+def test_full_budget_is_exact(batch, hq, hkv, nq, nk, causal):
+    q, k, v = qkv(batch, hq, hkv, nq, nk, 16)
+    cfg = _cfg(sample_size=nk)  # m >= |C_j|: every residual column once with weight 1
+    out, lse = ha.hyper_attention(q, k, v, causal=causal, config=cfg, return_lse=True)
+    ref, ref_lse = attention_lse(q, k, v, 16 ** -0.5, causal)
+    assert torch.allclose(out, ref, atol=FP32_ATOL)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_short_sequences_are_exact(causal):
+    q, k, v = qkv(1, 2, 1, 100, 100, 16)
+    out, stats = ha.hyper_attention(q, k, v, causal=causal, config=_cfg(min_seq_len=128), return_stats=True)
+    assert torch.allclose(out, attention_lse(q, k, v, 0.25, causal)[0], atol=FP32_ATOL)
+    assert stats.keys_per_query == pytest.approx(50.5 if causal else 100.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_matches_fp32_reference(dtype):
+    q, k, v = qkv(1, 2, 2, 300, 300, 32)
+    cfg = _cfg()
+    ref = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    out = ha.hyper_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=True, config=cfg)
+    assert out.dtype == dtype
+    # Same draws; the only difference is input rounding (bf16 eps 2^-8) and output rounding,
+    # a few times eps relative, unless rounding flips a selection (rare at these sizes).
+    assert rel_err(out.float(), ref) < 0.05
+
+
+def test_residual_estimate_is_unbiased():
+    # exp(lse) of an approximate row is exact-part mass + a Horvitz-Thompson/Hansen-Hurwitz
+    # sum over the residual: its mean over seeds is the exact partition function.
+    q, k, v = qkv(1, 1, 1, 256, 256, 16, seed=3)
+    q, k = q * 0.5, k * 0.5
+    ref = attention_lse(q, k, v, 0.25, True)[1]
+    ratios = []
+    for seed in range(100):
+        _, lse = ha.hyper_attention(q, k, v, causal=True, config=_cfg(seed=seed), return_lse=True)
+        ratios.append(torch.exp(lse - ref)[..., 64:])
+    mean = torch.stack(ratios).mean(0)
+    # Per-row relative std of one draw is ~0.1 here; 100 seeds bring a row's mean to ~0.01
+    # (0.05 is 5 sigma) and the average over 192 rows far below 0.01; a real bias (dropped
+    # or double-counted columns) shifts it by several %.
+    assert float(mean.mean()) == pytest.approx(1.0, abs=0.01)
+    assert float((mean - 1).abs().max()) < 0.05
+
+
+def test_same_seed_same_result_and_gqa_equals_repeated_kv():
+    q, k, v = qkv(1, 4, 2, 300, 300, 16)
+    cfg = _cfg()
+    a = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    b = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    assert torch.equal(a, b)
+    rep = ha.hyper_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True, config=cfg)
+    assert torch.allclose(a, rep, atol=FP32_ATOL)
+
+
+def test_rows_read_only_visible_values():
+    # Selection looks at q and k only, so changing V after position t leaves rows <= t
+    # unchanged: no value of a future token reaches an earlier output.
+    q, k, v = qkv(1, 2, 2, 300, 300, 16)
+    cfg = _cfg()
+    t = 180
+    v2 = v.clone()
+    v2[:, :, t + 1:] = 1e3
+    a = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    b = ha.hyper_attention(q, k, v2, causal=True, config=cfg)
+    assert torch.allclose(a[:, :, :t + 1], b[:, :, :t + 1], atol=FP32_ATOL)
+    assert not torch.allclose(a[:, :, t + 1:], b[:, :, t + 1:])
+
+
+def test_stats_contract():
+    q, k, v = qkv(2, 4, 2, 400, 400, 16)
+    out, stats = ha.hyper_attention(q, k, v, causal=True, config=_cfg(), return_stats=True)
+    assert stats.method == "structured"
+    assert stats.est_error.shape == (2, 4) and stats.exact_heads.shape == (2, 4)
+    assert stats.exact_heads.dtype == torch.bool and not bool(stats.exact_heads.any())
+    assert bool(torch.isfinite(stats.est_error).all()) and bool((stats.est_error >= 0).all())
+    # Approximate: fewer scores than exact causal attention ((N + 1) / 2 per query).
+    assert 0 < stats.keys_per_query < 200.5
+
+
+def test_estimated_error_tracks_true_error():
+    q, k, v = qkv(1, 4, 4, 600, 600, 16, seed=5)
+    out, stats = ha.hyper_attention(q, k, v, causal=True, config=_cfg(probe_rows=64), return_stats=True)
+    ref = attention_lse(q, k, v, 0.25, True)[0]
+    true = ((out - ref)[..., 32:, :].pow(2).sum((-1, -2)) / ref[..., 32:, :].pow(2).sum((-1, -2))).sqrt()
+    # 64 probe rows estimate a Frobenius ratio over ~570 rows; within a factor 2 per head.
+    ratio = stats.est_error / true
+    assert bool(((ratio > 0.5) & (ratio < 2.0)).all()), ratio
+
+
+@pytest.mark.parametrize("max_error,all_exact", [(1e-9, True), (1e9, False)], ids=["tiny", "huge"])
+def test_guard(max_error, all_exact, monkeypatch):
+    # Without larger budgets to try, a head over the target must run exact.
+    monkeypatch.setattr(structured, "_ESCALATION", ())
+    q, k, v = qkv(1, 4, 2, 400, 400, 16)
+    free = ha.hyper_attention(q, k, v, causal=True, config=_cfg())
+    out, stats = ha.hyper_attention(q, k, v, causal=True, config=_cfg(max_error=max_error), return_stats=True)
+    ref = attention_lse(q, k, v, 0.25, True)[0]
+    if all_exact:
+        assert bool(stats.exact_heads.all())
+        assert torch.allclose(out, ref, atol=FP32_ATOL)
+        assert float(stats.est_error.abs().max()) == 0.0
+    else:
+        assert not bool(stats.exact_heads.any())
+        assert torch.equal(out, free)
+
+
+def test_guard_escalates_before_exact():
+    # A target between the small budget's error and zero: heads take a larger budget, and
+    # the estimate after the guard meets the target (or the head is exact).
+    q, k, v = qkv(1, 4, 2, 600, 600, 16, seed=2)
+    _, loose = ha.hyper_attention(q, k, v, causal=True, config=_cfg(), return_stats=True)
+    target = float(loose.est_error.min()) * 0.8
+    _, stats = ha.hyper_attention(q, k, v, causal=True, config=_cfg(max_error=target), return_stats=True)
+    assert bool((stats.est_error <= target).all())
+    assert stats.keys_per_query > loose.keys_per_query
+
+
+def _needle(n=2048, dim=32, needle=100, seed=0):
+    """Random heads where the last 128 queries point at one key far back (a passkey)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, n, dim, generator=gen) * 0.3
+    k = torch.randn(1, 2, n, dim, generator=gen) * 0.3
+    v = torch.randn(1, 2, n, dim, generator=gen)
+    direction = torch.randn(dim, generator=gen)
+    k[:, :, needle] = direction
+    q[:, :, -128:] = direction * 3.0  # logit ~ 3 * |d|^2 / sqrt(D) ~ 16: the needle holds the row
+    v[:, :, needle] = 10.0
+    return q, k, v
+
+
+def test_needle_far_back_is_found():
+    q, k, v = _needle()
+    ref = attention_lse(q, k, v, 32 ** -0.5, True)[0][:, :, -128:]
+    common = dict(seed=0, max_error=None, min_seq_len=512)
+    structured = ha.hyper_attention(q, k, v, causal=True, config=ha.HyperAttentionConfig(**common))[:, :, -128:]
+    streaming = ha.hyper_attention(q, k, v, causal=True, config=ha.HyperAttentionConfig(
+        method="streaming", num_sinks=4, window=1024, **common))[:, :, -128:]
+    # The needle is ~1950 positions back: sinks + window cannot see it, the block scores do.
+    assert rel_err(streaming, ref) > 0.5
+    assert rel_err(structured, ref) < 0.05
+
+
+def test_estimator_and_guard_fields_validated():
+    with pytest.raises(ValueError, match="sample_mix"):
+        ha.HyperAttentionConfig(sample_mix=0.0)
+    with pytest.raises(TypeError, match="query_block"):
+        ha.HyperAttentionConfig(query_block=1.5)
+    with pytest.raises(ValueError, match="key_blocks"):
+        ha.HyperAttentionConfig(key_blocks=-1)
+    assert math.isclose(ha.HyperAttentionConfig().sample_mix, 0.5)
