@@ -493,33 +493,37 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
         k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
         # Each larger budget is first tried on the probe blocks only (a few % of the full
         # cost); a head runs once, at the smallest budget whose estimate meets max_error.
+        # Bookkeeping on the CPU (pairs is a CPU tensor); device tensors are indexed on their device.
+        hc = heads.cpu()
         level = torch.full((len(heads),), len(_ESCALATION), dtype=torch.long)
         probe_only = torch.zeros(0, dtype=torch.long)
         approx_rows = nq - r0
         for i, factor in reversed(list(enumerate(_ESCALATION))):
             _, _, tried_rows, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal,
                                                             budget.scaled(factor), seed, r0, probe_only)
-            level = torch.where(est_i[0] <= max_error, i, level)
+            level = torch.where(est_i[0].cpu() <= max_error, i, level)
             # The probe blocks' attention was computed; charge it at the full call's rate.
-            pairs[heads[:, 0], heads[:, 1]] += pairs_i * len(tried_rows) / approx_rows
+            pairs[hc[:, 0], hc[:, 1]] += pairs_i * len(tried_rows) / approx_rows
         new_est = torch.zeros(len(heads))
         for i, factor in enumerate(_ESCALATION):
             pick = level == i
             if bool(pick.any()):
-                o2, l2, _, est2, pairs2 = _approx_rows(q_sel[:, pick], k_sel[:, pick], v_sel[:, pick], scale, causal,
+                pd = pick.to(q.device)
+                o2, l2, _, est2, pairs2 = _approx_rows(q_sel[:, pd], k_sel[:, pd], v_sel[:, pd], scale, causal,
                                                        budget.scaled(factor), seed, r0, eval_blocks)
-                chosen = heads[pick]
+                chosen = heads[pd]
                 out = out.index_put((chosen[:, 0], chosen[:, 1]), o2[0])
                 lse = lse.index_put((chosen[:, 0], chosen[:, 1]), l2[0])
-                new_est[pick] = est2[0]
-                pairs[chosen[:, 0], chosen[:, 1]] += pairs2
+                new_est[pick] = est2[0].cpu()
+                pairs[hc[pick, 0], hc[pick, 1]] += pairs2
         pick = level == len(_ESCALATION)
         if bool(pick.any()):
-            o3, l3 = attention_lse(q_sel[:, pick], k_sel[:, pick], v_sel[:, pick], scale, causal)
-            bad = heads[pick]
+            pd = pick.to(q.device)
+            o3, l3 = attention_lse(q_sel[:, pd], k_sel[:, pd], v_sel[:, pd], scale, causal)
+            bad = heads[pd]
             out = out.index_put((bad[:, 0], bad[:, 1]), o3[0][:, rows])
             lse = lse.index_put((bad[:, 0], bad[:, 1]), l3[0][:, rows])
-            pairs[bad[:, 0], bad[:, 1]] += _exact_row_pairs(r0, nq, nq, nk, causal)
+            pairs[hc[pick, 0], hc[pick, 1]] += _exact_row_pairs(r0, nq, nq, nk, causal)
             exact_heads[bad[:, 0], bad[:, 1]] = True
         est = est.index_put((heads[:, 0], heads[:, 1]), new_est.to(est.device))
     stats = stats_type("structured", float(pairs.mean()) / nq, est, exact_heads)
