@@ -265,7 +265,9 @@ def plot_prefill(results: dict, path: str) -> None:
             x = j + (i - (len(series) - 1) / 2) * width
             base = next((r["ms"] for r in rows if r["impl"] == "sdpa" and r["n"] == n), None)
             if row["ms"] is None:
-                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                reason = "out of memory" if "OutOfMemory" in row.get("error", "") else "failed"
+                ax.bar(x, 0, width, color=f"C{i}", label=label)
+                ax.text(x, 0, reason, ha="center", va="bottom", fontsize=7, rotation=90, color=f"C{i}")
                 continue
             ax.bar(x, row["ms"] / 1e3, width, color=f"C{i}", label=label)
             if base is not None and impl != "sdpa":
@@ -273,6 +275,7 @@ def plot_prefill(results: dict, path: str) -> None:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xlim(-0.5, len(lengths) - 0.5)
     ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
     ax.set_xlabel("prompt length")
     ax.set_ylabel("prefill time (s)")
