@@ -261,6 +261,16 @@ def test_generate_matches_sdpa_and_decode_steps_are_exact(tiny, spy, padded):
     assert len(spy.calls) == tiny.config.num_hidden_layers * (2 if padded else 1)
 
 
+def test_decode_steps_through_hyper_equal_sdpa(tiny, spy):
+    ids = _ids(1, 24)
+    hf.disable(tiny)
+    ref = tiny.generate(ids, max_new_tokens=4, do_sample=False)
+    hf.enable(tiny, hf.HyperPolicy(config=FULL_HYPER, min_query_len=1))
+    out = tiny.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    assert {call[0] for call in spy.calls} == {24, 1}
+
+
 def test_static_cache_prefill_equals_sdpa(tiny):
     ids = _ids(1, 20)
     hf.disable(tiny)

@@ -296,14 +296,15 @@ def hyper_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
     if dropout:
         raise ValueError(f"dropout: attn_implementation='hyper' has no attention dropout, got {dropout} "
                          "(call model.eval() or set the model's attention_dropout to 0)")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     nq, nk = query.shape[2], key.shape[2]
+    # As in transformers' SDPA path: a single query row (a decode step) sees every key.
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and nq > 1
     if attention_mask is None:
         if causal and nk > nq:
             # transformers passes no mask with Nk > Nq only for the first chunk of a static
             # cache, where SDPA's top-left causal alignment means: keys [0, Nq).
             key, value = key[:, :, :nq], value[:, :, :nq]
-        out = hyper_attention(query, key, value, causal=bool(causal), scale=scaling, config=config)
+        out = hyper_attention(query, key, value, causal=causal, scale=scaling, config=config)
         return out.transpose(1, 2).contiguous(), None
     if not causal:
         raise ValueError("attention_mask: attn_implementation='hyper' takes masks only for causal attention; "
