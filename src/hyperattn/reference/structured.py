@@ -32,12 +32,18 @@ block ``j`` and head ``h`` (shape legend of :mod:`hyperattn.ops`):
 Rows that see at most ``min_seq_len`` keys (1024 by default) are exact, and so are the
 probe rows and block-probe rows, whose exact outputs are computed anyway.
 
-**Error estimate and guard.** ``probe_rows`` random approximate rows per head are scored
-exactly; ``est_error[b, h]`` is ``||O_approx - O_exact||_F / ||O_exact||_F`` over those
-rows, the estimator of DESIGN.md §5's measured error. With ``max_error`` set, a head whose
-estimate exceeds it is recomputed with ``escalation`` times the key blocks and samples and
-estimated again on the same rows; a head that still exceeds it runs exact
-(``stats.exact_heads``).
+**Error estimate and guard.** ``probe_rows`` random approximate rows per head, lying in 8
+random query blocks, are scored exactly; ``est_error[b, h]`` is
+``||O_approx - O_exact||_F / ||O_exact||_F`` over those rows, the estimator of DESIGN.md
+§5's measured error (their output is then the exact one). With ``max_error`` set, a head
+whose estimate exceeds it is tried on the probe blocks only with 2x, 4x and 8x the key
+blocks and samples; it runs once at the smallest of those budgets whose estimate meets
+the target, or exactly if none does (``stats.exact_heads``).
+
+**Dependence on later tokens.** A row reads only values of keys it sees, but *which* keys
+it scores depends on q/k of the whole call (heavy columns and block scores pool rows, the
+LSH window spans every key's bucket, the guard decides per head): the method is for
+inference, not for teacher-forced training.
 
 **Budget.** ``stats.keys_per_query`` counts every (query, key) score computed for a
 visible key: probe rows, block-probe rows, the exact set, the whole LSH block (masked
