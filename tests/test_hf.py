@@ -79,13 +79,15 @@ def _logits(model, ids, policy=None, **kwargs):
 
 
 class _Spy:
-    """Records the (Nq, Nk, Hkv, seed) of every hyper_attention call the integration makes."""
+    """Records the (Nq, Nk, Hkv, seed) and the config of every hyper_attention call the integration makes."""
 
     def __init__(self):
         self.calls = []
+        self.configs = []
 
     def __call__(self, q, k, v, causal=False, scale=None, config=None):
         self.calls.append((q.shape[2], k.shape[2], k.shape[1], config.seed))
+        self.configs.append(config)
         from hyperattn import hyper_attention
 
         return hyper_attention(q, k, v, causal=causal, scale=scale, config=config)
@@ -421,13 +423,16 @@ def test_model_generate_equals_sdpa_with_full_budget(smol):
 @pytest.mark.model
 def test_model_generate_runs_with_default_config_on_long_prompt(smol, spy):
     model, _, ids = smol
-    hf.enable(model)
+    # the default configuration on the last 6 layers keeps the CPU time of CI short
+    hf.enable(model, hf.HyperPolicy(layers=range(-6, 0)))
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     hf.disable(model)
     assert out.shape == (1, ids.shape[1] + 3)
     assert torch.equal(out[:, :ids.shape[1]], ids)
-    # prefill (N = 1100, above the default min_seq_len of 1024) went through hyper in every layer
-    assert len(spy.calls) == model.config.num_hidden_layers and {c[0] for c in spy.calls} == {ids.shape[1]}
+    # the prefill (N = 1100, above the default min_seq_len of 1024) went through hyper in
+    # those layers with the default configuration; the decode steps did not
+    assert len(spy.calls) == 6 and {c[0] for c in spy.calls} == {ids.shape[1]}
+    assert all(config == HyperAttentionConfig() for config in spy.configs)
 
 
 # ---------------------------------------------------------------------------------------
