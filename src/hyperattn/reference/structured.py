@@ -461,6 +461,91 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     return out, lse, stats
 
 
+def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error, group, pairs, exact_heads):
+    """Rows from ``r0`` on with the guard; adds each head's scores to ``pairs`` and marks ``exact_heads``.
+
+    Every budget is first tried on the probe blocks only (a few % of the full cost; the
+    probe rows and their blocks' outputs are the same as in the full call, so is the
+    estimate); each head then runs once, at the smallest budget whose estimate meets
+    ``max_error`` and that scores fewer keys than exact attention, or exactly.
+    """
+    bsz, hq, nq, _ = qf.shape
+    nk = kf.shape[2]
+    probe_only = torch.zeros(0, dtype=torch.long)
+    exact_cost = _exact_row_pairs(r0, nq, nq, nk, causal)
+    factors = (1,) + _ESCALATION
+    all_heads = torch.cartesian_prod(torch.arange(bsz), torch.arange(hq)).to(qf.device)  # (B*Hq, 2)
+    hc = all_heads.cpu()
+    level = torch.full((len(all_heads),), len(factors), dtype=torch.long)
+    pending = torch.ones(len(all_heads), dtype=torch.bool)
+    for i, factor in enumerate(factors):
+        idx = torch.nonzero(pending).squeeze(-1)
+        if len(idx) == 0:
+            break
+        heads = all_heads[idx.to(qf.device)]
+        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
+        k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
+        _, _, tried_rows, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor),
+                                                        seed, r0, probe_only)
+        pairs[hc[idx, 0], hc[idx, 1]] += pairs_i * len(tried_rows) / (nq - r0)
+        if pairs_i >= exact_cost:  # this and every larger budget cost more than exact attention
+            break
+        ok = est_i[0].cpu() <= max_error
+        level[idx[ok]] = i
+        pending[idx[ok]] = False
+
+    out = lse = rows = None
+    est = torch.zeros(bsz, hq, device=qf.device)
+    for i, factor in enumerate(factors):
+        idx = torch.nonzero(level == i).squeeze(-1)
+        if len(idx) == 0:
+            continue
+        if len(idx) == len(all_heads):  # every head at the base budget: no per-head copies
+            o, l, rows, e, p = _approx_rows(qf, kf, vf, scale, causal, budget.scaled(factor), seed, r0, eval_blocks)
+            pairs += p
+            return o, l, rows, e
+        heads = all_heads[idx.to(qf.device)]
+        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
+        k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
+        o, l, rows, e, p = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor), seed, r0,
+                                        eval_blocks)
+        if out is None:
+            out = qf.new_zeros(bsz, hq, len(rows), vf.shape[-1])
+            lse = qf.new_zeros(bsz, hq, len(rows))
+        out = out.index_put((heads[:, 0], heads[:, 1]), o[0])
+        lse = lse.index_put((heads[:, 0], heads[:, 1]), l[0])
+        est = est.index_put((heads[:, 0], heads[:, 1]), e[0])
+        pairs[hc[idx, 0], hc[idx, 1]] += p
+    idx = torch.nonzero(level == len(factors)).squeeze(-1)
+    if len(idx) > 0:
+        heads = all_heads[idx.to(qf.device)]
+        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
+        k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
+        o, l = attention_lse(q_sel, k_sel, v_sel, scale, causal)
+        if rows is None:
+            rows = _computed_rows(nq, r0, budget, seed, qf.shape[-1], bsz, hq, eval_blocks).to(qf.device)
+            out = qf.new_zeros(bsz, hq, len(rows), vf.shape[-1])
+            lse = qf.new_zeros(bsz, hq, len(rows))
+        out = out.index_put((heads[:, 0], heads[:, 1]), o[0][:, rows])
+        lse = lse.index_put((heads[:, 0], heads[:, 1]), l[0][:, rows])
+        pairs[hc[idx, 0], hc[idx, 1]] += exact_cost
+        exact_heads[heads[:, 0], heads[:, 1]] = True
+    return out, lse, rows, est
+
+
+def _computed_rows(nq, r0, budget, seed, dim, bsz, hq, eval_blocks) -> Tensor:
+    """The rows :func:`_approx_rows` returns: all of ``[r0, Nq)``, or those of ``eval_blocks`` and the probe blocks."""
+    qb = budget.query_block
+    num_blocks = math.ceil((nq - r0) / qb)
+    if eval_blocks is None:
+        return torch.arange(r0, nq)
+    draws = draw_structured(seed, dim, bsz, hq, num_blocks, budget)
+    probe_blocks = (draws.probe_blocks * num_blocks).long().clamp(max=num_blocks - 1)
+    blocks = torch.unique(torch.cat([eval_blocks.cpu().long(), probe_blocks]))
+    rows = (r0 + blocks.unsqueeze(-1) * qb + torch.arange(qb)).reshape(-1)
+    return rows[rows < nq]
+
+
 def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error: float | None, stats_type,
                    eval_blocks: Tensor | None = None):
     """:func:`run` with an explicit :class:`Budget`; returns ``(out, lse, stats, rows)``.
@@ -491,47 +576,12 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
         stats = stats_type("structured", float(pairs.mean()) / nq, zeros, ~exact_heads)
         return outs[0], lses[0], stats, torch.arange(nq, device=q.device)
 
-    out, lse, rows, est, approx_pairs = _approx_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks)
-    pairs += approx_pairs
-    if max_error is not None and bool((est > max_error).any()):
-        heads = torch.nonzero(est > max_error)  # (S, 2): (batch, head)
-        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
-        k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
-        # Each larger budget is first tried on the probe blocks only (a few % of the full
-        # cost); a head runs once, at the smallest budget whose estimate meets max_error.
-        # Bookkeeping on the CPU (pairs is a CPU tensor); device tensors are indexed on their device.
-        hc = heads.cpu()
-        level = torch.full((len(heads),), len(_ESCALATION), dtype=torch.long)
-        probe_only = torch.zeros(0, dtype=torch.long)
-        approx_rows = nq - r0
-        for i, factor in reversed(list(enumerate(_ESCALATION))):
-            _, _, tried_rows, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal,
-                                                            budget.scaled(factor), seed, r0, probe_only)
-            level = torch.where(est_i[0].cpu() <= max_error, i, level)
-            # The probe blocks' attention was computed; charge it at the full call's rate.
-            pairs[hc[:, 0], hc[:, 1]] += pairs_i * len(tried_rows) / approx_rows
-        new_est = torch.zeros(len(heads))
-        for i, factor in enumerate(_ESCALATION):
-            pick = level == i
-            if bool(pick.any()):
-                pd = pick.to(q.device)
-                o2, l2, _, est2, pairs2 = _approx_rows(q_sel[:, pd], k_sel[:, pd], v_sel[:, pd], scale, causal,
-                                                       budget.scaled(factor), seed, r0, eval_blocks)
-                chosen = heads[pd]
-                out = out.index_put((chosen[:, 0], chosen[:, 1]), o2[0])
-                lse = lse.index_put((chosen[:, 0], chosen[:, 1]), l2[0])
-                new_est[pick] = est2[0].cpu()
-                pairs[hc[pick, 0], hc[pick, 1]] += pairs2
-        pick = level == len(_ESCALATION)
-        if bool(pick.any()):
-            pd = pick.to(q.device)
-            o3, l3 = attention_lse(q_sel[:, pd], k_sel[:, pd], v_sel[:, pd], scale, causal)
-            bad = heads[pd]
-            out = out.index_put((bad[:, 0], bad[:, 1]), o3[0][:, rows])
-            lse = lse.index_put((bad[:, 0], bad[:, 1]), l3[0][:, rows])
-            pairs[hc[pick, 0], hc[pick, 1]] += _exact_row_pairs(r0, nq, nq, nk, causal)
-            exact_heads[bad[:, 0], bad[:, 1]] = True
-        est = est.index_put((heads[:, 0], heads[:, 1]), new_est.to(est.device))
+    if max_error is None:
+        out, lse, rows, est, approx_pairs = _approx_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks)
+        pairs += approx_pairs
+    else:
+        out, lse, rows, est = _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error,
+                                            group, pairs, exact_heads)
     stats = stats_type("structured", float(pairs.mean()) / nq, est, exact_heads)
     if eval_blocks is not None:
         return out, lse, stats, rows
