@@ -150,22 +150,24 @@ def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Ca
     raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
 
 
-def _time_ms(fn: Callable, cuda: bool, budget_ms: float, min_reps: int, max_reps: int) -> float:
-    def once() -> float:
-        if not cuda:
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def time_once_ms(fn: Callable, cuda: bool) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events on the current stream, else the host clock."""
+    if not cuda:
+        start = time.perf_counter()
         fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
-    times = [once()]
+
+def _time_ms(fn: Callable, cuda: bool, budget_ms: float, min_reps: int, max_reps: int) -> float:
+    times = [time_once_ms(fn, cuda)]
     reps = int(min(max_reps, max(min_reps, budget_ms / max(times[0], 1e-3))))
-    times += [once() for _ in range(reps - 1)]
+    times += [time_once_ms(fn, cuda) for _ in range(reps - 1)]
     return statistics.median(times)
 
 

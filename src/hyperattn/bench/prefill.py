@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ..config import HyperAttentionConfig
+from .forward import time_once_ms
 
 __all__ = ["MODELS", "IMPLS", "build_model", "run_prefill_bench", "plot_prefill", "main"]
 
@@ -83,19 +84,6 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time_ms(fn, device: torch.device) -> float:
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end)
 
 
 def _config_dict(config: HyperAttentionConfig) -> dict:
@@ -217,7 +205,7 @@ def run_prefill_bench(model_name: str = "llama3-8b", lengths=(32768, 65536, 1310
             for rep in range(reps):
                 if dev.type == "cuda" and rep == 0:
                     torch.cuda.reset_peak_memory_stats(dev)
-                times.append(_time_ms(prefill, dev))
+                times.append(time_once_ms(prefill, dev.type == "cuda"))
                 if dev.type == "cuda" and rep == 0:
                     row["peak_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
                 if time.perf_counter() - start > time_budget_s:
