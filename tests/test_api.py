@@ -189,3 +189,20 @@ def test_exact_attention_validates_too():
     q, k, v = GOOD
     with pytest.raises(ValueError, match="k: expected a head count"):
         ha.exact_attention(q, torch.randn(1, 3, 32, 8), torch.randn(1, 3, 32, 8))
+
+
+@pytest.mark.parametrize("limit", [11 * 700 * 3, 1], ids=["kv-group-chunks", "single-head-chunks"])
+def test_structured_runs_in_head_chunks_when_masks_are_large(monkeypatch, limit):
+    import hyperattn.ops as ops
+
+    q, k, v = qkv(2, 6, 2, 700, 700, 16, seed=9)
+    cfg = ha.HyperAttentionConfig(min_seq_len=128, seed=3)
+    monkeypatch.setattr(ops, "_MASK_ELEMENTS", limit)
+    out, lse, stats = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_lse=True, return_stats=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert stats.est_error.shape == (2, 6) and stats.exact_heads.shape == (2, 6)
+    assert 0 < stats.keys_per_query < 700
+    exact = ha.exact_attention(q, k, v, causal=True)
+    full = ha.hyper_attention(q, k, v, causal=True, config=cfg.replace(sample_size=10**6))
+    assert torch.allclose(full, exact, atol=FP32_ATOL)
+    assert torch.equal(out, ha.hyper_attention(q, k, v, causal=True, config=cfg))

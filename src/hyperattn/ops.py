@@ -129,6 +129,51 @@ def _run_hyper(q, k, v, scale, causal, config, seed):
     return out, lse, AttentionStats("hyper", pairs / nq, nan, torch.zeros_like(nan, dtype=torch.bool))
 
 
+# Elements of one (B, Hq, Nq/64, Nk) selection mask the PyTorch structured method and
+# peers may build per call; larger calls run in chunks of heads so memory stays bounded.
+_MASK_ELEMENTS = 1 << 27
+
+
+def _in_head_chunks(runner: Callable) -> Callable:
+    """Run ``runner`` on chunks of (batch, heads) whose selection masks fit ``_MASK_ELEMENTS``.
+
+    Chunks are whole KV-head groups where they fit, else single query heads; each chunk
+    draws from its own seed derived from ``seed``, so results stay reproducible and the
+    same on every device. Calls that fit run whole, unchanged.
+    """
+
+    def run(q, k, v, scale, causal, config, seed):
+        bsz, hq, nq, _ = q.shape
+        hkv = k.shape[1]
+        group = hq // hkv
+        fit = max(1, _MASK_ELEMENTS // (math.ceil(nq / 64) * k.shape[2]))
+        if bsz * hq <= fit:
+            return runner(q, k, v, scale, causal, config, seed)
+        step = group * min(hkv, fit // group) if fit >= group else max(d for d in range(1, group + 1)
+                                                                        if group % d == 0 and d <= fit)
+        outs, lses, stats = [], [], []
+        for b in range(bsz):
+            for h0 in range(0, hq, step):
+                kv = slice(h0 // group, (h0 + step - 1) // group + 1)
+                chunk_seed = (seed + 1_000_003 * len(stats)) % 2**62
+                o, l, st = runner(q[b:b + 1, h0:h0 + step], k[b:b + 1, kv], v[b:b + 1, kv], scale, causal, config,
+                                  chunk_seed)
+                outs.append(o)
+                lses.append(l)
+                stats.append(st)
+        out = torch.cat(outs, dim=1).reshape(bsz, hq, *outs[0].shape[2:])
+        lse = torch.cat(lses, dim=1).reshape(bsz, hq, nq)
+        merged = AttentionStats(
+            stats[0].method,
+            sum(st.keys_per_query for st in stats) / len(stats),
+            torch.cat([st.est_error for st in stats], dim=1).reshape(bsz, hq),
+            torch.cat([st.exact_heads for st in stats], dim=1).reshape(bsz, hq),
+        )
+        return out, lse, merged
+
+    return run
+
+
 def _method(name: str) -> Callable:
     if name == "exact":
         return _run_exact
@@ -137,7 +182,7 @@ def _method(name: str) -> Callable:
     from .reference import structured, peers  # the structured method and peer patterns
 
     runners = {"structured": structured.run, **peers.RUNNERS}
-    return runners[name]
+    return _in_head_chunks(runners[name])
 
 
 def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,

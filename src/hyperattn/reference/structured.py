@@ -56,6 +56,7 @@ so a kernel can reproduce the same draws.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -557,6 +558,9 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
+    # No complement has more than Nk columns, and m >= |C_j| already means "all of them":
+    # a larger m would only draw unused uniforms.
+    budget = dataclasses.replace(budget, sample_size=min(budget.sample_size, nk))
     group = hq // hkv
     qf, kf, vf = q.float(), k.float(), v.float()
     offset = nk - nq
