@@ -17,6 +17,14 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def assert_matches_exact(out, lse, ref_out, ref_lse, atol: float = FP32_ATOL) -> None:
+    """Output and LSE equal exact attention; rows with no visible key stay at lse = -inf."""
+    assert torch.allclose(out, ref_out, atol=atol)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=atol)
+
+
 def qkv(batch, hq, hkv, nq, nk, dim, dtype=torch.float32, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hq, nq, dim, generator=gen)

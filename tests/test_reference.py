@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FP32_ATOL, qkv, rel_err
+from conftest import FP32_ATOL, assert_matches_exact, qkv
 
 from hyperattn.reference.exact import attention_lse
 from hyperattn.reference.hyper import (
@@ -95,10 +95,7 @@ def test_full_budget_is_exact(case):
     q, k, v = qkv(b, hq, hkv, nq, nk, d)
     out, lse = _hyper(q, k, v, causal)
     ref_out, ref_lse = attention_lse(q, k, v, d**-0.5, causal)
-    assert torch.allclose(out, ref_out, atol=FP32_ATOL)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    assert torch.allclose(lse[finite], ref_lse[finite], atol=FP32_ATOL)
+    assert_matches_exact(out, lse, ref_out, ref_lse)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

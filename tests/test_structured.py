@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hyperattn as ha
-from conftest import FP32_ATOL, qkv, rel_err
+from conftest import assert_matches_exact, FP32_ATOL, qkv, rel_err
 from hyperattn.reference import structured
 from hyperattn.reference.exact import attention_lse
 
@@ -36,10 +36,7 @@ def test_full_budget_is_exact(batch, hq, hkv, nq, nk, causal):
     cfg = _cfg(sample_size=nk)  # m >= |C_j|: every residual column once with weight 1
     out, lse = ha.hyper_attention(q, k, v, causal=causal, config=cfg, return_lse=True)
     ref, ref_lse = attention_lse(q, k, v, 16 ** -0.5, causal)
-    assert torch.allclose(out, ref, atol=FP32_ATOL)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    assert torch.allclose(lse[finite], ref_lse[finite], atol=FP32_ATOL)
+    assert_matches_exact(out, lse, ref, ref_lse)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
