@@ -194,7 +194,7 @@ def hyper_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, 
                               ) -> tuple[Tensor, Tensor]:
     """The paper's method on validated inputs; ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``, both fp32."""
     bsz, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    nk = k.shape[2]
     plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
     approx = [p for p in plan if p.approx]
     draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hq, min(sample_size, nk))
@@ -224,7 +224,6 @@ def scored_pairs(plan: list[Piece], block_size: int, sample_size: int, nq: int, 
     for p in plan:
         pq, pk = p.q1 - p.q0, p.k1 - p.k0
         if p.approx:
-            num_blocks = math.ceil(pk / block_size)
             total += pq * (min(block_size, pk) + min(sample_size, pk))
         elif p.causal:
             total += pq * (pq + 1) // 2
