@@ -24,8 +24,10 @@ from ..reference.hyper import causal_plan, hyper_attention_reference, noncausal_
 
 __all__ = ["IMPLS", "BenchShape", "run_forward_bench", "profile_hyper", "exact_pairs", "versions"]
 
-#: Implementations the harness knows; CPU runs only "hyper" and "sdpa-math".
-IMPLS = ("hyper", "hyper-reference", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math",
+#: Implementations the harness knows; CPU runs only "hyper" and "sdpa-math". ``"hyper"`` is the
+#: paper's method (``method="hyper"``) through the public call, ``"structured"`` the package
+#: default (``HyperAttentionConfig()``) through the public call.
+IMPLS = ("hyper", "hyper-reference", "structured", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math",
          "flex-sink-window")
 
 # Sink tokens and window of the FlexAttention baseline (the block-sparse reference point).
@@ -141,6 +143,11 @@ def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Ca
                                              min_seq_len=config.effective_min_seq_len, seed=0)
 
         return reference, {**_hyper_config_dict(config), "seed": 0, "path": "PyTorch reference"}, pairs
+    if impl == "structured":
+        config = HyperAttentionConfig(seed=0)
+        _, stats = hyper_attention(q, k, v, causal=causal, config=config, return_stats=True)
+        pairs = round(stats.keys_per_query * n)
+        return (lambda: hyper_attention(q, k, v, causal=causal, config=config)), _hyper_config_dict(config), pairs
     if impl.startswith("sdpa-"):
         fn, config = _sdpa(impl.removeprefix("sdpa-"), q, k, v, causal)
         return fn, config, exact_pairs(n, causal)

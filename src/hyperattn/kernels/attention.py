@@ -175,12 +175,14 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
                                num_heads, kv_heads, group, nq, nqidx, nkidx, max_samples, qk_scale,
                                HEAD_DIM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    bkv = b * kv_heads + kvh
+    # The query heads of one KV head run as adjacent programs on the same tile, so the
+    # sorted key block they share is read from HBM once and then from L2.
+    tile = tl.program_id(0) // group
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    h = kvh * group + tl.program_id(0) % group
+    bh = b * num_heads + h
     row_start = tl.load(TILES + tile * 6 + 0)
     row_end = tl.load(TILES + tile * 6 + 1)
     key_start = tl.load(TILES + tile * 6 + 2)
@@ -216,7 +218,7 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
                                          PRECISION)
         # Gathered columns: log-weights added, the tile's own block masked (already counted).
         num_samples = tl.load(NSAMP + piece)
-        s_base = (piece.to(tl.int64) * tl.num_programs(1) + bh) * max_samples
+        s_base = (piece.to(tl.int64) * tl.num_programs(1) * group + bh) * max_samples
         for j0 in range(0, num_samples, BLOCK_N):
             sj = j0 + offs_n
             s_ok = sj < num_samples
@@ -323,7 +325,7 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index
         ...                    device="cuda"), 0.125, out, out, lse, None)
     """
     bsz, hq, nq, dim = q.shape
-    grid = (tiles.shape[0], bsz * hq)
+    grid = (tiles.shape[0] * (hq // k.shape[1]), bsz * k.shape[1])
     _launch(
         "gathered", grid, q, k, v, acc, out, lse, prior, q_index, k_index, tiles, sample_index, sample_logw,
         sample_block, num_samples,

@@ -234,7 +234,7 @@ def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
     acc = out if launches == 1 or q.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
     done = 0
     if plan.groups:
-        draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, sample_size)
+        draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, min(sample_size, nk))
         proj, u = _to_device(draws.proj, q.device), _to_device(draws.u, q.device)
         q_perm = torch.argsort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True)
         k_perm = torch.argsort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True)
