@@ -62,8 +62,11 @@ MODELS = {
 }
 #: Implementations (the ``impl`` of a row).
 IMPLS = ("sdpa", "hyper", "hyper-last-half")
-#: Methods the hyper rows run with: the paper's method, then the package default.
-METHOD_CONFIGS = {"hyper": HyperAttentionConfig(method="hyper"), "default": HyperAttentionConfig()}
+#: Methods the hyper rows run with: the paper's method, the authors' code's recursion plan
+#: (see :data:`hyperattn.bench.forward.PAPER_PLAN_CONFIG`), and the package default.
+METHOD_CONFIGS = {"hyper": HyperAttentionConfig(method="hyper"),
+                  "paper-plan": HyperAttentionConfig(method="hyper", min_seq_len=2048),
+                  "default": HyperAttentionConfig()}
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
@@ -141,7 +144,7 @@ def run_prefill_bench(model_name: str = "llama3-8b", lengths=(32768, 65536, 1310
             shorter length) would pass this many seconds since the start are skipped
             with an ``error``. Default 360.
         out: JSON path rewritten after every row; None writes nothing.
-        methods: which of :data:`METHOD_CONFIGS` the hyper rows run. Default both.
+        methods: which of :data:`METHOD_CONFIGS` the hyper rows run. Default ``hyper`` and ``default``.
         device: default ``"cuda"`` if available, else ``"cpu"`` (bf16 on CUDA, fp32 on CPU).
 
     Returns:
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--reps", type=int, default=3, help="timed calls per row after one warm-up (default 3)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHOD_CONFIGS), default=["hyper", "default"])
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHOD_CONFIGS), default=["hyper", "default"],
+                        help="methods of the hyper rows (default: hyper default)")
     parser.add_argument("--time-budget", type=float, default=360.0, help="seconds; later rows are skipped when "
                         "their projected time would pass it (default 360)")
     parser.add_argument("--device", help="default cuda if available, else cpu")
