@@ -16,6 +16,12 @@ standard-library ``argparse`` source, exact attention against the package defaul
 
 Methods are given as ``NAME`` or ``NAME:field=value,...`` with fields of
 :class:`~hyperattn.config.HyperAttentionConfig`; the names are presets (:data:`PRESETS`).
+
+``hyperattn eval --passkey`` instead runs the passkey retrieval check
+(:mod:`hyperattn.eval.passkey`): a passkey sentence planted at each of ``--depths`` of a
+``--tokens``-long prompt, asked for at the end, per method (default ``exact structured
+streaming``; ``exact`` is transformers' SDPA): greedy answer right or wrong, and the
+teacher-forced log-probability of the passkey digits.
 """
 
 from __future__ import annotations
@@ -280,9 +286,18 @@ def plot(result: dict, path: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .text import DEFAULT_TEXT
 
-    parser.add_argument("--methods", default=["structured"], nargs="+", metavar="SPEC",
+    parser.add_argument("--methods", default=None, nargs="+", metavar="SPEC",
                         help=f"method specs NAME[:field=value,...], space separated, NAME in {sorted(PRESETS)} "
-                             "(default: structured)")
+                             "(default: structured; with --passkey: exact structured streaming, where 'exact' "
+                             "is transformers' SDPA)")
+    parser.add_argument("--passkey", action="store_true",
+                        help="passkey retrieval instead of error and perplexity: a passkey sentence at each of "
+                             "--depths of a --tokens-long prompt, asked for at the end; prints retrieved yes/no "
+                             "and the passkey digits' log-probability per method and depth (--error-layers, "
+                             "--layers, --rows, --min-row, --no-perplexity and --plot do not apply)")
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7",
+                        help="with --passkey: passkey positions as fractions of the filler text, comma separated "
+                             "(default 0.1,0.3,0.5,0.7)")
     parser.add_argument("--text", default=DEFAULT_TEXT,
                         help=f"standard-library module whose source is the text (default {DEFAULT_TEXT})")
     parser.add_argument("--tokens", type=int, default=8192, help="number of tokens (default 8192)")
@@ -298,11 +313,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="write error by layer per method as a PNG")
 
 
+def _parse_depths(text: str) -> list[float]:
+    """``"0.1,0.5"`` -> ``[0.1, 0.5]``; ValueError naming ``--depths`` unless each is in [0, 1]."""
+    try:
+        depths = [float(d) for d in text.split(",")]
+    except ValueError:
+        depths = []
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--depths: expected comma-separated fractions in [0, 1], got {text!r}")
+    return depths
+
+
+def _run_passkey(args: argparse.Namespace, methods: list[str]) -> int:
+    from .model import EvalExtraMissing
+    from .passkey import evaluate_passkey, format_passkey_table
+
+    try:
+        depths = _parse_depths(args.depths)
+        for spec in methods:
+            if spec != "exact":
+                parse_method(spec, args.seed)
+        if args.tokens < 1:
+            raise ValueError(f"--tokens: expected an int >= 1, got {args.tokens}")
+        result = evaluate_passkey(methods, text=args.text, tokens=args.tokens, depths=depths, seed=args.seed)
+    except (EvalExtraMissing, ValueError, ImportError) as exc:
+        print(f"hyperattn eval: {exc}", file=sys.stderr)
+        return 2
+    print(format_passkey_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from .capture import parse_layers
     from .model import EvalExtraMissing
 
-    methods = args.methods if isinstance(args.methods, list) else [args.methods]
+    if getattr(args, "passkey", False):
+        return _run_passkey(args, args.methods or ["exact", "structured", "streaming"])
+    methods = args.methods or ["structured"]
+    methods = methods if isinstance(methods, list) else [methods]
     try:
         for spec in methods:
             parse_method(spec, args.seed)
