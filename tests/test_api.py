@@ -206,3 +206,13 @@ def test_structured_runs_in_head_chunks_when_masks_are_large(monkeypatch, limit)
     full = ha.hyper_attention(q, k, v, causal=True, config=cfg.replace(sample_size=10**6))
     assert torch.allclose(full, exact, atol=FP32_ATOL)
     assert torch.equal(out, ha.hyper_attention(q, k, v, causal=True, config=cfg))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_method_without_kernels_warns_on_long_cuda_inputs(monkeypatch):
+    from hyperattn import ops
+
+    monkeypatch.setattr(ops, "_SLOW_ON_CUDA", 128)
+    q, k, v = qkv(1, 2, 1, 256, 256, 32, device="cuda")
+    with pytest.warns(UserWarning, match="no GPU kernel"):
+        ha.hyper_attention(q, k, v, causal=True, config=ha.HyperAttentionConfig(method="streaming", seed=0))
