@@ -124,8 +124,8 @@ def test_estimated_error_tracks_true_error():
 
 @pytest.mark.parametrize("max_error,all_exact", [(1e-9, True), (1e9, False)], ids=["tiny", "huge"])
 def test_guard(max_error, all_exact, monkeypatch):
-    # Without larger budgets to try, a head over the target must run exact.
-    monkeypatch.setattr(structured, "_ESCALATION", ())
+    # With only the base budget to try, a head over the target must run exact.
+    monkeypatch.setattr(structured, "_TIERS", (1,))
     q, k, v = qkv(1, 4, 2, 400, 400, 16)
     free = ha.hyper_attention(q, k, v, causal=True, config=_cfg())
     out, stats = ha.hyper_attention(q, k, v, causal=True, config=_cfg(max_error=max_error), return_stats=True)
@@ -148,6 +148,18 @@ def test_guard_escalates_before_exact():
     _, stats = ha.hyper_attention(q, k, v, causal=True, config=_cfg(max_error=target), return_stats=True)
     assert bool((stats.est_error <= target).all())
     assert stats.keys_per_query > loose.keys_per_query
+
+
+def test_guard_takes_cheaper_tiers_for_easy_heads():
+    # A loose target is met by the cheapest tier: fewer scores than the base budget, and
+    # the estimate reported is the one the guard decided on.
+    q, k, v = qkv(1, 4, 2, 600, 600, 16, seed=2)
+    _, base = ha.hyper_attention(q, k, v, causal=True, config=_cfg(), return_stats=True)
+    target = float(base.est_error.max()) * 4
+    _, stats = ha.hyper_attention(q, k, v, causal=True, config=_cfg(max_error=target), return_stats=True)
+    assert not bool(stats.exact_heads.any())
+    assert bool((stats.est_error <= target).all())
+    assert stats.keys_per_query < base.keys_per_query
 
 
 def _needle(n=2048, dim=32, needle=100, seed=0):

@@ -10,8 +10,9 @@ __all__ = ["HyperAttentionConfig", "METHODS"]
 
 #: Methods understood by :func:`hyperattn.hyper_attention`.
 #:
-#: - ``"structured"`` (default): exact on sinks/heavy columns, a local window and the
-#:   LSH block; the rest estimated by sampling; per-head error estimate and guard.
+#: - ``"structured"`` (default): exact on sinks/heavy columns, a local window, the key
+#:   blocks with the largest block scores (and optionally an LSH block); the rest
+#:   estimated by sampling; per-head error estimate and a guard over budget tiers.
 #: - ``"hyper"``: the paper's HyperAttention (sortLSH blocks + uniform residual samples).
 #: - ``"exact"``: exact attention through the same entry point.
 #: - ``"streaming"``, ``"vertical_slash"``, ``"block_topk"``, ``"oracle_topk"``: peer
@@ -50,20 +51,26 @@ class HyperAttentionConfig:
             and samples.
         method: one of :data:`METHODS`. Default ``"structured"``.
         window: local window of recent keys each query attends exactly (structured and
-            streaming methods). Default 256.
+            streaming methods). Default 128.
         num_sinks: leading "sink" columns always attended exactly. Default 16.
         heavy_columns: extra heavy columns per head found by the probe. Default 64.
         probe_rows: query rows per head scored against all keys to estimate the error
             (structured). Default 64.
-        max_error: per-head relative error target; heads whose estimate exceeds it are
-            recomputed with 4x the key blocks and samples, then exactly if still above.
-            ``None`` disables the guard. Default 0.05.
+        max_error: per-head relative error target (structured). Each head runs at the
+            cheapest budget tier (1/4x to 8x the key blocks and samples, in steps of
+            sqrt(2)) whose estimate from the probe rows is at most ``max_error``, or exactly
+            if none is. ``None`` disables the guard (every head at 1x). Default 0.05.
         query_block: consecutive query rows that share one exact set (structured). Default 64.
         key_blocks: key blocks of 64 keys each query block attends exactly, chosen by block
-            scores (structured). Default 6.
+            scores (structured). Default 4.
+        score_group: consecutive query rows whose mean query scores the key blocks'
+            mean keys for the block scores (structured); must divide ``query_block``.
+            Default 8.
         block_probes: random rows per query block scored against all keys, whose weights
             pick heavy columns and guide the residual samples (structured). Default 1.
-        lsh_block: keys of each query's own LSH bucket attended exactly (structured). Default 32.
+        lsh_block: keys of each query's own LSH bucket attended exactly (structured); 0
+            turns the LSH block off. Default 0 (on real heads it caught no mass that the
+            block scores missed; docs/QUALITY.md).
         sample_mix: share of uniform sampling in the residual proposal; the rest follows
             the block-probe weights (structured). 1.0 is plain uniform sampling. Default 0.5.
         check_finite: check inputs for NaN/Inf (one reduction per tensor). Default True.
@@ -75,16 +82,17 @@ class HyperAttentionConfig:
     min_seq_len: int | None = None
     seed: int | None = None
     method: str = "structured"
-    window: int = 256
+    window: int = 128
     num_sinks: int = 16
     heavy_columns: int = 64
     probe_rows: int = 64
     max_error: float | None = 0.05
     check_finite: bool = True
     query_block: int = 64
-    key_blocks: int = 6
+    key_blocks: int = 4
+    score_group: int = 8
     block_probes: int = 1
-    lsh_block: int = 32
+    lsh_block: int = 0
     sample_mix: float = 0.5
 
     def __post_init__(self) -> None:
@@ -108,6 +116,10 @@ class HyperAttentionConfig:
                 raise ValueError(f"max_error: expected a finite float > 0 or None, got {self.max_error!r}")
         _check_int("query_block", self.query_block, low=1)
         _check_int("key_blocks", self.key_blocks, low=0)
+        _check_int("score_group", self.score_group, low=1)
+        if self.query_block % self.score_group:
+            raise ValueError(f"score_group: expected a divisor of query_block = {self.query_block}, "
+                             f"got {self.score_group}")
         _check_int("block_probes", self.block_probes, low=0)
         _check_int("lsh_block", self.lsh_block, low=0)
         if isinstance(self.sample_mix, bool) or not isinstance(self.sample_mix, (int, float)):

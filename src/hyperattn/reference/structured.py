@@ -9,13 +9,15 @@ Queries are processed in blocks of ``query_block`` consecutive rows (64). For qu
 block ``j`` and head ``h`` (shape legend of :mod:`hyperattn.ops`):
 
 1. **Block probe.** ``block_probes`` random rows of the block are scored against every
-   key they see; their softmax weights, summed over keys blocks of ``key_block`` (64),
-   rank the key blocks (the "block scores" of MInference/XAttention, taken from real
-   rows instead of pooled ones).
+   key they see; their softmax weights pick the heavy columns and guide the residual samples. The key blocks are ranked by
+   block scores: the mean query of each ``score_group`` (8) consecutive rows scores the
+   mean key of every key block it sees, and the softmax weights over key blocks are summed
+   over the query block (MInference/XAttention-style pooling).
 2. **Exact set** ``E_j``: the first ``num_sinks`` keys; a local window of ``window`` keys
    before the block plus the block's own diagonal; the ``heavy_columns`` columns with the
    largest mass over the probe rows (vertical lines shared by the head); and the
-   ``key_blocks`` key blocks with the largest block-probe mass not yet covered.
+   ``key_blocks`` key blocks of ``key_block`` (64) keys with the largest block score not
+   yet covered.
 3. **LSH block** ``L_i`` per query: keys are sorted by (Gray-code bucket, position); query
    ``i`` takes the ``lsh_block`` most recent keys of its own bucket (and the neighbouring
    bucket) that lie before the window and outside ``E_j``. This finds a needle key that
@@ -35,10 +37,13 @@ probe rows and block-probe rows, whose exact outputs are computed anyway.
 **Error estimate and guard.** ``probe_rows`` random approximate rows per head, lying in 8
 random query blocks, are scored exactly; ``est_error[b, h]`` is
 ``||O_approx - O_exact||_F / ||O_exact||_F`` over those rows, the estimator of DESIGN.md
-§5's measured error (their output is then the exact one). With ``max_error`` set, a head
-whose estimate exceeds it is tried on the probe blocks only with 2x, 4x and 8x the key
-blocks and samples; it runs once at the smallest of those budgets whose estimate meets
-the target, or exactly if none does (``stats.exact_heads``).
+§5's measured error (their output is then the exact one). With ``max_error`` set, every
+head tries the budget tiers of :data:`_TIERS` (1/4x to 8x the key blocks and samples, in
+steps of sqrt(2)) cheapest first, on its probe rows only, and runs once at the first tier
+whose estimate is at most ``max_error``, or exactly if none is (``stats.exact_heads``).
+Easy heads thus pay less than the base budget and hard heads more. A head's draws do not
+depend on which other heads run with it, so the estimate it reports is the one the guard
+decided on.
 
 **Dependence on later tokens.** A row reads only values of keys it sees, but *which* keys
 it scores depends on q/k of the whole call (heavy columns and block scores pool rows, the
@@ -79,22 +84,23 @@ class Budget:
     query_block: int = 64
     block_probes: int = 1
     key_block: int = 64
-    key_blocks: int = 6
-    window: int = 256
+    key_blocks: int = 4
+    window: int = 128
     num_sinks: int = 16
     heavy_columns: int = 64
-    lsh_block: int = 32
+    lsh_block: int = 0
     lsh_num_projs: int = 7
     sample_size: int = 256
     sample_mix: float = 0.5
     block_scores: str = "pooled"
+    score_group: int = 8
     probe_rows: int = 64
     min_seq_len: int = 1024
 
-    def scaled(self, factor: int) -> Budget:
-        """A larger budget for the guard: ``factor`` times the key blocks and samples."""
-        return Budget(**{**self.__dict__, "key_blocks": self.key_blocks * factor,
-                         "sample_size": self.sample_size * factor})
+    def scaled(self, factor: float) -> Budget:
+        """A budget tier of the guard: ``factor`` times the key blocks and samples (rounded)."""
+        return Budget(**{**self.__dict__, "key_blocks": round(self.key_blocks * factor),
+                         "sample_size": round(self.sample_size * factor)})
 
 
 def budget_from_config(config) -> Budget:
@@ -102,7 +108,7 @@ def budget_from_config(config) -> Budget:
     return Budget(query_block=config.query_block, block_probes=config.block_probes, key_blocks=config.key_blocks,
                   window=config.window, num_sinks=config.num_sinks, heavy_columns=config.heavy_columns,
                   lsh_block=config.lsh_block, lsh_num_projs=config.lsh_num_projs,
-                  sample_size=config.sample_size, sample_mix=float(config.sample_mix),
+                  sample_size=config.sample_size, sample_mix=float(config.sample_mix), score_group=config.score_group,
                   probe_rows=config.probe_rows, min_seq_len=config.effective_min_seq_len)
 
 
@@ -224,16 +230,18 @@ def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
     # 1b. Block scores: every row scores the mean key of each key block it sees; the softmax
     #     weights over key blocks, summed over the rows of the query block, rank the key blocks.
     if budget.block_scores == "pooled":
+        g = budget.score_group
         k_pad = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(bsz, hkv, num_key_blocks, kb, dim)
         counts = torch.clamp(nk - kb * torch.arange(num_key_blocks, device=device), max=kb)
         k_pool = k_pad.sum(3) / counts.unsqueeze(-1)
         q_blk = torch.nn.functional.pad(q[:, :, r0:], (0, 0, 0, num_blocks * qb - (nq - r0)))
+        q_blk = q_blk.reshape(bsz, hq, num_blocks, qb // g, g, dim).mean(4)
         pooled = (q_blk.reshape(bsz, hkv, -1, dim) @ k_pool.transpose(-1, -2)) * scale
-        pooled = pooled.reshape(bsz, hq, num_blocks, qb, num_key_blocks)
-        row_pos = block_start.unsqueeze(-1) + torch.arange(qb, device=device)  # (nb, qb)
+        pooled = pooled.reshape(bsz, hq, num_blocks, qb // g, num_key_blocks)
+        row_pos = block_start.unsqueeze(-1) + g * torch.arange(qb // g, device=device) + g - 1  # (nb, qb/g)
         row_last = row_pos + offset if causal else torch.full_like(row_pos, nk - 1)
         seen_blocks = kb * torch.arange(num_key_blocks, device=device) <= row_last.unsqueeze(-1)
-        seen_blocks = seen_blocks & (row_pos < nq).unsqueeze(-1)  # (nb, qb, nkb)
+        seen_blocks = seen_blocks & (row_pos - g + 1 < nq).unsqueeze(-1)  # (nb, qb/g, nkb)
         pooled = torch.softmax(pooled.masked_fill(~seen_blocks, _NEG_INF), dim=-1).nan_to_num(0.0)
         pairs += float(seen_blocks.sum())
         key_block_score = pooled.sum(3)  # (B, Hq, nb, nkb)
@@ -386,8 +394,10 @@ def first_approx_row(nq: int, nk: int, causal: bool, min_seq_len: int) -> int:
     return min(nq, max(0, min_seq_len - (nk - nq)))
 
 
-# Budgets the guard tries, as multiples of the key blocks and samples, before exact.
-_ESCALATION = (2, 4, 8)
+# Budget tiers the guard tries, cheapest first, as multiples of the key blocks and samples
+# of the base budget, before exact: steps of sqrt(2) from 1/4 to 8. A trial costs ~1% of
+# its tier's full pass, so fine steps let each head stop close to the budget it needs.
+_TIERS = tuple(2.0 ** (k / 2) for k in range(-4, 7))
 
 
 def _probe_error(out_approx: Tensor, out_exact: Tensor) -> Tensor:
@@ -402,8 +412,12 @@ def _probe_error(out_approx: Tensor, out_exact: Tensor) -> Tensor:
 _PROBE_BLOCKS = 8
 
 
-def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None):
+def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, heads=None, num_heads=None):
     """Approximate rows from ``r0`` on, probe rows exact, and the per-head probe estimate.
+
+    ``heads: (S, 2)`` (with ``num_heads = (B, Hq)`` of the whole call) names the (batch,
+    head) pairs that ``q: (1, S, Nq, D)`` holds: each head gets the draws it has in the
+    whole call, so a head's result does not depend on which other heads are computed.
 
     Returns ``out (B, Hq, R, D)``, ``lse (B, Hq, R)``, ``rows (R,)`` (the rows computed:
     all of ``[r0, Nq)``, or those of ``eval_blocks`` and the probe blocks), ``est (B, Hq)``
@@ -413,7 +427,10 @@ def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None):
     nk = k.shape[2]
     qb = budget.query_block
     num_blocks = math.ceil((nq - r0) / qb)
-    draws = draw_structured(seed, dim, bsz, hq, num_blocks, budget)
+    if heads is None:
+        draws = draw_structured(seed, dim, bsz, hq, num_blocks, budget)
+    else:
+        draws = _head_draws(draw_structured(seed, dim, *num_heads, num_blocks, budget), heads.cpu())
     probe_blocks = (draws.probe_blocks * num_blocks).long().clamp(max=num_blocks - 1)
     if eval_blocks is None:
         blocks = torch.arange(num_blocks)
@@ -443,6 +460,14 @@ def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None):
     return out, lse, rows, est, pairs
 
 
+def _head_draws(draws: StructuredDraws, heads: Tensor) -> StructuredDraws:
+    """The per-head draws of ``heads: (S, 2)`` (batch, head) pairs, as a batch of 1 with ``S`` heads."""
+    def pick(x):
+        return x[heads[:, 0], heads[:, 1]].unsqueeze(0)
+    return dataclasses.replace(draws, probe=pick(draws.probe), block_probe=pick(draws.block_probe),
+                               samples=pick(draws.samples))
+
+
 def _select_heads(x: Tensor, heads: Tensor, group: int) -> Tensor:
     """``x[b, h // group]`` for each selected ``(b, h)`` row of ``heads: (S, 2)``, as ``(1, S, N, D)``."""
     return x[heads[:, 0], heads[:, 1] // group].unsqueeze(0)
@@ -465,31 +490,36 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error, group, pairs, exact_heads):
     """Rows from ``r0`` on with the guard; adds each head's scores to ``pairs`` and marks ``exact_heads``.
 
-    Every budget is first tried on the probe blocks only (a few % of the full cost; the
-    probe rows and their blocks' outputs are the same as in the full call, so is the
-    estimate); each head then runs once, at the smallest budget whose estimate meets
-    ``max_error`` and that scores fewer keys than exact attention, or exactly.
+    The tiers of :data:`_TIERS` are tried cheapest first on the probe rows only (about 1%
+    of a full pass each); each head then runs once, at the first tier whose estimate meets
+    ``max_error`` and that scores fewer keys than exact attention, or exactly. A head has
+    the same draws in its trial and in its final run, so its probe blocks, its output
+    there and its estimate are those the guard decided on.
     """
     bsz, hq, nq, _ = qf.shape
-    nk = kf.shape[2]
     probe_only = torch.zeros(0, dtype=torch.long)
-    exact_cost = _exact_row_pairs(r0, nq, nq, nk, causal)
-    factors = (1,) + _ESCALATION
+    exact_cost = _exact_row_pairs(r0, nq, nq, kf.shape[2], causal)
     all_heads = torch.cartesian_prod(torch.arange(bsz), torch.arange(hq)).to(qf.device)  # (B*Hq, 2)
     hc = all_heads.cpu()
-    level = torch.full((len(all_heads),), len(factors), dtype=torch.long)
+    level = torch.full((len(all_heads),), len(_TIERS), dtype=torch.long)
     pending = torch.ones(len(all_heads), dtype=torch.bool)
-    for i, factor in enumerate(factors):
+
+    def subset(idx):
+        heads = all_heads[idx.to(qf.device)]
+        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
+        return heads, q_sel, _select_heads(kf, heads, group), _select_heads(vf, heads, group)
+
+    for i, factor in enumerate(_TIERS):
         idx = torch.nonzero(pending).squeeze(-1)
         if len(idx) == 0:
             break
-        heads = all_heads[idx.to(qf.device)]
-        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
-        k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
-        _, _, tried_rows, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor),
-                                                        seed, r0, probe_only)
-        pairs[hc[idx, 0], hc[idx, 1]] += pairs_i * len(tried_rows) / (nq - r0)
-        if pairs_i >= exact_cost:  # this and every larger budget cost more than exact attention
+        heads, q_sel, k_sel, v_sel = subset(idx)
+        _, _, _, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor),
+                                                        seed, r0, probe_only, heads, (bsz, hq))
+        # A trial needs the approximate output of the probe rows only (their blocks' selection
+        # is that of the full call): it scores what those rows score in the full call.
+        pairs[hc[idx, 0], hc[idx, 1]] += pairs_i * min(budget.probe_rows, nq - r0) / (nq - r0)
+        if pairs_i >= exact_cost:  # this and every larger tier cost more than exact attention
             break
         ok = est_i[0].cpu() <= max_error
         level[idx[ok]] = i
@@ -497,19 +527,17 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
 
     out = lse = rows = None
     est = torch.zeros(bsz, hq, device=qf.device)
-    for i, factor in enumerate(factors):
+    for i, factor in enumerate(_TIERS):
         idx = torch.nonzero(level == i).squeeze(-1)
         if len(idx) == 0:
             continue
-        if len(idx) == len(all_heads):  # every head at the base budget: no per-head copies
+        if len(idx) == len(all_heads):  # every head at one tier: no per-head copies
             o, l, rows, e, p = _approx_rows(qf, kf, vf, scale, causal, budget.scaled(factor), seed, r0, eval_blocks)
             pairs += p
             return o, l, rows, e
-        heads = all_heads[idx.to(qf.device)]
-        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
-        k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
+        heads, q_sel, k_sel, v_sel = subset(idx)
         o, l, rows, e, p = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor), seed, r0,
-                                        eval_blocks)
+                                        eval_blocks, heads, (bsz, hq))
         if out is None:
             out = qf.new_zeros(bsz, hq, len(rows), vf.shape[-1])
             lse = qf.new_zeros(bsz, hq, len(rows))
@@ -517,11 +545,9 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
         lse = lse.index_put((heads[:, 0], heads[:, 1]), l[0])
         est = est.index_put((heads[:, 0], heads[:, 1]), e[0])
         pairs[hc[idx, 0], hc[idx, 1]] += p
-    idx = torch.nonzero(level == len(factors)).squeeze(-1)
+    idx = torch.nonzero(level == len(_TIERS)).squeeze(-1)
     if len(idx) > 0:
-        heads = all_heads[idx.to(qf.device)]
-        q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
-        k_sel, v_sel = _select_heads(kf, heads, group), _select_heads(vf, heads, group)
+        heads, q_sel, k_sel, v_sel = subset(idx)
         o, l = attention_lse(q_sel, k_sel, v_sel, scale, causal)
         if rows is None:
             rows = _computed_rows(nq, r0, budget, seed, qf.shape[-1], bsz, hq, eval_blocks).to(qf.device)
