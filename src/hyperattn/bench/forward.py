@@ -24,11 +24,11 @@ from ..reference.hyper import causal_plan, hyper_attention_reference, noncausal_
 
 __all__ = ["IMPLS", "BenchShape", "run_forward_bench", "profile_hyper", "exact_pairs", "versions"]
 
-#: Implementations the harness knows; CPU runs only "hyper" and "sdpa-math". ``"hyper"`` is the
+#: Implementations the harness knows (on a CPU only the PyTorch ones run). ``"hyper"`` is the
 #: paper's method (``method="hyper"``) through the public call, ``"structured"`` the package
 #: default (``HyperAttentionConfig()``) through the public call.
-IMPLS = ("hyper", "hyper-paper-plan", "hyper-reference", "structured", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math",
-         "flex-sink-window")
+IMPLS = ("hyper", "hyper-paper-plan", "hyper-reference", "structured", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient",
+         "sdpa-math", "flex-sink-window")
 
 #: ``"hyper-paper-plan"``: the paper's method with the recursion of the authors' code
 #: (insuhan/hyper-attn) at its default ``min_seq_len=4096``. There the causal base case is

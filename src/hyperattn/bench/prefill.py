@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from ..config import HyperAttentionConfig
-from .forward import time_once_ms
+from .forward import PAPER_PLAN_CONFIG, time_once_ms
 
 __all__ = ["MODELS", "IMPLS", "build_model", "run_prefill_bench", "plot_prefill", "main"]
 
@@ -65,7 +65,7 @@ IMPLS = ("sdpa", "hyper", "hyper-last-half")
 #: Methods the hyper rows run with: the paper's method, the authors' code's recursion plan
 #: (see :data:`hyperattn.bench.forward.PAPER_PLAN_CONFIG`), and the package default.
 METHOD_CONFIGS = {"hyper": HyperAttentionConfig(method="hyper"),
-                  "paper-plan": HyperAttentionConfig(method="hyper", min_seq_len=2048),
+                  "paper-plan": PAPER_PLAN_CONFIG,
                   "default": HyperAttentionConfig()}
 
 
