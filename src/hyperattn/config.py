@@ -57,8 +57,8 @@ class HyperAttentionConfig:
         probe_rows: query rows per head scored against all keys to estimate the error
             (structured). Default 64.
         max_error: per-head relative error target (structured). Each head runs at the
-            cheapest budget tier (1/4x to 8x the key blocks and samples, in steps of
-            sqrt(2)) whose estimate from the probe rows is at most ``max_error``, or exactly
+            cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and
+            samples) whose estimate from the probe rows is at most ``max_error``, or exactly
             if none is. ``None`` disables the guard (every head at 1x). Default 0.05.
         query_block: consecutive query rows that share one exact set (structured). Default 64.
         key_blocks: key blocks of 64 keys each query block attends exactly, chosen by block
