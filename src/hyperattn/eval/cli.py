@@ -330,20 +330,27 @@ def _run_passkey(args: argparse.Namespace, methods: list[str]) -> int:
 
     try:
         depths = _parse_depths(args.depths)
-        for spec in methods:
-            if spec != "exact":
-                parse_method(spec, args.seed)
-        if args.tokens < 1:
-            raise ValueError(f"--tokens: expected an int >= 1, got {args.tokens}")
+        _check_methods_and_tokens([m for m in methods if m != "exact"], args)
         result = evaluate_passkey(methods, text=args.text, tokens=args.tokens, depths=depths, seed=args.seed)
     except (EvalExtraMissing, ValueError, ImportError) as exc:
         print(f"hyperattn eval: {exc}", file=sys.stderr)
         return 2
     print(format_passkey_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    _write_json(result, args.json)
     return 0
+
+
+def _check_methods_and_tokens(methods: list[str], args: argparse.Namespace) -> None:
+    for spec in methods:
+        parse_method(spec, args.seed)
+    if args.tokens < 1:
+        raise ValueError(f"--tokens: expected an int >= 1, got {args.tokens}")
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,10 +362,7 @@ def run(args: argparse.Namespace) -> int:
     methods = args.methods or ["structured"]
     methods = methods if isinstance(methods, list) else [methods]
     try:
-        for spec in methods:
-            parse_method(spec, args.seed)
-        if args.tokens < 1:
-            raise ValueError(f"--tokens: expected an int >= 1, got {args.tokens}")
+        _check_methods_and_tokens(methods, args)
         if args.rows < 64:
             raise ValueError(f"--rows: expected an int >= 64 (whole blocks of 64), got {args.rows}")
         from .model import load_embedded_model
@@ -374,9 +378,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"hyperattn eval: {exc}", file=sys.stderr)
         return 2
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    _write_json(result, args.json)
     if args.plot:
         plot(result, args.plot)
     return 0
