@@ -213,7 +213,8 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         ``return_lse``; then ``stats`` if ``return_stats``. ``method="hyper"`` runs the
         Triton kernels on CUDA tensors and the PyTorch reference elsewhere (same answer for
         the same seed, up to rounding); the other methods run their PyTorch reference on
-        every device (no kernels yet: on CUDA past 16k keys this warns once per call site). Differentiable: the gradient is the exact gradient of the approximate
+        every device (no kernels yet: on CUDA past 16k keys this warns once per call
+        site). Differentiable: the gradient is the exact gradient of the approximate
         function for the drawn hashes and samples.
 
     Raises:

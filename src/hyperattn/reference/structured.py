@@ -10,9 +10,10 @@ block ``j`` and head ``h`` (shape legend of :mod:`hyperattn.ops`):
 
 1. **Block probe.** ``block_probes`` random rows of the block are scored against every
    key they see; their softmax weights pick the heavy columns and guide the residual
-   samples. The key blocks are ranked by block scores: the mean query of each ``score_group`` (8) consecutive rows scores the
-   mean key of every key block it sees, and the softmax weights over key blocks are summed
-   over the query block (MInference/XAttention-style pooling).
+   samples. The key blocks are ranked by block scores: the mean query of each
+   ``score_group`` (8) consecutive rows scores the mean key of every key block it sees,
+   and the softmax weights over key blocks are summed over the query block
+   (MInference/XAttention-style pooling).
 2. **Exact set** ``E_j``: the first ``num_sinks`` keys; a local window of ``window`` keys
    before the block plus the block's own diagonal; the ``heavy_columns`` columns with the
    largest mass over the probe rows (vertical lines shared by the head); and the
@@ -88,7 +89,7 @@ class Budget:
     window: int = 128
     num_sinks: int = 16
     heavy_columns: int = 64
-    lsh_block: int = 0
+    lsh_block: int = 32
     lsh_num_projs: int = 7
     sample_size: int = 256
     sample_mix: float = 0.5
@@ -518,7 +519,7 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
             break
         heads, q_sel, k_sel, v_sel = subset(idx)
         _, _, _, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor),
-                                                        seed, r0, probe_only, heads, (bsz, hq))
+                                               seed, r0, probe_only, heads, (bsz, hq))
         # A trial needs the approximate output of the probe rows only (their blocks' selection
         # is that of the full call): it scores what those rows score in the full call.
         pairs[hc[idx, 0], hc[idx, 1]] += pairs_i * min(budget.probe_rows, nq - r0) / (nq - r0)
