@@ -202,9 +202,9 @@ def evaluate(methods: list[str], *, text: str, tokens: int, layers: list[int] | 
                              "ratio": ppl_of(nll) / ppl_of(exact_nll),
                              "ratio_from_min_row": ppl_of(nll, min_row - 1) / ppl_of(exact_nll, min_row - 1)})
     return {
-        "device": platform.processor() or platform.machine(),
+        "device": _device_name(next(model.parameters()).device),
         "versions": _versions(),
-        "setup": {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, fp32 CPU)", "text": text, "tokens": tokens,
+        "setup": {"model": _model_label(next(model.parameters()).device), "text": text, "tokens": tokens,
                   "causal": True, "eval_rows": len(eval_rows), "min_row": min_row, "seed": seed,
                   "methods": {label: _config_dict(cfg) for label, cfg in parsed},
                   "seconds": round(time.time() - started, 1)},
@@ -215,6 +215,17 @@ def evaluate(methods: list[str], *, text: str, tokens: int, layers: list[int] | 
 
 def _config_dict(cfg: HyperAttentionConfig) -> dict:
     return {name: getattr(cfg, name) for name in HyperAttentionConfig.__dataclass_fields__}
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's processor (machine type where the platform gives none)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _model_label(device: torch.device) -> str:
+    return f"SmolLM2-135M-Instruct (GGUF Q4_1, fp32 {device.type})"
 
 
 def _versions() -> dict:

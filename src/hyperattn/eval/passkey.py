@@ -186,7 +186,7 @@ def evaluate_passkey(methods: list[str], *, text: str, tokens: int, depths: list
     from tqdm.auto import tqdm
 
     from ..integrations import hf
-    from .cli import _config_dict, _versions, parse_method
+    from .cli import _config_dict, _device_name, _model_label, _versions, parse_method
 
     configs = dict(configs or {})
     for label in methods:
@@ -217,24 +217,15 @@ def evaluate_passkey(methods: list[str], *, text: str, tokens: int, depths: list
             bar.update(1)
     bar.close()
     return {
-        "device": _device(next(model.parameters()).device),
+        "device": _device_name(next(model.parameters()).device),
         "versions": _versions(),
-        "setup": {"model": f"SmolLM2-135M-Instruct (GGUF Q4_1, fp32 {next(model.parameters()).device.type})",
-                  "task": "passkey", "text": text,
+        "setup": {"model": _model_label(next(model.parameters()).device), "task": "passkey", "text": text,
                   "tokens": tokens, "depths": list(depths), "seed": seed, "max_new_tokens": max_new_tokens,
                   "prompt": {"intro": INTRO, "needle": NEEDLE, "question": QUESTION},
                   "methods": {label: ({"method": "exact (sdpa)"} if label == "exact" else _config_dict(configs[label]))
                               for label in methods}},
         "rows": rows,
     }
-
-
-def _device(device: torch.device) -> str:
-    import platform
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def format_passkey_table(result: dict) -> str:
