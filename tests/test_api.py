@@ -192,20 +192,31 @@ def test_exact_attention_validates_too():
 
 
 @pytest.mark.parametrize("limit", [11 * 700 * 3, 1], ids=["kv-group-chunks", "single-head-chunks"])
-def test_structured_runs_in_head_chunks_when_masks_are_large(monkeypatch, limit):
+def test_peer_patterns_run_in_head_chunks_when_masks_are_large(monkeypatch, limit):
     import hyperattn.ops as ops
 
     q, k, v = qkv(2, 6, 2, 700, 700, 16, seed=9)
-    cfg = ha.HyperAttentionConfig(min_seq_len=128, seed=3)
+    cfg = ha.HyperAttentionConfig(method="vertical_slash", min_seq_len=128, seed=3)
+    whole = ha.hyper_attention(q, k, v, causal=True, config=cfg)
     monkeypatch.setattr(ops, "_MASK_ELEMENTS", limit)
     out, lse, stats = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_lse=True, return_stats=True)
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     assert stats.est_error.shape == (2, 6) and stats.exact_heads.shape == (2, 6)
     assert 0 < stats.keys_per_query < 700
-    exact = ha.exact_attention(q, k, v, causal=True)
+    assert torch.allclose(out, whole, atol=FP32_ATOL)  # a deterministic pattern: chunks change nothing
+
+
+def test_structured_needs_no_head_chunks(monkeypatch):
+    # It works on index lists in chunks of query blocks: the mask bound of the peers does not apply.
+    import hyperattn.ops as ops
+
+    q, k, v = qkv(2, 6, 2, 700, 700, 16, seed=9)
+    cfg = ha.HyperAttentionConfig(min_seq_len=128, seed=3)
+    whole = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    monkeypatch.setattr(ops, "_MASK_ELEMENTS", 1)
+    assert torch.equal(ha.hyper_attention(q, k, v, causal=True, config=cfg), whole)
     full = ha.hyper_attention(q, k, v, causal=True, config=cfg.replace(sample_size=10**6))
-    assert torch.allclose(full, exact, atol=FP32_ATOL)
-    assert torch.equal(out, ha.hyper_attention(q, k, v, causal=True, config=cfg))
+    assert torch.allclose(full, ha.exact_attention(q, k, v, causal=True), atol=FP32_ATOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -130,12 +130,13 @@ def _run_hyper(q, k, v, scale, causal, config, seed):
     return out, lse, AttentionStats("hyper", pairs / nq, nan, torch.zeros_like(nan, dtype=torch.bool))
 
 
-# Keys past which a method without kernels warns on CUDA (measured on an H100: the structured
-# reference takes 0.25 s at 8k and 2.5 s at 32k, causal, 32 heads).
+# Keys past which a method without kernels (the peer patterns) warns on CUDA: their PyTorch
+# references take seconds per call there.
 _SLOW_ON_CUDA = 16384
 
-# Elements of one (B, Hq, Nq/64, Nk) selection mask the PyTorch structured method and
-# peers may build per call; larger calls run in chunks of heads so memory stays bounded.
+# Elements of one (B, Hq, Nq/64, Nk) selection mask the peer patterns may build per call;
+# larger calls run in chunks of heads so memory stays bounded. (The structured method works
+# on index lists in chunks of query blocks and needs no such split.)
 _MASK_ELEMENTS = 1 << 27
 
 
@@ -179,15 +180,31 @@ def _in_head_chunks(runner: Callable) -> Callable:
     return run
 
 
+def _run_structured(q, k, v, scale, causal, config, seed):
+    from .reference import structured
+
+    if q.is_cuda and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        from .kernels.dispatch import structured_kernel_supported
+
+        reason = structured_kernel_supported(q, config)
+        if reason is None:
+            from .kernels.structured import structured_forward  # imported lazily: needs triton
+
+            return structured_forward(q, k, v, scale, causal, config, seed, AttentionStats)
+        warnings.warn(f"hyper_attention: {reason}; running the PyTorch reference", stacklevel=3)
+    return structured.run(q, k, v, scale, causal, config, seed)
+
+
 def _method(name: str) -> Callable:
     if name == "exact":
         return _run_exact
     if name == "hyper":
         return _run_hyper
-    from .reference import structured, peers  # the structured method and peer patterns
+    if name == "structured":
+        return _run_structured
+    from .reference import peers  # the peer patterns
 
-    runners = {"structured": structured.run, **peers.RUNNERS}
-    return _in_head_chunks(runners[name])
+    return _in_head_chunks(peers.RUNNERS[name])
 
 
 def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
@@ -210,11 +227,12 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
 
     Returns:
         ``out: (B, Hq, Nq, D)`` in the input dtype (accumulated in fp32); then ``lse`` if
-        ``return_lse``; then ``stats`` if ``return_stats``. ``method="hyper"`` runs the
-        Triton kernels on CUDA tensors and the PyTorch reference elsewhere (same answer for
-        the same seed, up to rounding); the other methods run their PyTorch reference on
-        every device (no kernels yet: on CUDA past 16k keys this warns once per call
-        site). Differentiable: the gradient is the exact gradient of the approximate
+        ``return_lse``; then ``stats`` if ``return_stats``. ``method="structured"`` and
+        ``"hyper"`` run Triton kernels on CUDA tensors and the PyTorch reference elsewhere
+        (same answer for the same seed, up to rounding; the structured method takes the
+        reference on CUDA too when autograd needs a gradient); the peer patterns run their
+        PyTorch reference on every device (no kernels: on CUDA past 16k keys this warns once
+        per call site). Differentiable: the gradient is the exact gradient of the approximate
         function for the drawn hashes and samples.
 
     Raises:
@@ -233,7 +251,7 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     _check_inputs(q, k, v, causal, scale, config, cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    if q.is_cuda and cfg.method not in ("hyper", "exact") and k.shape[2] > _SLOW_ON_CUDA:
+    if q.is_cuda and cfg.method not in ("hyper", "exact", "structured") and k.shape[2] > _SLOW_ON_CUDA:
         warnings.warn(f"hyper_attention: method={cfg.method!r} has no GPU kernel yet and runs its PyTorch "
                       f"reference ({k.shape[2]} keys: seconds per call); method='hyper' runs Triton kernels",
                       stacklevel=2)

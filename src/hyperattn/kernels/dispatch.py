@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import HyperAttentionConfig
 from ..reference.hyper import hyper_attention_reference
 
-__all__ = ["hyper_attention_cuda", "kernel_supported"]
+__all__ = ["hyper_attention_cuda", "kernel_supported", "structured_kernel_supported"]
 
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -38,6 +38,21 @@ def kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
     pieces = q.shape[2] // max(1, config.effective_min_seq_len) + 2
     if pieces.bit_length() + config.lsh_num_projs > 31:
         return "too many pieces per launch for 32-bit sort keys"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def structured_kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
+    """``None`` when the structured method's kernel can run this call, else the reason it cannot."""
+    if not q.is_cuda:
+        return "the kernels need CUDA tensors"
+    if q.shape[-1] not in _HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of {_HEAD_DIMS}"
+    if config.query_block not in (16, 32, 64, 128):
+        return f"query_block {config.query_block} is not one of (16, 32, 64, 128)"
     try:
         import triton  # noqa: F401
     except ImportError:

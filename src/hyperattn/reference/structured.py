@@ -56,8 +56,8 @@ visible key: probe rows, block-probe rows, the exact set, the whole LSH block (m
 entries included, a kernel computes them) and the samples, plus the re-runs of the
 guard, averaged over all query rows and heads.
 
-Randomness comes from a CPU ``torch.Generator`` seeded with ``seed`` (:func:`draw_structured`),
-so a kernel can reproduce the same draws.
+Randomness comes from ``torch.Generator`` objects seeded with ``seed`` (:func:`draw_structured`),
+so the kernels reproduce the reference's draws on the same device.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ from torch import Tensor
 from .exact import attention_lse, merge_lse, softmax_lse
 from .lsh import draw_projections, lsh_buckets
 
-__all__ = ["Budget", "StructuredDraws", "budget_from_config", "draw_structured", "structured_attention",
+__all__ = ["Budget", "Selection", "StructuredDraws", "attend_blocks", "budget_from_config", "draw_structured",
+           "heavy_columns", "select_blocks", "structured_attention",
            "structured_run", "first_approx_row", "run"]
 
 _NEG_INF = float("-inf")
@@ -93,7 +94,6 @@ class Budget:
     lsh_num_projs: int = 7
     sample_size: int = 256
     sample_mix: float = 0.5
-    block_scores: str = "pooled"
     score_group: int = 8
     probe_rows: int = 64
     min_seq_len: int = 1024
@@ -130,15 +130,21 @@ class StructuredDraws:
     samples: Tensor
 
 
-def draw_structured(seed: int, head_dim: int, batch: int, heads: int, num_blocks: int, budget: Budget
-                    ) -> StructuredDraws:
-    """Every random number of one call, from a CPU generator seeded with ``seed``."""
+def draw_structured(seed: int, head_dim: int, batch: int, heads: int, num_blocks: int, budget: Budget,
+                    device: torch.device | str = "cpu") -> StructuredDraws:
+    """Every random number of one call from generators seeded with ``seed``.
+
+    The hyperplanes and probe positions come from a CPU generator, the same on every device;
+    the residual stratum offsets, one per (head, query block, sample), from a generator on
+    ``device``, so a long call does not draw millions of numbers on the CPU per guard tier.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     proj = draw_projections(head_dim, budget.lsh_num_projs, gen)
     probe_blocks = torch.rand(_PROBE_BLOCKS, generator=gen)
     probe = torch.rand(batch, heads, budget.probe_rows, generator=gen)
     block_probe = torch.rand(batch, heads, num_blocks, budget.block_probes, generator=gen)
-    samples = torch.rand(batch, heads, num_blocks, budget.sample_size, generator=gen)
+    sample_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    samples = torch.rand(batch, heads, num_blocks, budget.sample_size, generator=sample_gen, device=device)
     return StructuredDraws(proj=proj, probe_blocks=probe_blocks, probe=probe, block_probe=block_probe, samples=samples)
 
 
@@ -159,7 +165,8 @@ def _rows_attention(q_rows: Tensor, limit: Tensor, k: Tensor, v: Tensor, scale: 
     """
     bsz, hq, rows, dim = q_rows.shape
     hkv, nk = k.shape[1], k.shape[2]
-    qg = q_rows.reshape(bsz, hkv, hq // hkv * rows, dim)
+    k, v = k.float(), v.float()
+    qg = q_rows.float().reshape(bsz, hkv, hq // hkv * rows, dim)
     scores = (qg @ k.transpose(-1, -2)).reshape(bsz, hq, rows, nk) * scale
     scores = scores.masked_fill(torch.arange(nk, device=k.device) >= limit.unsqueeze(-1), _NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)
@@ -168,224 +175,380 @@ def _rows_attention(q_rows: Tensor, limit: Tensor, k: Tensor, v: Tensor, scale: 
     return out, lse, probs
 
 
-def _mass_topk(mass: Tensor, count: int) -> Tensor:
-    """Boolean mask ``(..., n)`` of the ``count`` largest entries of ``mass`` that are > 0."""
-    keep = torch.zeros_like(mass, dtype=torch.bool)
-    count = min(count, mass.shape[-1])
-    if count == 0:
-        return keep
-    values, index = torch.topk(mass, count, dim=-1)
-    return keep.scatter(-1, index, values > 0)
+# Query blocks whose block probe rows pick the heavy columns: all of them up to this many,
+# else this many evenly spaced ones. The columns are shared by the whole head, so their
+# cost stays O(Nk) per head however long the call.
+_HEAVY_BLOCKS = 256
+
+# Score elements one chunk of query blocks may materialise (selection and attention).
+_CHUNK_ELEMENTS = 1 << 22
+
+_BIG = 1 << 62
+
+# Score elements of one chunk of block probe rows in :func:`heavy_columns`.
+_HEAVY_ELEMENTS = 1 << 27
 
 
-def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, budget: Budget,
-                         draws: StructuredDraws, r0: int, blocks: Tensor | None = None
-                         ) -> tuple[Tensor, Tensor, float]:
-    """The approximate rows ``[r0, Nq)`` of the structured method for fixed draws (no guard, no probe rows).
+def _overlap(a0: Tensor, a1: Tensor, b0: Tensor, b1: Tensor) -> Tensor:
+    """Length of ``[a0, a1) & [b0, b1)``, broadcast."""
+    return (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0)
 
-    ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)`` fp32. Rows are cut into query blocks
-    of ``budget.query_block`` starting at ``r0``; ``blocks`` (default all) names the query
-    blocks whose attention is computed (the selection always looks at every block, so a
-    block's result does not depend on which others are computed).
 
-    Returns ``out (B, Hq, nsel, query_block, D)``, ``lse (B, Hq, nsel, query_block)`` fp32
-    (rows past ``Nq`` in the last block are padding) and the number of (query, key) scores
-    the full call computes per head.
+def _geometry(nq: int, nk: int, r0: int, qb: int, causal: bool, blocks: Tensor):
+    """First row, row end, visible key end and shared key end of each query block in ``blocks``.
+
+    Keys ``< visible_end`` are seen by the block's last row, keys ``< shared_end`` by every row.
+    """
+    start = r0 + qb * blocks
+    end = torch.clamp(start + qb, max=nq)
+    if causal:
+        offset = nk - nq
+        return start, end, end + offset, start + offset + 1
+    full = torch.full_like(start, nk)
+    return start, end, full, full
+
+
+def heavy_columns(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, budget: Budget,
+                  draws: StructuredDraws, r0: int) -> tuple[Tensor, float]:
+    """The heavy columns of each head and the scores per head spent finding them.
+
+    The block probe rows of the first ``_HEAVY_BLOCKS`` query blocks (evenly spaced ones
+    past that) are scored against every key they see; the ``heavy_columns`` columns with
+    the largest summed softmax weight (sinks excluded, weight > 0) are the head's vertical
+    lines. Returns ``(B, Hq, heavy_columns)`` key indices, ``-1`` where there are fewer.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    device = q.device
-    offset = nk - nq
+    count = min(budget.heavy_columns, nk)
     qb = budget.query_block
     num_blocks = math.ceil((nq - r0) / qb)
-    block_start = r0 + qb * torch.arange(num_blocks, device=device)  # (nb,) first row of each block
-    block_end = torch.clamp(block_start + qb, max=nq)
-    keys = torch.arange(nk, device=device)
+    if budget.block_probes == 0 or count == 0 or num_blocks == 0:
+        return torch.full((bsz, hq, 0), -1, dtype=torch.long, device=q.device), 0.0
+    pick = torch.arange(num_blocks) if num_blocks <= _HEAVY_BLOCKS else \
+        torch.arange(_HEAVY_BLOCKS) * num_blocks // _HEAVY_BLOCKS
+    start, end, _, _ = _geometry(nq, nk, r0, qb, causal, pick)
+    start, end = start.to(q.device), end.to(q.device)
+    u = draws.block_probe[:, :, pick].to(q.device)  # (B, Hq, P, R)
+    rows = start.unsqueeze(-1) + (u * (end - start).unsqueeze(-1)).long()
+    rows = torch.minimum(rows, (end - 1).unsqueeze(-1)).reshape(bsz, hq, -1)
+    mass = torch.zeros(bsz, hq, nk, device=q.device)
+    kf = k.float().transpose(-1, -2)
+    keys = torch.arange(nk, device=q.device)
     pairs = 0.0
-
-    # Keys a row sees: all of them, or (causal) keys <= row + offset.
-    if causal:
-        visible_end = block_end + offset  # keys < this are seen by the block's last row
-        shared_end = block_start + offset + 1  # keys < this are seen by every row of the block
-    else:
-        visible_end = torch.full_like(block_start, nk)
-        shared_end = visible_end
-
-    kb = budget.key_block
-    num_key_blocks = math.ceil(nk / kb)
-    pad = num_key_blocks * kb - nk
-
-    # 1. Block probe rows, scored exactly: per-key weights for the heavy columns and the proposal.
-    block_mass = None
-    if budget.block_probes > 0:
-        block_len = block_end - block_start
-        probe_rows = block_start.unsqueeze(-1) + (draws.block_probe.to(device) * block_len.unsqueeze(-1)).long()
-        probe_rows = torch.minimum(probe_rows, (block_end - 1).unsqueeze(-1))  # (B, Hq, nb, R)
-        rows_flat = probe_rows.reshape(bsz, hq, -1)
-        q_rows = q.gather(2, rows_flat.unsqueeze(-1).expand(*rows_flat.shape, dim))
-        limit = rows_flat + offset + 1 if causal else torch.full_like(rows_flat, nk)
-        _, _, block_probs = _rows_attention(q_rows, limit, k, v, scale)
+    step = max(1, _HEAVY_ELEMENTS // max(1, hq * nk))
+    for c0 in range(0, rows.shape[-1], step):
+        r = rows[..., c0:c0 + step]
+        limit = r + (nk - nq) + 1 if causal else torch.full_like(r, nk)
+        q_rows = q.gather(2, r.unsqueeze(-1).expand(*r.shape, dim)).float()
+        scores = (q_rows.reshape(bsz, hkv, -1, dim) @ kf).reshape(bsz, hq, r.shape[-1], nk) * scale
+        scores = scores.masked_fill_(keys >= limit.unsqueeze(-1), _NEG_INF)
+        mass += torch.softmax(scores, dim=-1).sum(2)
         pairs += float(limit.clamp(max=nk).sum()) / (bsz * hq)
-        block_mass = block_probs.reshape(bsz, hq, num_blocks, -1, nk).sum(3)  # (B, Hq, nb, Nk)
+    mass[..., :budget.num_sinks] = 0.0
+    values, index = torch.topk(mass, count, dim=-1)
+    return torch.where(values > 0, index, -1), pairs
+
+
+def pool_keys(k: Tensor, key_block: int) -> Tensor:
+    """Mean key of every block of ``key_block`` keys: ``(B, Hkv, ceil(Nk / key_block), D)``."""
+    bsz, hkv, nk, dim = k.shape
+    nkb = math.ceil(nk / key_block)
+    k_pad = torch.nn.functional.pad(k, (0, 0, 0, nkb * key_block - nk)).reshape(bsz, hkv, nkb, key_block, dim)
+    counts = torch.clamp(nk - key_block * torch.arange(nkb, device=k.device), max=key_block)
+    return k_pad.sum(3) / counts.unsqueeze(-1)
+
+
+def sort_keys_by_bucket(k: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys sorted by (Gray-code bucket, position): sorted composite keys and the order, ``(B, Hkv, Nk)``."""
+    nk = k.shape[2]
+    composite = lsh_buckets(k, proj) * nk + torch.arange(nk, device=k.device)
+    return torch.sort(composite, dim=-1)
+
+
+def _nth_missing(present: Tensor, rank: Tensor) -> Tensor:
+    """The ``rank``-th (0-based) integer >= 0 not in ``present`` (sorted, distinct, ``_BIG``-padded), batched."""
+    slots = torch.arange(present.shape[-1], device=present.device)
+    gaps = torch.where(present < _BIG, present - slots, _BIG)  # integers missing before each entry
+    return rank + torch.searchsorted(gaps, rank, right=True)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one chunk of ``c`` query blocks scores (rows of block ``j``: ``r0 + j * query_block + [0, qb)``).
+
+    ``exact_idx (B, Hq, c, S)`` the exact set ``E_j`` in key order, padded with ``_BIG``;
+    ``sample_idx, sample_logw (B, Hq, c, m)`` residual columns and natural log-weights
+    (``-inf``: unused slot); ``lsh_idx (B, Hq, c, qb, L)`` each row's LSH block, the
+    bucket-sorted key slots ``lsh_first + [0, L)`` of ``lsh_order (B, Hkv, Nk)`` (keys sorted
+    by bucket, then position), and ``lsh_ok`` the entries that count (in ``C_j``).
+    """
+
+    blocks: Tensor
+    exact_idx: Tensor
+    sample_idx: Tensor
+    sample_logw: Tensor
+    lsh_idx: Tensor | None
+    lsh_ok: Tensor | None
+    lsh_first: Tensor | None = None
+    lsh_order: Tensor | None = None
+
+
+def select_blocks(q: Tensor, k: Tensor, scale: float, causal: bool, budget: Budget, draws: StructuredDraws,
+                  r0: int, blocks: Tensor, heavy: Tensor, k_pool: Tensor, lsh_keys: tuple[Tensor, Tensor] | None
+                  ) -> tuple[Selection, Tensor]:
+    """Steps 1b-4 of the module docstring for the query blocks ``blocks``: the selection and its scores per head.
+
+    ``heavy (B, Hq, H)`` from :func:`heavy_columns`, ``k_pool`` from :func:`pool_keys`,
+    ``lsh_keys`` from :func:`sort_keys_by_bucket` with the sorted keys repeated per query
+    head (``None``: no LSH block). The score count is a 0-dim tensor (no device sync). Every part of
+    a block's selection depends only on that block's rows, the heavy columns and the keys,
+    so any subset of blocks gives the rows the full call gives.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    device = q.device
+    qb, kb, g = budget.query_block, budget.key_block, budget.score_group
+    nkb = math.ceil(nk / kb)
+    blocks = blocks.to(device)
+    c = len(blocks)
+    start, end, vis_end, sh_end = _geometry(nq, nk, r0, qb, causal, blocks)
+    offset = nk - nq
+    rows = start.unsqueeze(-1) + torch.arange(qb, device=device)  # (c, qb)
+    row_ok = rows < nq
+    q_rows = q[:, :, rows.clamp(max=nq - 1)].float() * row_ok.unsqueeze(-1)  # (B, Hq, c, qb, D), zeros past Nq
 
     # 1b. Block scores: the mean query of every score_group rows scores the mean key of each key
     #     block it sees; the softmax weights over key blocks, summed over the query block, rank
     #     the key blocks (pooling 8 rows changed no layer's error by more than 0.004).
-    if budget.block_scores == "pooled":
-        g = budget.score_group
-        k_pad = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(bsz, hkv, num_key_blocks, kb, dim)
-        counts = torch.clamp(nk - kb * torch.arange(num_key_blocks, device=device), max=kb)
-        k_pool = k_pad.sum(3) / counts.unsqueeze(-1)
-        q_blk = torch.nn.functional.pad(q[:, :, r0:], (0, 0, 0, num_blocks * qb - (nq - r0)))
-        q_blk = q_blk.reshape(bsz, hq, num_blocks, qb // g, g, dim).mean(4)
-        pooled = (q_blk.reshape(bsz, hkv, -1, dim) @ k_pool.transpose(-1, -2)) * scale
-        pooled = pooled.reshape(bsz, hq, num_blocks, qb // g, num_key_blocks)
-        row_pos = block_start.unsqueeze(-1) + g * torch.arange(qb // g, device=device) + g - 1  # (nb, qb/g)
-        row_last = row_pos + offset if causal else torch.full_like(row_pos, nk - 1)
-        seen_blocks = kb * torch.arange(num_key_blocks, device=device) <= row_last.unsqueeze(-1)
-        seen_blocks = seen_blocks & (row_pos - g + 1 < nq).unsqueeze(-1)  # (nb, qb/g, nkb)
-        pooled = torch.softmax(pooled.masked_fill(~seen_blocks, _NEG_INF), dim=-1).nan_to_num(0.0)
-        pairs += float(seen_blocks.sum())
-        key_block_score = pooled.sum(3)  # (B, Hq, nb, nkb)
+    q_pool = q_rows.reshape(bsz, hq, c, qb // g, g, dim).mean(4)
+    pooled = (q_pool.reshape(bsz, hkv, -1, dim) @ k_pool.transpose(-1, -2)).reshape(bsz, hq, c, qb // g, nkb)
+    row_pos = start.unsqueeze(-1) + g * torch.arange(qb // g, device=device) + g - 1  # (c, qb/g)
+    row_last = row_pos + offset if causal else torch.full_like(row_pos, nk - 1)
+    key0 = kb * torch.arange(nkb, device=device)
+    seen = (key0 <= row_last.unsqueeze(-1)) & (row_pos - g + 1 < nq).unsqueeze(-1)  # (c, qb/g, nkb)
+    pooled = torch.softmax((pooled * scale).masked_fill(~seen, _NEG_INF), dim=-1).nan_to_num(0.0)
+    pairs = seen.sum().double()
+    score = pooled.sum(3)  # (B, Hq, c, nkb)
+
+    # 2. Exact set E_j: sinks, window + diagonal, heavy columns, then the key blocks with the
+    #    largest score times their share of keys not yet in the set.
+    key1 = torch.clamp(key0 + kb, max=nk)
+    sink_end = torch.clamp(vis_end, max=budget.num_sinks)
+    if causal:
+        w0, w1 = torch.clamp(sh_end - 1 - budget.window, min=0), vis_end
     else:
-        key_block_score = torch.nn.functional.pad(block_mass, (0, pad)).reshape(
-            bsz, hq, num_blocks, num_key_blocks, kb).sum(-1)
+        centre = torch.clamp(start + offset, 0, nk)
+        w0 = torch.clamp(centre - budget.window // 2, min=0)
+        w1 = torch.clamp(centre + qb + budget.window // 2, max=nk)
+    zero = torch.zeros_like(w0)
 
-    # 2. Exact set E_j as a boolean mask over keys: sinks, window + diagonal, heavy columns, top key blocks.
-    in_window = (keys >= (shared_end - 1 - budget.window).unsqueeze(-1)) & (keys < visible_end.unsqueeze(-1))
-    if not causal:
-        centre = torch.clamp(block_start + offset, 0, nk)
-        in_window = ((keys >= (centre - budget.window // 2).unsqueeze(-1))
-                     & (keys < (centre + qb + budget.window // 2).unsqueeze(-1)))
-    exact = (keys < budget.num_sinks) | in_window  # (nb, Nk)
-    exact = exact.expand(bsz, hq, num_blocks, nk)
-    if block_mass is not None:
-        column_mass = block_mass.sum(2).masked_fill(keys < budget.num_sinks, 0.0)
-        exact = exact | _mass_topk(column_mass, budget.heavy_columns).unsqueeze(2)
-    visible = keys < visible_end.unsqueeze(-1)  # (nb, Nk)
-    exact = exact & visible
-    # A key block's score counts only its keys not yet in the set.
-    open_keys = torch.nn.functional.pad(visible & ~exact, (0, pad)).reshape(bsz, hq, num_blocks, num_key_blocks, kb)
-    chosen = _mass_topk(key_block_score * open_keys.float().mean(-1), budget.key_blocks)
-    exact = exact | (chosen.repeat_interleave(kb, dim=-1)[..., :nk] & visible)
-    complement = (keys < shared_end.unsqueeze(-1)) & ~exact  # C_j, seen by every row of the block
+    def per_key_block(a0, a1):  # (c, nkb) keys of [a0, a1) in each key block
+        return _overlap(a0.unsqueeze(-1), a1.unsqueeze(-1), key0, key1)
 
-    # E_j as padded index lists, in key order.
-    exact_count = exact.sum(-1)  # (B, Hq, nb)
-    width = int(exact_count.max())
-    exact_idx = torch.sort(exact.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
-    exact_valid = torch.arange(width, device=device) < exact_count.unsqueeze(-1)  # (B, Hq, nb, S)
+    h = heavy.unsqueeze(2)  # (B, Hq, 1, H)
+    heavy_ok = (h >= budget.num_sinks) & (h < vis_end.view(c, 1)) & ~((h >= w0.view(c, 1)) & (h < w1.view(c, 1)))
+    heavy_per_block = torch.zeros(bsz, hq, c, nkb, device=device).scatter_add_(
+        -1, (h.clamp(min=0) // kb).expand(-1, -1, c, -1), heavy_ok.float())
+    taken = per_key_block(zero, sink_end) + per_key_block(w0, w1) - per_key_block(w0, torch.minimum(w1, sink_end))
+    open_keys = per_key_block(zero, vis_end) - taken - heavy_per_block  # (B, Hq, c, nkb)
+    count = min(budget.key_blocks, nkb)
+    values, chosen = torch.topk(score * open_keys / kb, count, dim=-1)
+    chosen_keys = (chosen.unsqueeze(-1) * kb + torch.arange(kb, device=device)).flatten(-2)
+    chosen_ok = (values > 0).repeat_interleave(kb, dim=-1) & (chosen_keys < vis_end.view(c, 1))
+    sinks = torch.arange(budget.num_sinks, device=device).expand(c, -1)
+    window = w0.unsqueeze(-1) + torch.arange(qb + budget.window, device=device)
+    parts = [
+        torch.where(sinks < sink_end.unsqueeze(-1), sinks, _BIG).expand(bsz, hq, -1, -1),
+        torch.where(window < w1.unsqueeze(-1), window, _BIG).expand(bsz, hq, -1, -1),
+        torch.where((h >= 0) & (h < vis_end.view(c, 1)), h, _BIG).expand(-1, -1, c, -1),
+        torch.where(chosen_ok, chosen_keys, _BIG),
+    ]
+    exact_idx = torch.sort(torch.cat(parts, dim=-1), dim=-1).values
+    dup = torch.nn.functional.pad(exact_idx[..., 1:] == exact_idx[..., :-1], (1, 0))
+    exact_idx = torch.sort(exact_idx.masked_fill(dup, _BIG), dim=-1).values
+    if device.type == "cpu":  # trim the padding (on the GPU the kernel stops at each block's count, no sync)
+        exact_idx = exact_idx[..., :max(1, int((exact_idx < _BIG).sum(-1).max()))].contiguous()
+    in_set = exact_idx < _BIG
+    row_limit = rows + offset if causal else torch.full_like(rows, nk - 1)
+    seen_exact = torch.searchsorted(exact_idx, row_limit.expand(bsz, hq, -1, -1).contiguous(), right=True)
+    pairs = pairs + (seen_exact * row_ok).sum() / (bsz * hq)
+
+    # The complement C_j: keys every row of the block sees, outside E_j.
+    below = in_set & (exact_idx < sh_end.view(c, 1))
+    comp_count = sh_end.clamp(0, nk) - below.sum(-1)  # (B, Hq, c)
+    open_c = per_key_block(zero, sh_end.clamp(0, nk)) - torch.zeros(bsz, hq, c, nkb, device=device).scatter_add_(
+        -1, exact_idx.clamp(max=nk - 1) // kb, below.float())  # C_j keys per key block
 
     # 3. LSH block per row: the lsh_block keys ending at (bucket(q), last key before the window).
-    rows = r0 + torch.arange(nq - r0, device=device)
-    row_block = (rows - r0) // qb
     lsh = budget.lsh_block
-    use_lsh = lsh > 0 and nk > 0
-    if use_lsh:
-        k_bucket = lsh_buckets(k, draws.proj)  # (B, Hkv, Nk)
-        composite = k_bucket * nk + keys
-        sorted_comp, k_order = torch.sort(composite, dim=-1)
-        q_bucket = lsh_buckets(q[:, :, r0:], draws.proj)  # (B, Hq, Nr)
-        anchor = (shared_end[row_block] - 1 - budget.window - 1).clamp(min=0) if causal else \
-            torch.clamp(block_start[row_block] + offset, 0, nk - 1)
-        target = q_bucket * nk + anchor
-        group = hq // hkv
-        end = torch.searchsorted(sorted_comp.repeat_interleave(group, dim=1), target, right=True)
-        start = (end - lsh) if causal else (end - lsh // 2)
-        start = start.clamp(min=0, max=max(0, nk - lsh))
+    lsh_idx = lsh_ok = first = k_order = None
+    if lsh_keys is not None:
+        sorted_comp, k_order = lsh_keys  # sorted_comp per query head, k_order per KV head
+        q_bucket = lsh_buckets(q_rows, draws.proj)  # (B, Hq, c, qb)
+        anchor = (sh_end - 1 - budget.window - 1).clamp(min=0) if causal else torch.clamp(start + offset, 0, nk - 1)
+        target = (q_bucket * nk + anchor.view(c, 1)).reshape(bsz, hq, -1)
+        end_pos = torch.searchsorted(sorted_comp, target, right=True)
+        first = (end_pos - lsh) if causal else (end_pos - lsh // 2)
+        first = first.clamp(min=0, max=max(0, nk - lsh))
         span = min(lsh, nk)
-        pos = start.unsqueeze(-1) + torch.arange(span, device=device)  # (B, Hq, Nr, lsh)
-        lsh_idx = _gather_kv(k_order.unsqueeze(-1).float(), pos).squeeze(-1).long()
-        lsh_idx = torch.sort(lsh_idx, dim=-1).values
-        lsh_ok = _complement_lookup(complement, row_block, lsh_idx)
-        pairs += span * (nq - r0)
+        pos = (first.unsqueeze(-1) + torch.arange(span, device=device)).reshape(bsz, hkv, -1)
+        lsh_idx = k_order.gather(2, pos).reshape(bsz, hq, c, qb, span)
+        first = first.reshape(bsz, hq, c, qb)
+        flat = lsh_idx.reshape(bsz, hq, c, -1)
+        hit = torch.searchsorted(exact_idx, flat).clamp(max=exact_idx.shape[-1] - 1)
+        in_exact = exact_idx.gather(-1, hit) == flat
+        lsh_ok = (~in_exact & (flat < sh_end.view(c, 1))).reshape(lsh_idx.shape)
+        pairs = pairs + span * row_ok.sum()
 
-    # 4. Samples of C_j by systematic sampling of a proposal pi (stratum s of the cumulative
-    #    proposal [s/m, (s+1)/m) gives one draw), so column c is drawn m pi(c) times in
-    #    expectation and weight 1 / (m pi(c)) makes the estimate unbiased (Hansen-Hurwitz).
+    # 4. Residual samples of C_j by systematic sampling of a proposal pi: stratum s of the
+    #    cumulative proposal [s/m, (s+1)/m) gives one draw, so column c is drawn m pi(c) times
+    #    in expectation and weight 1 / (m pi(c)) makes the estimate unbiased (Hansen-Hurwitz).
     #    pi mixes uniform over C_j (weight sample_mix, which bounds every weight by
-    #    |C_j| / (m sample_mix)) with the block-probe weights of the columns. When
-    #    m >= |C_j| every column is taken once with weight 1 instead: exact.
+    #    |C_j| / (m sample_mix)) with the block scores, each key block's share spread evenly
+    #    over its keys in C_j. It is constant inside a key block, so a draw picks the key
+    #    block from the cumulative proposal over key blocks and the key inside it from the
+    #    draw's remaining fraction. When m >= |C_j| every column is taken once with weight 1
+    #    instead: exact.
     m = budget.sample_size
-    comp_count = complement.sum(-1, keepdim=True)  # (B, Hq, nb, 1)
-    uniform = complement.double() / comp_count.clamp(min=1)
-    if block_mass is None:
-        block_mass = key_block_score.repeat_interleave(kb, dim=-1)[..., :nk]
-    tail_mass = block_mass.double().masked_fill(~complement, 0.0)
-    tail_total = tail_mass.sum(-1, keepdim=True)
-    guided = torch.where(tail_total > 0, tail_mass / tail_total.clamp(min=1e-300), uniform)
-    proposal = budget.sample_mix * uniform + (1.0 - budget.sample_mix) * guided
+    mix = budget.sample_mix
+    open_d = open_c
+    guide = score * (open_d > 0)
+    guide_total = guide.sum(-1, keepdim=True)
+    uniform = open_d / comp_count.unsqueeze(-1).clamp(min=1)
+    guided = torch.where(guide_total > 0, guide / guide_total.clamp(min=1e-30), uniform)
+    proposal = mix * uniform + (1.0 - mix) * guided  # (B, Hq, c, nkb), per key block
     cdf = proposal.cumsum(-1)
-    u = (torch.arange(m, device=device) + draws.samples.to(device).double()) / max(m, 1) * cdf[..., -1:]
-    drawn = torch.searchsorted(cdf, u, side="right").clamp(max=nk - 1)
-    drawn_logw = -torch.log(m * proposal.gather(-1, drawn))
-    # Full budget: rank r of C_j is taken by draw r.
-    rank = torch.arange(m, device=device).expand_as(drawn)
-    every = torch.searchsorted(complement.long().cumsum(-1), rank + 1).clamp(max=nk - 1)
-    full = comp_count <= m
+    u = (torch.arange(m, device=device) + draws.samples[:, :, blocks]) / max(m, 1)
+    u = u * cdf[..., -1:]
+    kb_idx = torch.searchsorted(cdf, u, right=True)
+    last = torch.where(proposal > 0, torch.arange(nkb, device=device), 0).amax(-1, keepdim=True)
+    kb_idx = torch.minimum(kb_idx, last)
+    p_block = proposal.gather(-1, kb_idx)
+    before = torch.where(kb_idx > 0, cdf.gather(-1, (kb_idx - 1).clamp(min=0)), 0.0)
+    n_open = open_d.gather(-1, kb_idx)
+    inside = torch.floor((u - before) / p_block.clamp(min=1e-30) * n_open)
+    inside = torch.minimum(inside.clamp(min=0), (n_open - 1).clamp(min=0)).long()
+    rank = (open_d.cumsum(-1) - open_d).gather(-1, kb_idx).long() + inside
+    drawn = _nth_missing(exact_idx, rank)
+    drawn_logw = -torch.log(m * p_block / n_open.clamp(min=1))
+    every_rank = torch.arange(m, device=device).expand_as(rank).contiguous()
+    every = _nth_missing(exact_idx, every_rank)
+    full = (comp_count <= m).unsqueeze(-1)
     sample_idx = torch.where(full, every, drawn)
-    sample_valid = torch.where(full, rank < comp_count, complement.gather(-1, drawn))
-    sample_logw = torch.where(full, 0.0, drawn_logw.float()).masked_fill(~sample_valid, _NEG_INF)
-    pairs += float(sample_valid.sum()) * qb / (bsz * hq)
+    sample_valid = torch.where(full, every_rank < comp_count.unsqueeze(-1), (p_block > 0) & (n_open > 0))
+    sample_logw = torch.where(full, 0.0, drawn_logw).float().masked_fill(~sample_valid, _NEG_INF)
+    sample_idx = sample_idx.masked_fill(~sample_valid, 0)
+    pairs = pairs + sample_valid.sum() * qb / (bsz * hq)
+    return Selection(blocks, exact_idx, sample_idx, sample_logw, lsh_idx, lsh_ok, first, k_order), pairs
 
-    # 5. Attention per query block, in chunks of blocks that bound memory.
-    qf = torch.nn.functional.pad(q[:, :, r0:], (0, 0, 0, num_blocks * qb - (nq - r0)))
-    qf = qf.reshape(bsz, hq, num_blocks, qb, dim)
-    if use_lsh:
-        lsh_idx = torch.nn.functional.pad(lsh_idx, (0, 0, 0, num_blocks * qb - (nq - r0))).reshape(
-            bsz, hq, num_blocks, qb, -1)
-        lsh_ok = torch.nn.functional.pad(lsh_ok, (0, 0, 0, num_blocks * qb - (nq - r0))).reshape(
-            bsz, hq, num_blocks, qb, -1)
-    blocks = torch.arange(num_blocks, device=device) if blocks is None else blocks.to(device)
-    chunk = max(1, (1 << 22) // max(1, hq * qb * (width + lsh + m)))
-    outs, lses = [], []
-    for c0 in range(0, len(blocks), chunk):
-        sel = blocks[c0:c0 + chunk]
-        qc = qf[:, :, sel]  # (B, Hq, c, qb, D)
-        row_pos = block_start[sel].unsqueeze(-1) + torch.arange(qb, device=device)  # (c, qb)
-        row_limit = row_pos + offset if causal else torch.full_like(row_pos, nk - 1)
 
-        idx = exact_idx[:, :, sel]
-        ke, ve = _gather_kv(k, idx), _gather_kv(v, idx)  # (B, Hq, c, S, D)
-        s = (qc @ ke.transpose(-1, -2)) * scale
-        mask = exact_valid[:, :, sel].unsqueeze(-2) & (idx.unsqueeze(-2) <= row_limit.unsqueeze(-1))
-        o, l = softmax_lse(s.masked_fill(~mask, _NEG_INF), ve)
+def attend_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, r0: int, query_block: int,
+                  sel: Selection, ctx: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Step 5 for the blocks of ``sel``: ``out (B, Hq, c, qb, D)`` and ``lse (B, Hq, c, qb)`` fp32.
 
-        idx = sample_idx[:, :, sel]
-        ks, vs = _gather_kv(k, idx), _gather_kv(v, idx)
-        s = (qc @ ks.transpose(-1, -2)) * scale + sample_logw[:, :, sel].unsqueeze(-2)
-        if use_lsh:
-            li, lok = lsh_idx[:, :, sel], lsh_ok[:, :, sel]  # (B, Hq, c, qb, L)
-            # A sample that lies in the row's own LSH block (and counts there) is masked.
-            li_sorted = torch.sort(li.masked_fill(~lok, -1), dim=-1).values
-            drawn_keys = idx.unsqueeze(-2).expand(-1, -1, -1, qb, -1).contiguous()
-            hit = torch.searchsorted(li_sorted, drawn_keys).clamp(max=li.shape[-1] - 1)
-            s = s.masked_fill(li_sorted.gather(-1, hit) == drawn_keys, _NEG_INF)
-            o, l = merge_lse(o, l, *softmax_lse(s, vs))
-            kl, vl = _gather_kv(k, li), _gather_kv(v, li)  # (B, Hq, c, qb, L, D)
-            s = (qc.unsqueeze(-2) @ kl.transpose(-1, -2)).squeeze(-2) * scale
-            o_l, l_l = softmax_lse(s.masked_fill(~lok, _NEG_INF).unsqueeze(-2), vl)
-            o, l = merge_lse(o, l, o_l.squeeze(-2), l_l.squeeze(-1))
-        else:
-            o, l = merge_lse(o, l, *softmax_lse(s, vs))
+    Each row attends the exact set (keys it sees), the residual samples (log-weights added;
+    a sample in the row's own LSH block is masked, it counts there) and its LSH block, in one
+    softmax: the three parts merged through their log-sum-exp.
+
+    This is the protocol :func:`structured_attention` calls for every chunk of query blocks,
+    with a ``ctx`` dict that lives for one call; an implementation may defer work to a
+    ``finish(q, k, v, scale, r0, query_block, blocks, out, lse, ctx)`` attribute, called once
+    on the concatenated results (the kernels run every row's LSH block in one pass there),
+    and set ``chunk_elements`` and ``rows_times_keys`` to size the chunks (:func:`block_chunk`).
+    """
+    bsz, hq, nq, dim = q.shape
+    nk = k.shape[2]
+    qb = query_block
+    rows = r0 + qb * sel.blocks.unsqueeze(-1) + torch.arange(qb, device=q.device)  # (c, qb)
+    q_rows = q[:, :, rows.clamp(max=nq - 1)]
+    row_limit = rows + (nk - nq) if causal else torch.full_like(rows, nk - 1)
+
+    idx = sel.exact_idx
+    ke, ve = _gather_kv(k, idx.clamp(max=nk - 1)), _gather_kv(v, idx.clamp(max=nk - 1))  # (B, Hq, c, S, D)
+    s = (q_rows @ ke.transpose(-1, -2)) * scale
+    o, l = softmax_lse(s.masked_fill(~(idx.unsqueeze(-2) <= row_limit.unsqueeze(-1)), _NEG_INF), ve)
+
+    idx = sel.sample_idx
+    ks, vs = _gather_kv(k, idx), _gather_kv(v, idx)
+    s = (q_rows @ ks.transpose(-1, -2)) * scale + sel.sample_logw.unsqueeze(-2)
+    if sel.lsh_idx is None:
+        return merge_lse(o, l, *softmax_lse(s, vs))
+    li, lok = sel.lsh_idx, sel.lsh_ok  # (B, Hq, c, qb, L)
+    li_sorted = torch.sort(li.masked_fill(~lok, -1), dim=-1).values
+    drawn_keys = idx.unsqueeze(-2).expand(-1, -1, -1, qb, -1).contiguous()
+    hit = torch.searchsorted(li_sorted, drawn_keys).clamp(max=li.shape[-1] - 1)
+    s = s.masked_fill(li_sorted.gather(-1, hit) == drawn_keys, _NEG_INF)
+    o, l = merge_lse(o, l, *softmax_lse(s, vs))
+    kl, vl = _gather_kv(k, li), _gather_kv(v, li)  # (B, Hq, c, qb, L, D)
+    s = (q_rows.unsqueeze(-2) @ kl.transpose(-1, -2)).squeeze(-2) * scale
+    o_l, l_l = softmax_lse(s.masked_fill(~lok, _NEG_INF).unsqueeze(-2), vl)
+    return merge_lse(o, l, o_l.squeeze(-2), l_l.squeeze(-1))
+
+
+def block_chunk(hq: int, nk: int, budget: Budget, elements: int = _CHUNK_ELEMENTS, rows_times_keys: bool = True
+                ) -> int:
+    """Query blocks per chunk of :func:`structured_attention`: the largest tensor stays near ``elements``.
+
+    ``rows_times_keys``: the attention step materialises (row, selected key) scores, as
+    :func:`attend_blocks` does (a kernel does not).
+    """
+    qb = budget.query_block
+    per_row = budget.lsh_block + 8
+    if rows_times_keys:
+        per_row = (budget.num_sinks + qb + budget.window + budget.heavy_columns + budget.key_blocks * budget.key_block
+                   + budget.sample_size + budget.lsh_block)
+    per_block = hq * max(qb * per_row, qb // budget.score_group * math.ceil(nk / budget.key_block))
+    return max(1, elements // per_block)
+
+
+def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, budget: Budget,
+                         draws: StructuredDraws, r0: int, blocks: Tensor | None = None, heavy: Tensor | None = None,
+                         count_all: bool = False, attend=attend_blocks) -> tuple[Tensor, Tensor, float]:
+    """The approximate rows ``[r0, Nq)`` of the structured method for fixed draws (no guard, no probe rows).
+
+    ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)`` fp32. Rows are cut into query blocks
+    of ``budget.query_block`` starting at ``r0``; ``blocks`` (default all) names the query
+    blocks whose attention is computed. ``heavy`` (default: computed here) comes from
+    :func:`heavy_columns`; ``attend`` computes step 5 (:func:`attend_blocks`, or a kernel).
+
+    Returns ``out (B, Hq, nsel, query_block, D)``, ``lse (B, Hq, nsel, query_block)`` fp32
+    (rows past ``Nq`` in the last block are padding) and the (query, key) scores per head:
+    of the computed blocks, or of the full call with ``count_all`` (the heavy-column
+    search is counted only when it runs here).
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    qb = budget.query_block
+    num_blocks = math.ceil((nq - r0) / qb)
+    all_blocks = torch.arange(num_blocks)
+    blocks = all_blocks if blocks is None else blocks.cpu().long()
+    pairs = 0.0
+    if heavy is None:
+        heavy, pairs = heavy_columns(q, k, v, scale, causal, budget, draws, r0)
+    k_pool = pool_keys(k.float(), budget.key_block)
+    lsh_keys = None
+    if budget.lsh_block > 0 and nk > 0:
+        sorted_comp, k_order = sort_keys_by_bucket(k, draws.proj)
+        lsh_keys = (sorted_comp.repeat_interleave(q.shape[1] // k.shape[1], dim=1), k_order)
+    step = block_chunk(q.shape[1], nk, budget, getattr(attend, "chunk_elements", _CHUNK_ELEMENTS),
+                       getattr(attend, "rows_times_keys", True))
+    outs, lses, ctx = [], [], {}
+    for c0 in range(0, len(blocks), step):
+        sel, p = select_blocks(q, k, scale, causal, budget, draws, r0, blocks[c0:c0 + step], heavy, k_pool, lsh_keys)
+        pairs = pairs + p
+        o, l = attend(q, k, v, scale, causal, r0, qb, sel, ctx)
         outs.append(o)
         lses.append(l)
     out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
-    # Scores of the exact set that rows really see (causally visible keys only).
-    row_limit = (rows + offset) if causal else torch.full_like(rows, nk - 1)
-    per_block_rows = torch.nn.functional.pad(row_limit, (0, num_blocks * qb - (nq - r0)), value=-1)
-    per_block_rows = per_block_rows.reshape(num_blocks, qb)
-    seen = (exact_idx.unsqueeze(-2) <= per_block_rows.unsqueeze(-1)) & exact_valid.unsqueeze(-2)
-    pairs += float(seen.sum()) / (bsz * hq)
-    return out, lse, pairs
-
-
-def _complement_lookup(complement: Tensor, row_block: Tensor, idx: Tensor) -> Tensor:
-    """``complement[b, h, row_block[r], idx[b, h, r, l]]`` -> ``(B, Hq, Nr, L)`` bool."""
-    bsz, hq, _, nk = complement.shape
-    flat = complement.reshape(bsz, hq, -1)
-    return flat.gather(-1, (row_block.unsqueeze(-1) * nk + idx).reshape(bsz, hq, -1)).reshape(idx.shape)
+    finish = getattr(attend, "finish", None)
+    if finish is not None:
+        out, lse = finish(q, k, v, scale, r0, qb, blocks, out, lse, ctx)
+    if count_all:
+        rest = all_blocks[~torch.isin(all_blocks, blocks)]
+        for c0 in range(0, len(rest), step):
+            pairs = pairs + select_blocks(q, k, scale, causal, budget, draws, r0, rest[c0:c0 + step], heavy, k_pool,
+                                          lsh_keys)[1]
+    return out, lse, float(pairs)
 
 
 def first_approx_row(nq: int, nk: int, causal: bool, min_seq_len: int) -> int:
@@ -416,36 +579,43 @@ def _probe_error(out_approx: Tensor, out_exact: Tensor) -> Tensor:
 _PROBE_BLOCKS = 8
 
 
-def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, heads=None, num_heads=None):
+def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, heads=None, num_heads=None,
+                 heavy=None, trial=False, attend=attend_blocks):
     """Approximate rows from ``r0`` on, probe rows exact, and the per-head probe estimate.
 
     ``heads: (S, 2)`` (with ``num_heads = (B, Hq)`` of the whole call) names the (batch,
     head) pairs that ``q: (1, S, Nq, D)`` holds: each head gets the draws it has in the
     whole call, so a head's result does not depend on which other heads are computed.
+    ``heavy`` holds the heads' heavy columns (:func:`heavy_columns`).
 
     Returns ``out (B, Hq, R, D)``, ``lse (B, Hq, R)``, ``rows (R,)`` (the rows computed:
     all of ``[r0, Nq)``, or those of ``eval_blocks`` and the probe blocks), ``est (B, Hq)``
-    and the scores per head of the full call.
+    and the scores per head of the full call (probe rows included). With ``trial`` only
+    the probe blocks are computed and the last value is their scores per row instead.
     """
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
     qb = budget.query_block
     num_blocks = math.ceil((nq - r0) / qb)
     if heads is None:
-        draws = draw_structured(seed, dim, bsz, hq, num_blocks, budget)
+        draws = draw_structured(seed, dim, bsz, hq, num_blocks, budget, q.device)
     else:
-        draws = _head_draws(draw_structured(seed, dim, *num_heads, num_blocks, budget), heads.cpu())
+        draws = _head_draws(draw_structured(seed, dim, *num_heads, num_blocks, budget, q.device), heads.cpu())
     probe_blocks = (draws.probe_blocks * num_blocks).long().clamp(max=num_blocks - 1)
-    if eval_blocks is None:
+    if eval_blocks is None and not trial:
         blocks = torch.arange(num_blocks)
     else:
-        blocks = torch.unique(torch.cat([eval_blocks.cpu().long(), probe_blocks]))
-    out, lse, pairs = structured_attention(q, k, v, scale, causal, budget, draws, r0, blocks)
+        extra = torch.zeros(0, dtype=torch.long) if eval_blocks is None else eval_blocks.cpu().long()
+        blocks = torch.unique(torch.cat([extra, probe_blocks]))
+    out, lse, pairs = structured_attention(q, k, v, scale, causal, budget, draws, r0, blocks, heavy,
+                                           count_all=not trial, attend=attend)
     rows = (r0 + blocks.unsqueeze(-1) * qb + torch.arange(qb)).reshape(-1).to(q.device)
     keep = rows < nq
     out = out.reshape(bsz, hq, -1, out.shape[-1])[:, :, keep]
     lse = lse.reshape(bsz, hq, -1)[:, :, keep]
     rows = rows[keep]
+    if trial:
+        pairs /= len(rows)
 
     # Probe row p lies in probe block p % _PROBE_BLOCKS, at a random offset inside it.
     pb = probe_blocks[torch.arange(budget.probe_rows) % _PROBE_BLOCKS]
@@ -455,7 +625,8 @@ def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, hea
     q_probe = q.gather(2, probe.unsqueeze(-1).expand(*probe.shape, dim))
     limit = probe + (nk - nq) + 1 if causal else torch.full_like(probe, nk)
     out_e, lse_e, _ = _rows_attention(q_probe, limit, k, v, scale)
-    pairs += float(limit.clamp(max=nk).sum()) / (bsz * hq)
+    if not trial:
+        pairs += float(limit.clamp(max=nk).sum()) / (bsz * hq)
     local = torch.searchsorted(rows, probe).unsqueeze(-1)  # position of each probe row among `rows`
     est = _probe_error(out.gather(2, local.expand(-1, -1, -1, out.shape[-1])), out_e)
     # Probe rows were computed exactly anyway: their output is the exact one.
@@ -491,14 +662,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     return out, lse, stats
 
 
-def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error, group, pairs, exact_heads):
+def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error, group, pairs, exact_heads,
+                  heavy, attend=attend_blocks, exact=attention_lse):
     """Rows from ``r0`` on with the guard; adds each head's scores to ``pairs`` and marks ``exact_heads``.
 
     The tiers of :data:`_TIERS` are tried cheapest first on the probe rows only (about 1%
     of a full pass each); each head then runs once, at the first tier whose estimate meets
     ``max_error`` and that scores fewer keys than exact attention, or exactly. A head has
     the same draws in its trial and in its final run, so its probe blocks, its output
-    there and its estimate are those the guard decided on.
+    there and its estimate are those the guard decided on. ``heavy (B, Hq, H)`` are the
+    heads' heavy columns (the same at every tier); ``attend`` and ``exact`` compute the
+    approximate and the exact rows (PyTorch here, kernels on the GPU).
     """
     bsz, hq, nq, _ = qf.shape
     probe_only = torch.zeros(0, dtype=torch.long)
@@ -511,19 +685,21 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
     def subset(idx):
         heads = all_heads[idx.to(qf.device)]
         q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
-        return heads, q_sel, _select_heads(kf, heads, group), _select_heads(vf, heads, group)
+        return (heads, q_sel, _select_heads(kf, heads, group), _select_heads(vf, heads, group),
+                heavy[heads[:, 0], heads[:, 1]].unsqueeze(0))
 
     for i, factor in enumerate(_TIERS):
         idx = torch.nonzero(pending).squeeze(-1)
         if len(idx) == 0:
             break
-        heads, q_sel, k_sel, v_sel = subset(idx)
-        _, _, _, est_i, pairs_i = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor),
-                                               seed, r0, probe_only, heads, (bsz, hq))
+        heads, q_sel, k_sel, v_sel, h_sel = subset(idx)
+        _, _, _, est_i, per_row = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor), seed,
+                                               r0, None, heads, (bsz, hq), h_sel, trial=True, attend=attend)
         # A trial needs the approximate output of the probe rows only (their blocks' selection
-        # is that of the full call): it scores what those rows score in the full call.
-        pairs[hc[idx, 0], hc[idx, 1]] += pairs_i * min(budget.probe_rows, nq - r0) / (nq - r0)
-        if pairs_i >= exact_cost:  # this and every larger tier cost more than exact attention
+        # is that of the full call): it is charged what those rows score, at the mean per row of
+        # their blocks.
+        pairs[hc[idx, 0], hc[idx, 1]] += per_row * min(budget.probe_rows, nq - r0)
+        if per_row * (nq - r0) >= exact_cost:  # this and every larger tier cost about as much as exact
             break
         ok = est_i[0].cpu() <= max_error
         level[idx[ok]] = i
@@ -536,27 +712,28 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
         if len(idx) == 0:
             continue
         if len(idx) == len(all_heads):  # every head at one tier: no per-head copies
-            o, l, rows, e, p = _approx_rows(qf, kf, vf, scale, causal, budget.scaled(factor), seed, r0, eval_blocks)
+            o, l, rows, e, p = _approx_rows(qf, kf, vf, scale, causal, budget.scaled(factor), seed, r0, eval_blocks,
+                                            heavy=heavy, attend=attend)
             pairs += p
             return o, l, rows, e
-        heads, q_sel, k_sel, v_sel = subset(idx)
+        heads, q_sel, k_sel, v_sel, h_sel = subset(idx)
         o, l, rows, e, p = _approx_rows(q_sel, k_sel, v_sel, scale, causal, budget.scaled(factor), seed, r0,
-                                        eval_blocks, heads, (bsz, hq))
+                                        eval_blocks, heads, (bsz, hq), h_sel, attend=attend)
         if out is None:
-            out = qf.new_zeros(bsz, hq, len(rows), vf.shape[-1])
-            lse = qf.new_zeros(bsz, hq, len(rows))
+            out = qf.new_zeros(bsz, hq, len(rows), vf.shape[-1], dtype=torch.float32)
+            lse = qf.new_zeros(bsz, hq, len(rows), dtype=torch.float32)
         out = out.index_put((heads[:, 0], heads[:, 1]), o[0])
         lse = lse.index_put((heads[:, 0], heads[:, 1]), l[0])
         est = est.index_put((heads[:, 0], heads[:, 1]), e[0])
         pairs[hc[idx, 0], hc[idx, 1]] += p
     idx = torch.nonzero(level == len(_TIERS)).squeeze(-1)
     if len(idx) > 0:
-        heads, q_sel, k_sel, v_sel = subset(idx)
-        o, l = attention_lse(q_sel, k_sel, v_sel, scale, causal)
+        heads, q_sel, k_sel, v_sel, _ = subset(idx)
+        o, l = exact(q_sel, k_sel, v_sel, scale, causal)
         if rows is None:
             rows = _computed_rows(nq, r0, budget, seed, qf.shape[-1], bsz, hq, eval_blocks).to(qf.device)
-            out = qf.new_zeros(bsz, hq, len(rows), vf.shape[-1])
-            lse = qf.new_zeros(bsz, hq, len(rows))
+            out = qf.new_zeros(bsz, hq, len(rows), vf.shape[-1], dtype=torch.float32)
+            lse = qf.new_zeros(bsz, hq, len(rows), dtype=torch.float32)
         out = out.index_put((heads[:, 0], heads[:, 1]), o[0][:, rows])
         lse = lse.index_put((heads[:, 0], heads[:, 1]), l[0][:, rows])
         pairs[hc[idx, 0], hc[idx, 1]] += exact_cost
@@ -570,7 +747,7 @@ def _computed_rows(nq, r0, budget, seed, dim, bsz, hq, eval_blocks) -> Tensor:
     num_blocks = math.ceil((nq - r0) / qb)
     if eval_blocks is None:
         return torch.arange(r0, nq)
-    draws = draw_structured(seed, dim, bsz, hq, num_blocks, budget)
+    draws = draw_structured(seed, dim, bsz, hq, num_blocks, dataclasses.replace(budget, sample_size=0))
     probe_blocks = (draws.probe_blocks * num_blocks).long().clamp(max=num_blocks - 1)
     blocks = torch.unique(torch.cat([eval_blocks.cpu().long(), probe_blocks]))
     rows = (r0 + blocks.unsqueeze(-1) * qb + torch.arange(qb)).reshape(-1)
@@ -578,13 +755,15 @@ def _computed_rows(nq, r0, budget, seed, dim, bsz, hq, eval_blocks) -> Tensor:
 
 
 def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error: float | None, stats_type,
-                   eval_blocks: Tensor | None = None):
+                   eval_blocks: Tensor | None = None, attend=attend_blocks, exact=attention_lse):
     """:func:`run` with an explicit :class:`Budget`; returns ``(out, lse, stats, rows)``.
 
     ``eval_blocks=None`` computes every row (``rows`` is ``arange(Nq)``). The evaluation
     passes query-block indices to compute only those blocks (and the probe blocks): the
     rows it gets back are identical to the full call's and ``stats`` is the full call's,
-    but rows exact by construction (before ``min_seq_len``) are skipped.
+    but rows exact by construction (before ``min_seq_len``) are skipped. ``attend`` and
+    ``exact`` compute approximate and exact rows (:func:`attend_blocks` and
+    :func:`~hyperattn.reference.exact.attention_lse`, or the GPU kernels).
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -592,7 +771,8 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
     # a larger m would only draw unused uniforms.
     budget = dataclasses.replace(budget, sample_size=min(budget.sample_size, nk))
     group = hq // hkv
-    qf, kf, vf = q.float(), k.float(), v.float()
+    # The kernels take the inputs as they are; the PyTorch path computes in fp32.
+    qf, kf, vf = (q, k, v) if attend is not attend_blocks else (q.float(), k.float(), v.float())
     offset = nk - nq
     r0 = first_approx_row(nq, nk, causal, budget.min_seq_len)
     pairs = torch.zeros(bsz, hq, dtype=torch.float64)
@@ -601,7 +781,7 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
         k_end = max(r0 + offset, 0) if causal else nk
         pairs += _exact_row_pairs(0, r0, nq, nk, causal)
         if eval_blocks is None:
-            o, l = attention_lse(qf[:, :, :r0], kf[:, :, :k_end], vf[:, :, :k_end], scale, causal)
+            o, l = exact(qf[:, :, :r0], kf[:, :, :k_end], vf[:, :, :k_end], scale, causal)
             outs.append(o)
             lses.append(l)
     zeros = torch.zeros(bsz, hq, device=q.device)
@@ -610,12 +790,18 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
         stats = stats_type("structured", float(pairs.mean()) / nq, zeros, ~exact_heads)
         return outs[0], lses[0], stats, torch.arange(nq, device=q.device)
 
+    # The heavy columns depend on the block probe rows only, which every tier shares.
+    draws = draw_structured(seed, dim, bsz, hq, math.ceil((nq - r0) / budget.query_block),
+                            dataclasses.replace(budget, sample_size=0), q.device)
+    heavy, heavy_pairs = heavy_columns(qf, kf, vf, scale, causal, budget, draws, r0)
+    pairs += heavy_pairs
     if max_error is None:
-        out, lse, rows, est, approx_pairs = _approx_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks)
+        out, lse, rows, est, approx_pairs = _approx_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks,
+                                                         heavy=heavy, attend=attend)
         pairs += approx_pairs
     else:
         out, lse, rows, est = _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error,
-                                            group, pairs, exact_heads)
+                                            group, pairs, exact_heads, heavy, attend, exact)
     stats = stats_type("structured", float(pairs.mean()) / nq, est, exact_heads)
     if eval_blocks is not None:
         return out, lse, stats, rows
