@@ -85,10 +85,12 @@ def breakdown(n: int, repeats: int, profile: bool) -> dict:
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=True) as prof:
             ref.structured_run(q, k, v, scale, True, budget, 0, None, ha.AttentionStats, attend=_no_attention)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+        print(prof.key_averages(group_by_stack_n=4).table(sort_by="self_cuda_time_total", row_limit=40,
+                                                              max_name_column_width=50, max_src_column_width=90),
+              flush=True)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
         row["sdpa_cudnn_ms"] = _time(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), repeats)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..reference import structured as ref
 from .attention import _finish, _precision, _tile_update, range_attention
 
-__all__ = ["structured_block_attention", "exact_lse", "structured_forward"]
+__all__ = ["block_scores", "structured_block_attention", "exact_lse", "structured_forward"]
 
 
 @triton.jit
@@ -143,6 +143,84 @@ def _lsh_kernel(Q, K, V, OUT, LSE, ONES, BLOCKS, PERM, FIRST, LOK, ORDER,
     _finish(acc, m_i, l_i, OUT, OUT, LSE, ONES, slot, bh * num_rows + slot, ok_m, offs_d, HEAD_DIM, True)
 
 
+@triton.jit
+def _block_score_kernel(Q, KP, OUT, BLOCKS, stride_qb, stride_qh, stride_qn, num_heads, kv_heads, group, nq, nk,
+                        nkb, r0, num_sel, scale, CAUSAL: tl.constexpr, QB: tl.constexpr, G: tl.constexpr,
+                        BLOCK_G: tl.constexpr, KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (query block, batch x head): the block's group-mean queries against every
+    # pooled key, a masked softmax per group (two passes), summed over the groups.
+    sel = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    blk = tl.load(BLOCKS + sel)
+    start = r0 + blk * QB
+    offs_r = tl.arange(0, QB)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = start + offs_r
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=(rows < nq)[:, None], other=0.0).to(tl.float32)  # rows past Nq are zero vectors
+    avg = tl.where(offs_r[None, :] // G == offs_g[:, None], 1.0 / G, 0.0)  # [BLOCK_G, QB]
+    # tf32x3: fp32-level accuracy on tensor cores (as the hashing kernel).
+    qg = tl.dot(avg, q, input_precision="tf32x3")  # [BLOCK_G, D] group means
+    row_pos = start + G * offs_g + G - 1
+    g_ok = (offs_g < QB // G) & (row_pos - G + 1 < nq)
+    if CAUSAL:
+        row_last = row_pos + (nk - nq)
+    else:
+        row_last = row_pos * 0 + (nk - 1)
+    kp_base = (b * kv_heads + kvh) * nkb * HEAD_DIM
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for n0 in range(0, nkb, BLOCK_N):
+        kbi = n0 + offs_n
+        kb_ok = kbi < nkb
+        kp = tl.load(KP + kp_base + kbi[:, None] * HEAD_DIM + offs_d[None, :], mask=kb_ok[:, None], other=0.0)
+        s = tl.dot(qg, tl.trans(kp), input_precision="tf32x3") * scale
+        seen = (kbi[None, :] * KB <= row_last[:, None]) & g_ok[:, None] & kb_ok[None, :]
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    out_base = (bh * num_sel + sel) * nkb
+    for n0 in range(0, nkb, BLOCK_N):
+        kbi = n0 + offs_n
+        kb_ok = kbi < nkb
+        kp = tl.load(KP + kp_base + kbi[:, None] * HEAD_DIM + offs_d[None, :], mask=kb_ok[:, None], other=0.0)
+        s = tl.dot(qg, tl.trans(kp), input_precision="tf32x3") * scale
+        seen = (kbi[None, :] * KB <= row_last[:, None]) & g_ok[:, None] & kb_ok[None, :]
+        p = tl.where(seen, tl.exp(s - lse[:, None]), 0.0)
+        tl.store(OUT + out_base + kbi, tl.sum(p, 0), mask=kb_ok)
+
+
+def block_scores(q: Tensor, k_pool: Tensor, nk: int, scale: float, causal: bool, r0: int, blocks: Tensor,
+                 budget) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.structured.block_scores` in one launch (same contract, fp32-level accuracy)."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nkb = k_pool.shape[1], k_pool.shape[2]
+    qb, kb, g = budget.query_block, budget.key_block, budget.score_group
+    blocks = blocks.to(device=q.device)
+    c = len(blocks)
+    out = torch.empty(bsz, hq, c, nkb, device=q.device, dtype=torch.float32)
+    block_g = max(16, triton.next_power_of_2(qb // g))
+    _block_score_kernel[(c, bsz * hq)](
+        q, k_pool.float().contiguous(), out, blocks.to(torch.int32), q.stride(0), q.stride(1), q.stride(2),
+        hq, hkv, hq // hkv, nq, nk, nkb, r0, c, scale,
+        CAUSAL=causal, QB=qb, G=g, BLOCK_G=block_g, KB=kb, HEAD_DIM=dim, BLOCK_N=64, num_warps=4,
+    )
+    # The (group, key block) pairs scored, as the reference counts them.
+    start = r0 + qb * blocks
+    row_pos = start.unsqueeze(-1) + g * torch.arange(qb // g, device=q.device) + g - 1
+    row_last = row_pos + (nk - nq) if causal else torch.full_like(row_pos, nk - 1)
+    seen = torch.clamp(torch.div(row_last, kb, rounding_mode="floor") + 1, 0, nkb) * (row_pos - g + 1 < nq)
+    return out, seen.sum().double()
+
+
 def _sample_hits(sel: ref.Selection) -> tuple[Tensor, Tensor, Tensor]:
     """Samples sorted by key per block, their log-weights, and per row a bit mask of the samples in its LSH block.
 
@@ -236,6 +314,7 @@ class _BlockAttention:
     # chunks of query blocks than the PyTorch path: fewer launches, ~1 GB per table at most.
     chunk_elements = 1 << 28
     rows_times_keys = False
+    block_scores = staticmethod(block_scores)
 
     def __call__(self, q, k, v, scale, causal, r0, query_block, sel, ctx):
         if sel.lsh_idx is not None:

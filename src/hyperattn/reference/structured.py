@@ -178,7 +178,7 @@ def _rows_attention(q_rows: Tensor, limit: Tensor, k: Tensor, v: Tensor, scale: 
 # Query blocks whose block probe rows pick the heavy columns: all of them up to this many,
 # else this many evenly spaced ones. The columns are shared by the whole head, so their
 # cost stays O(Nk) per head however long the call.
-_HEAVY_BLOCKS = 256
+_HEAVY_BLOCKS = 128
 
 # Score elements one chunk of query blocks may materialise (selection and attention).
 _CHUNK_ELEMENTS = 1 << 22
@@ -293,43 +293,66 @@ class Selection:
     lsh_order: Tensor | None = None
 
 
+def block_scores(q: Tensor, k_pool: Tensor, nk: int, scale: float, causal: bool, r0: int, blocks: Tensor,
+                 budget: Budget) -> tuple[Tensor, Tensor]:
+    """Key-block scores of the query blocks ``blocks``: ``(B, Hq, c, ceil(Nk / key_block))`` and the scores computed.
+
+    The mean query of every ``score_group`` rows scores the mean key of each key block it
+    sees (``k_pool`` from :func:`pool_keys`); the softmax weights over key blocks, summed over
+    the query block, rank the key blocks (MInference/XAttention-style pooling; pooling 8 rows
+    changed no layer's error by more than 0.004). Rows past ``Nq`` count as zero vectors.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nkb = k_pool.shape[1], k_pool.shape[2]
+    qb, kb, g = budget.query_block, budget.key_block, budget.score_group
+    device = q.device
+    blocks = blocks.to(device)
+    c = len(blocks)
+    start = r0 + qb * blocks
+    rows = start.unsqueeze(-1) + torch.arange(qb, device=device)  # (c, qb)
+    row_ok = rows < nq
+    q_rows = q[:, :, rows.clamp(max=nq - 1)].float() * row_ok.unsqueeze(-1)  # (B, Hq, c, qb, D), zeros past Nq
+    q_pool = q_rows.reshape(bsz, hq, c, qb // g, g, dim).mean(4)
+    pooled = (q_pool.reshape(bsz, hkv, -1, dim) @ k_pool.transpose(-1, -2)).reshape(bsz, hq, c, qb // g, nkb)
+    row_pos = start.unsqueeze(-1) + g * torch.arange(qb // g, device=device) + g - 1  # (c, qb/g)
+    row_last = row_pos + (nk - nq) if causal else torch.full_like(row_pos, nk - 1)
+    key0 = kb * torch.arange(nkb, device=device)
+    seen = (key0 <= row_last.unsqueeze(-1)) & (row_pos - g + 1 < nq).unsqueeze(-1)  # (c, qb/g, nkb)
+    pooled = torch.softmax((pooled * scale).masked_fill(~seen, _NEG_INF), dim=-1).nan_to_num(0.0)
+    return pooled.sum(3), seen.sum().double()
+
+
 def select_blocks(q: Tensor, k: Tensor, scale: float, causal: bool, budget: Budget, draws: StructuredDraws,
-                  r0: int, blocks: Tensor, heavy: Tensor, k_pool: Tensor, lsh_keys: tuple[Tensor, Tensor] | None
-                  ) -> tuple[Selection, Tensor]:
+                  r0: int, blocks: Tensor, heavy: Tensor, k_pool: Tensor, lsh_keys: tuple[Tensor, Tensor] | None,
+                  q_bucket: Tensor | None = None, score_fn=None) -> tuple[Selection, Tensor]:
     """Steps 1b-4 of the module docstring for the query blocks ``blocks``: the selection and its scores per head.
 
     ``heavy (B, Hq, H)`` from :func:`heavy_columns`, ``k_pool`` from :func:`pool_keys`,
     ``lsh_keys`` from :func:`sort_keys_by_bucket` with the sorted keys repeated per query
-    head (``None``: no LSH block). The score count is a 0-dim tensor (no device sync). Every part of
+    head (``None``: no LSH block), ``q_bucket (B, Hq, Nq)`` every row's bucket (default:
+    computed here), ``score_fn`` computes the block scores (default :func:`block_scores`; the
+    kernels pass theirs). The score count is a 0-dim tensor (no device sync). Every part of
     a block's selection depends only on that block's rows, the heavy columns and the keys,
     so any subset of blocks gives the rows the full call gives.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
     device = q.device
-    qb, kb, g = budget.query_block, budget.key_block, budget.score_group
+    qb, kb = budget.query_block, budget.key_block
     nkb = math.ceil(nk / kb)
     blocks = blocks.to(device)
+    score_fn = block_scores if score_fn is None else score_fn
+    if budget.lsh_block > 0 and q_bucket is None:
+        q_bucket = lsh_buckets(q, draws.proj)
     c = len(blocks)
     start, end, vis_end, sh_end = _geometry(nq, nk, r0, qb, causal, blocks)
     offset = nk - nq
     rows = start.unsqueeze(-1) + torch.arange(qb, device=device)  # (c, qb)
     row_ok = rows < nq
-    q_rows = q[:, :, rows.clamp(max=nq - 1)].float() * row_ok.unsqueeze(-1)  # (B, Hq, c, qb, D), zeros past Nq
 
-    # 1b. Block scores: the mean query of every score_group rows scores the mean key of each key
-    #     block it sees; the softmax weights over key blocks, summed over the query block, rank
-    #     the key blocks (pooling 8 rows changed no layer's error by more than 0.004).
-    q_pool = q_rows.reshape(bsz, hq, c, qb // g, g, dim).mean(4)
-    pooled = (q_pool.reshape(bsz, hkv, -1, dim) @ k_pool.transpose(-1, -2)).reshape(bsz, hq, c, qb // g, nkb)
-    row_pos = start.unsqueeze(-1) + g * torch.arange(qb // g, device=device) + g - 1  # (c, qb/g)
-    row_last = row_pos + offset if causal else torch.full_like(row_pos, nk - 1)
+    # 1b. Block scores (:func:`block_scores`).
+    score, pairs = score_fn(q, k_pool, nk, scale, causal, r0, blocks, budget)
     key0 = kb * torch.arange(nkb, device=device)
-    seen = (key0 <= row_last.unsqueeze(-1)) & (row_pos - g + 1 < nq).unsqueeze(-1)  # (c, qb/g, nkb)
-    pooled = torch.softmax((pooled * scale).masked_fill(~seen, _NEG_INF), dim=-1).nan_to_num(0.0)
-    pairs = seen.sum().double()
-    score = pooled.sum(3)  # (B, Hq, c, nkb)
 
     # 2. Exact set E_j: sinks, window + diagonal, heavy columns, then the key blocks with the
     #    largest score times their share of keys not yet in the set.
@@ -385,7 +408,7 @@ def select_blocks(q: Tensor, k: Tensor, scale: float, causal: bool, budget: Budg
     lsh_idx = lsh_ok = first = k_order = None
     if lsh_keys is not None:
         sorted_comp, k_order = lsh_keys  # sorted_comp per query head, k_order per KV head
-        q_bucket = lsh_buckets(q_rows, draws.proj)  # (B, Hq, c, qb)
+        q_bucket = q_bucket[:, :, rows.clamp(max=nq - 1)]  # (B, Hq, c, qb)
         anchor = (sh_end - 1 - budget.window - 1).clamp(min=0) if causal else torch.clamp(start + offset, 0, nk - 1)
         target = (q_bucket * nk + anchor.view(c, 1)).reshape(bsz, hq, -1)
         end_pos = torch.searchsorted(sorted_comp, target, right=True)
@@ -504,13 +527,18 @@ def block_chunk(hq: int, nk: int, budget: Budget, elements: int = _CHUNK_ELEMENT
 
 def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, budget: Budget,
                          draws: StructuredDraws, r0: int, blocks: Tensor | None = None, heavy: Tensor | None = None,
-                         count_all: bool = False, attend=attend_blocks) -> tuple[Tensor, Tensor, float]:
+                         count_all: bool = False, attend=attend_blocks, k_pool: Tensor | None = None,
+                         lsh_sorted: tuple[Tensor, Tensor] | None = None, q_bucket: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, float]:
     """The approximate rows ``[r0, Nq)`` of the structured method for fixed draws (no guard, no probe rows).
 
     ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)`` fp32. Rows are cut into query blocks
     of ``budget.query_block`` starting at ``r0``; ``blocks`` (default all) names the query
-    blocks whose attention is computed. ``heavy`` (default: computed here) comes from
-    :func:`heavy_columns`; ``attend`` computes step 5 (:func:`attend_blocks`, or a kernel).
+    blocks whose attention is computed. ``heavy``, ``k_pool``, ``lsh_sorted`` and
+    ``q_bucket`` (default: computed here) come from :func:`heavy_columns`, :func:`pool_keys`,
+    :func:`sort_keys_by_bucket` and :func:`~hyperattn.reference.lsh.lsh_buckets`; ``attend``
+    computes step 5 (:func:`attend_blocks`, or a kernel, which may also bring its own
+    ``block_scores``).
 
     Returns ``out (B, Hq, nsel, query_block, D)``, ``lse (B, Hq, nsel, query_block)`` fp32
     (rows past ``Nq`` in the last block are padding) and the (query, key) scores per head:
@@ -525,16 +553,21 @@ def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
     pairs = 0.0
     if heavy is None:
         heavy, pairs = heavy_columns(q, k, v, scale, causal, budget, draws, r0)
-    k_pool = pool_keys(k.float(), budget.key_block)
+    if k_pool is None:
+        k_pool = pool_keys(k.float(), budget.key_block)
     lsh_keys = None
     if budget.lsh_block > 0 and nk > 0:
-        sorted_comp, k_order = sort_keys_by_bucket(k, draws.proj)
+        sorted_comp, k_order = sort_keys_by_bucket(k, draws.proj) if lsh_sorted is None else lsh_sorted
         lsh_keys = (sorted_comp.repeat_interleave(q.shape[1] // k.shape[1], dim=1), k_order)
+        if q_bucket is None:
+            q_bucket = lsh_buckets(q, draws.proj)
+    score_fn = getattr(attend, "block_scores", None)
     step = block_chunk(q.shape[1], nk, budget, getattr(attend, "chunk_elements", _CHUNK_ELEMENTS),
                        getattr(attend, "rows_times_keys", True))
     outs, lses, ctx = [], [], {}
     for c0 in range(0, len(blocks), step):
-        sel, p = select_blocks(q, k, scale, causal, budget, draws, r0, blocks[c0:c0 + step], heavy, k_pool, lsh_keys)
+        sel, p = select_blocks(q, k, scale, causal, budget, draws, r0, blocks[c0:c0 + step], heavy, k_pool, lsh_keys,
+                               q_bucket, score_fn)
         pairs = pairs + p
         o, l = attend(q, k, v, scale, causal, r0, qb, sel, ctx)
         outs.append(o)
@@ -547,7 +580,7 @@ def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
         rest = all_blocks[~torch.isin(all_blocks, blocks)]
         for c0 in range(0, len(rest), step):
             pairs = pairs + select_blocks(q, k, scale, causal, budget, draws, r0, rest[c0:c0 + step], heavy, k_pool,
-                                          lsh_keys)[1]
+                                          lsh_keys, q_bucket, score_fn)[1]
     return out, lse, float(pairs)
 
 
@@ -579,14 +612,72 @@ def _probe_error(out_approx: Tensor, out_exact: Tensor) -> Tensor:
 _PROBE_BLOCKS = 8
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What every guard tier of one call shares: heavy columns, pooled keys, the bucket sort, exact probe rows.
+
+    Per-head tensors are ``(B, Hq, ...)``, per-KV-head ones ``(B, Hkv, ...)``;
+    :meth:`pick` gives them for a subset of heads, each its own KV head (as
+    :func:`_select_heads` lays out K and V).
+    """
+
+    heavy: Tensor
+    k_pool: Tensor
+    lsh_sorted: tuple[Tensor, Tensor] | None
+    q_bucket: Tensor | None  # (B, Hq, Nq) every row's LSH bucket
+    probe: Tensor  # (B, Hq, P) probe-row positions
+    probe_out: Tensor  # (B, Hq, P, D) their exact output
+    probe_lse: Tensor  # (B, Hq, P)
+    probe_pairs: float  # scores per head of the probe rows
+
+    def pick(self, heads: Tensor, group: int) -> _Shared:
+        b, h = heads[:, 0], heads[:, 1]
+
+        def per_head(x):
+            return x[b, h].unsqueeze(0)
+
+        def per_kv(x):
+            return x[b, h // group].unsqueeze(0)
+
+        lsh = None if self.lsh_sorted is None else tuple(per_kv(x) for x in self.lsh_sorted)
+        q_bucket = None if self.q_bucket is None else per_head(self.q_bucket)
+        return _Shared(per_head(self.heavy), per_kv(self.k_pool), lsh, q_bucket, per_head(self.probe),
+                       per_head(self.probe_out), per_head(self.probe_lse), self.probe_pairs)
+
+
+def _shared_parts(q, k, v, scale, causal, budget, seed, r0) -> tuple[_Shared, float]:
+    """The :class:`_Shared` parts of a call and the scores per head of the heavy-column search."""
+    bsz, hq, nq, dim = q.shape
+    nk = k.shape[2]
+    qb = budget.query_block
+    num_blocks = math.ceil((nq - r0) / qb)
+    draws = draw_structured(seed, dim, bsz, hq, num_blocks, dataclasses.replace(budget, sample_size=0), q.device)
+    heavy, heavy_pairs = heavy_columns(q, k, v, scale, causal, budget, draws, r0)
+    lsh = q_bucket = None
+    if budget.lsh_block > 0 and nk > 0:
+        lsh, q_bucket = sort_keys_by_bucket(k, draws.proj), lsh_buckets(q, draws.proj)
+    # Probe row p lies in probe block p % _PROBE_BLOCKS, at a random offset inside it.
+    probe_blocks = (draws.probe_blocks * num_blocks).long().clamp(max=num_blocks - 1)
+    pb = probe_blocks[torch.arange(budget.probe_rows) % _PROBE_BLOCKS]
+    pb_start = r0 + pb * qb
+    pb_len = torch.clamp(nq - pb_start, max=qb)
+    probe = (pb_start + torch.minimum((draws.probe * pb_len).long(), pb_len - 1)).to(q.device)  # (B, Hq, P)
+    q_probe = q.gather(2, probe.unsqueeze(-1).expand(*probe.shape, dim))
+    limit = probe + (nk - nq) + 1 if causal else torch.full_like(probe, nk)
+    out_e, lse_e, _ = _rows_attention(q_probe, limit, k, v, scale)
+    probe_pairs = float(limit.clamp(max=nk).sum()) / (bsz * hq)
+    return (_Shared(heavy, pool_keys(k.float(), budget.key_block), lsh, q_bucket, probe, out_e, lse_e, probe_pairs),
+            heavy_pairs)
+
+
 def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, heads=None, num_heads=None,
-                 heavy=None, trial=False, attend=attend_blocks):
+                 shared=None, trial=False, attend=attend_blocks):
     """Approximate rows from ``r0`` on, probe rows exact, and the per-head probe estimate.
 
     ``heads: (S, 2)`` (with ``num_heads = (B, Hq)`` of the whole call) names the (batch,
     head) pairs that ``q: (1, S, Nq, D)`` holds: each head gets the draws it has in the
     whole call, so a head's result does not depend on which other heads are computed.
-    ``heavy`` holds the heads' heavy columns (:func:`heavy_columns`).
+    ``shared`` holds the heads' :class:`_Shared` parts (default: computed here).
 
     Returns ``out (B, Hq, R, D)``, ``lse (B, Hq, R)``, ``rows (R,)`` (the rows computed:
     all of ``[r0, Nq)``, or those of ``eval_blocks`` and the probe blocks), ``est (B, Hq)``
@@ -594,9 +685,10 @@ def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, hea
     the probe blocks are computed and the last value is their scores per row instead.
     """
     bsz, hq, nq, dim = q.shape
-    nk = k.shape[2]
     qb = budget.query_block
     num_blocks = math.ceil((nq - r0) / qb)
+    if shared is None:
+        shared, _ = _shared_parts(q, k, v, scale, causal, budget, seed, r0)
     if heads is None:
         draws = draw_structured(seed, dim, bsz, hq, num_blocks, budget, q.device)
     else:
@@ -607,8 +699,9 @@ def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, hea
     else:
         extra = torch.zeros(0, dtype=torch.long) if eval_blocks is None else eval_blocks.cpu().long()
         blocks = torch.unique(torch.cat([extra, probe_blocks]))
-    out, lse, pairs = structured_attention(q, k, v, scale, causal, budget, draws, r0, blocks, heavy,
-                                           count_all=not trial, attend=attend)
+    out, lse, pairs = structured_attention(q, k, v, scale, causal, budget, draws, r0, blocks, shared.heavy,
+                                           count_all=not trial, attend=attend, k_pool=shared.k_pool,
+                                           lsh_sorted=shared.lsh_sorted, q_bucket=shared.q_bucket)
     rows = (r0 + blocks.unsqueeze(-1) * qb + torch.arange(qb)).reshape(-1).to(q.device)
     keep = rows < nq
     out = out.reshape(bsz, hq, -1, out.shape[-1])[:, :, keep]
@@ -616,22 +709,13 @@ def _approx_rows(q, k, v, scale, causal, budget, seed, r0, eval_blocks=None, hea
     rows = rows[keep]
     if trial:
         pairs /= len(rows)
-
-    # Probe row p lies in probe block p % _PROBE_BLOCKS, at a random offset inside it.
-    pb = probe_blocks[torch.arange(budget.probe_rows) % _PROBE_BLOCKS]
-    pb_start = r0 + pb * qb
-    pb_len = torch.clamp(nq - pb_start, max=qb)
-    probe = (pb_start + torch.minimum((draws.probe * pb_len).long(), pb_len - 1)).to(q.device)  # (B, Hq, P)
-    q_probe = q.gather(2, probe.unsqueeze(-1).expand(*probe.shape, dim))
-    limit = probe + (nk - nq) + 1 if causal else torch.full_like(probe, nk)
-    out_e, lse_e, _ = _rows_attention(q_probe, limit, k, v, scale)
-    if not trial:
-        pairs += float(limit.clamp(max=nk).sum()) / (bsz * hq)
-    local = torch.searchsorted(rows, probe).unsqueeze(-1)  # position of each probe row among `rows`
-    est = _probe_error(out.gather(2, local.expand(-1, -1, -1, out.shape[-1])), out_e)
+    else:
+        pairs += shared.probe_pairs
+    local = torch.searchsorted(rows, shared.probe).unsqueeze(-1)  # position of each probe row among `rows`
+    est = _probe_error(out.gather(2, local.expand(-1, -1, -1, out.shape[-1])), shared.probe_out)
     # Probe rows were computed exactly anyway: their output is the exact one.
-    out = out.scatter(2, local.expand(-1, -1, -1, out.shape[-1]), out_e)
-    lse = lse.scatter(2, local.squeeze(-1), lse_e)
+    out = out.scatter(2, local.expand(-1, -1, -1, out.shape[-1]), shared.probe_out)
+    lse = lse.scatter(2, local.squeeze(-1), shared.probe_lse)
     return out, lse, rows, est, pairs
 
 
@@ -663,16 +747,16 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
 
 def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error, group, pairs, exact_heads,
-                  heavy, attend=attend_blocks, exact=attention_lse):
+                  shared, attend=attend_blocks, exact=attention_lse):
     """Rows from ``r0`` on with the guard; adds each head's scores to ``pairs`` and marks ``exact_heads``.
 
     The tiers of :data:`_TIERS` are tried cheapest first on the probe rows only (about 1%
     of a full pass each); each head then runs once, at the first tier whose estimate meets
     ``max_error`` and that scores fewer keys than exact attention, or exactly. A head has
     the same draws in its trial and in its final run, so its probe blocks, its output
-    there and its estimate are those the guard decided on. ``heavy (B, Hq, H)`` are the
-    heads' heavy columns (the same at every tier); ``attend`` and ``exact`` compute the
-    approximate and the exact rows (PyTorch here, kernels on the GPU).
+    there and its estimate are those the guard decided on. ``shared`` (:class:`_Shared`)
+    is what every tier shares; ``attend`` and ``exact`` compute the approximate and the
+    exact rows (PyTorch here, kernels on the GPU).
     """
     bsz, hq, nq, _ = qf.shape
     probe_only = torch.zeros(0, dtype=torch.long)
@@ -686,7 +770,7 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
         heads = all_heads[idx.to(qf.device)]
         q_sel = qf[heads[:, 0], heads[:, 1]].unsqueeze(0)
         return (heads, q_sel, _select_heads(kf, heads, group), _select_heads(vf, heads, group),
-                heavy[heads[:, 0], heads[:, 1]].unsqueeze(0))
+                shared.pick(heads, group))
 
     for i, factor in enumerate(_TIERS):
         idx = torch.nonzero(pending).squeeze(-1)
@@ -713,7 +797,7 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
             continue
         if len(idx) == len(all_heads):  # every head at one tier: no per-head copies
             o, l, rows, e, p = _approx_rows(qf, kf, vf, scale, causal, budget.scaled(factor), seed, r0, eval_blocks,
-                                            heavy=heavy, attend=attend)
+                                            shared=shared, attend=attend)
             pairs += p
             return o, l, rows, e
         heads, q_sel, k_sel, v_sel, h_sel = subset(idx)
@@ -790,18 +874,17 @@ def structured_run(q, k, v, scale, causal, budget: Budget, seed: int, max_error:
         stats = stats_type("structured", float(pairs.mean()) / nq, zeros, ~exact_heads)
         return outs[0], lses[0], stats, torch.arange(nq, device=q.device)
 
-    # The heavy columns depend on the block probe rows only, which every tier shares.
-    draws = draw_structured(seed, dim, bsz, hq, math.ceil((nq - r0) / budget.query_block),
-                            dataclasses.replace(budget, sample_size=0), q.device)
-    heavy, heavy_pairs = heavy_columns(qf, kf, vf, scale, causal, budget, draws, r0)
+    # Heavy columns, pooled keys, the bucket sort and the exact probe rows do not depend on
+    # the budget tier: computed once.
+    shared, heavy_pairs = _shared_parts(qf, kf, vf, scale, causal, budget, seed, r0)
     pairs += heavy_pairs
     if max_error is None:
         out, lse, rows, est, approx_pairs = _approx_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks,
-                                                         heavy=heavy, attend=attend)
+                                                         shared=shared, attend=attend)
         pairs += approx_pairs
     else:
         out, lse, rows, est = _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_error,
-                                            group, pairs, exact_heads, heavy, attend, exact)
+                                            group, pairs, exact_heads, shared, attend, exact)
     stats = stats_type("structured", float(pairs.mean()) / nq, est, exact_heads)
     if eval_blocks is not None:
         return out, lse, stats, rows
