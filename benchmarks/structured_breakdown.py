@@ -46,6 +46,7 @@ def _no_attention(q, k, v, scale, causal, r0, qb, sel, ctx):
 
 _no_attention.chunk_elements = _BlockAttention.chunk_elements
 _no_attention.rows_times_keys = False
+_no_attention.block_scores = _BlockAttention.block_scores
 
 
 def breakdown(n: int, repeats: int, profile: bool) -> dict:

@@ -435,14 +435,16 @@ def select_blocks(q: Tensor, k: Tensor, scale: float, causal: bool, budget: Budg
     #    instead: exact.
     m = budget.sample_size
     mix = budget.sample_mix
-    open_d = open_c
-    guide = score * (open_d > 0)
+    # In float64: the draws compare u with cumulative sums, and a GPU cumsum's rounding depends
+    # on the tensor's shape; float64 keeps a chunk's draws those of the whole call.
+    open_d = open_c.double()
+    guide = score.double() * (open_d > 0)
     guide_total = guide.sum(-1, keepdim=True)
     uniform = open_d / comp_count.unsqueeze(-1).clamp(min=1)
-    guided = torch.where(guide_total > 0, guide / guide_total.clamp(min=1e-30), uniform)
+    guided = torch.where(guide_total > 0, guide / guide_total.clamp(min=1e-300), uniform)
     proposal = mix * uniform + (1.0 - mix) * guided  # (B, Hq, c, nkb), per key block
     cdf = proposal.cumsum(-1)
-    u = (torch.arange(m, device=device) + draws.samples[:, :, blocks]) / max(m, 1)
+    u = (torch.arange(m, device=device) + draws.samples[:, :, blocks].double()) / max(m, 1)
     u = u * cdf[..., -1:]
     kb_idx = torch.searchsorted(cdf, u, right=True)
     last = torch.where(proposal > 0, torch.arange(nkb, device=device), 0).amax(-1, keepdim=True)
@@ -450,7 +452,7 @@ def select_blocks(q: Tensor, k: Tensor, scale: float, causal: bool, budget: Budg
     p_block = proposal.gather(-1, kb_idx)
     before = torch.where(kb_idx > 0, cdf.gather(-1, (kb_idx - 1).clamp(min=0)), 0.0)
     n_open = open_d.gather(-1, kb_idx)
-    inside = torch.floor((u - before) / p_block.clamp(min=1e-30) * n_open)
+    inside = torch.floor((u - before) / p_block.clamp(min=1e-300) * n_open)
     inside = torch.minimum(inside.clamp(min=0), (n_open - 1).clamp(min=0)).long()
     rank = (open_d.cumsum(-1) - open_d).gather(-1, kb_idx).long() + inside
     drawn = _nth_missing(exact_idx, rank)
