@@ -210,3 +210,16 @@ def test_block_score_kernel_matches_reference(nq, nk, causal):
     # Softmax weights summed over 8 groups (values in [0, 8]); tf32x3 products carry ~fp32 accuracy.
     assert (got - want).abs().max() < 1e-5
     assert float(got_pairs) == float(want_pairs)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("nq,nk", [(1500, 1500), (700, 1100), (1100, 700)], ids=lambda x: str(x))
+def test_exact_method_on_cuda_runs_the_range_kernel(nq, nk, causal):
+    q, k, v = qkv(1, 8, 2, nq, nk, 64, device="cuda", seed=nq + 1)
+    out, lse = ha.hyper_attention(q, k, v, causal=causal, config=ha.HyperAttentionConfig(method="exact"),
+                                  return_lse=True)
+    want, want_lse = attention_lse(q, k, v, 64 ** -0.5, causal)
+    visible = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), visible)
+    assert rel_err(out, want) < FP32_RTOL
+    assert rel_err(lse[visible], want_lse[visible]) < FP32_RTOL

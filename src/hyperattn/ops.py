@@ -106,7 +106,17 @@ def _exact_pairs(nq: int, nk: int, causal: bool) -> int:
 
 
 def _run_exact(q, k, v, scale, causal, config, seed):
-    out, lse = attention_lse(q, k, v, scale, causal)
+    if q.is_cuda and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        from .kernels.dispatch import structured_kernel_supported
+
+        if structured_kernel_supported(q, config) is None:
+            from .kernels.structured import exact_lse  # the Triton range kernel, O(N) memory
+
+            out, lse = exact_lse(q, k, v, scale, causal)
+        else:
+            out, lse = attention_lse(q, k, v, scale, causal)
+    else:
+        out, lse = attention_lse(q, k, v, scale, causal)
     zeros = torch.zeros(q.shape[0], q.shape[1], device=q.device)
     stats = AttentionStats("exact", _exact_pairs(q.shape[2], k.shape[2], causal) / q.shape[2], zeros,
                            torch.ones_like(zeros, dtype=torch.bool))

@@ -11,7 +11,7 @@ only) at each length, for every implementation:
 
 Each hyper row runs once per method: ``"hyper"`` (the paper's method, Triton kernels on
 CUDA) and the package default configuration (whatever ``HyperAttentionConfig()`` is:
-``"structured"``, whose CUDA path is the PyTorch reference where it has no kernel).
+``"structured"``, which has its own CUDA path: PyTorch selection, Triton attention).
 Timing: one warm-up call (Triton compiles and autotunes per shape), then CUDA-event
 timings of ``reps`` calls, median reported; peak memory of the first timed call, weights
 included. Results are written after every row, so a run cut short still leaves data.

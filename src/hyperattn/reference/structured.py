@@ -8,12 +8,12 @@ assumption fails there (DESIGN.md §3). This method scores those parts exactly a
 Queries are processed in blocks of ``query_block`` consecutive rows (64). For query
 block ``j`` and head ``h`` (shape legend of :mod:`hyperattn.ops`):
 
-1. **Block probe.** ``block_probes`` random rows of the block are scored against every
-   key they see; their softmax weights pick the heavy columns and guide the residual
-   samples. The key blocks are ranked by block scores: the mean query of each
-   ``score_group`` (8) consecutive rows scores the mean key of every key block it sees,
-   and the softmax weights over key blocks are summed over the query block
-   (MInference/XAttention-style pooling).
+1. **Block probe and block scores.** ``block_probes`` random rows of each query block
+   (of at most ``_HEAVY_BLOCKS`` blocks, evenly spaced) are scored against every key they
+   see; their summed softmax weights pick the head's heavy columns. The key blocks are
+   ranked by block scores: the mean query of each ``score_group`` (8) consecutive rows
+   scores the mean key of every key block it sees, and the softmax weights over key blocks
+   are summed over the query block (MInference/XAttention-style pooling).
 2. **Exact set** ``E_j``: the first ``num_sinks`` keys; a local window of ``window`` keys
    before the block plus the block's own diagonal; the ``heavy_columns`` columns with the
    largest mass over the probe rows (vertical lines shared by the head); and the
@@ -23,17 +23,18 @@ block ``j`` and head ``h`` (shape legend of :mod:`hyperattn.ops`):
    ``i`` takes the ``lsh_block`` most recent keys of its own bucket (and the neighbouring
    bucket) that lie before the window and outside ``E_j``. This finds a needle key that
    only this query matches, which the block probe can miss.
-4. **Residual.** The complement ``C_j`` (keys every query of the block sees, outside
-   ``E_j``) is cut into ``sample_size`` near-equal strata of its rank order, one column is
-   drawn per stratum and weighted by the stratum size (Horvitz-Thompson: every column of
-   ``C_j`` has inclusion probability 1/|stratum|). A sampled column that is in the
-   query's own ``L_i`` is masked (already counted exactly), so the estimate of
-   ``sum_{c in C_j minus L_i} exp(s_ic)`` stays unbiased. With ``sample_size >= |C_j|``
-   every column is taken once with weight 1 and the result is exact.
+4. **Residual.** ``sample_size`` columns of the complement ``C_j`` (keys every query of
+   the block sees, outside ``E_j``) are drawn by systematic sampling of a proposal that
+   mixes uniform over ``C_j`` with the block scores (each key block's share spread over
+   its keys in ``C_j``), each weighted ``1 / (m pi(c))`` (Hansen-Hurwitz: unbiased). A
+   sampled column that is in the query's own ``L_i`` is masked (already counted exactly),
+   so the estimate of ``sum_{c in C_j minus L_i} exp(s_ic)`` stays unbiased. With
+   ``sample_size >= |C_j|`` every column is taken once with weight 1 and the result is
+   exact.
 5. The three parts merge through their log-sum-exp (:func:`~hyperattn.reference.exact.merge_lse`).
 
 Rows that see at most ``min_seq_len`` keys (1024 by default) are exact, and so are the
-probe rows and block-probe rows, whose exact outputs are computed anyway.
+probe rows of the error estimate, whose exact outputs are computed anyway.
 
 **Error estimate and guard.** ``probe_rows`` random approximate rows per head, lying in 8
 random query blocks, are scored exactly; ``est_error[b, h]`` is
