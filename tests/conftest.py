@@ -27,6 +27,23 @@ def assert_matches_exact(out, lse, ref_out, ref_lse, atol: float = FP32_ATOL) ->
     assert torch.allclose(lse[finite], ref_lse[finite], atol=atol)
 
 
+def exact_low_precision(q, k, v, causal):
+    """Exact attention rounded as a flash kernel rounds: fp32 scores, probabilities and output in q's dtype.
+
+    The yardstick of the low-precision kernel tests: a kernel's error against the fp32
+    reference may be at most a small multiple of this one's.
+    """
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        rows = torch.arange(nq, device=q.device).unsqueeze(1) + nk - nq
+        s = s.masked_fill(torch.arange(nk, device=q.device) > rows, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return (p.to(q.dtype) @ v).to(q.dtype).float()
+
+
 def qkv(batch, hq, hkv, nq, nk, dim, dtype=torch.float32, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hq, nq, dim, generator=gen)

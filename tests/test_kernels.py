@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import qkv, rel_err
+from conftest import exact_low_precision, qkv, rel_err
 
 from hyperattn import HyperAttentionConfig, hyper_attention
 from hyperattn.reference.exact import attention_lse
@@ -56,19 +56,6 @@ def _reference(q, k, v, causal, cfg):
     return hyper_attention_reference(q, k, v, scale=q.shape[-1] ** -0.5, causal=causal, block_size=cfg.block_size,
                                      sample_size=cfg.sample_size, num_projs=cfg.lsh_num_projs,
                                      min_seq_len=cfg.effective_min_seq_len, seed=cfg.seed)
-
-
-def _exact_low_precision(q, k, v, causal):
-    """Exact attention rounded as a flash kernel rounds: fp32 scores, probabilities and output in q's dtype."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        nq, nk = q.shape[2], k.shape[2]
-        rows = torch.arange(nq, device=q.device).unsqueeze(1) + nk - nq
-        s = s.masked_fill(torch.arange(nk, device=q.device) > rows, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return (p.to(q.dtype) @ v).to(q.dtype).float()
 
 
 # --- launch plan (any device) --------------------------------------------------------------------
@@ -146,7 +133,7 @@ def test_kernel_matches_reference(case, causal, dtype):
         assert rel_err(lse[visible], ref_lse[visible]) < FP32_RTOL
     else:
         exact, _ = attention_lse(q, k, v, q.shape[-1] ** -0.5, causal)
-        baseline = rel_err(_exact_low_precision(q, k, v, causal), exact)
+        baseline = rel_err(exact_low_precision(q, k, v, causal), exact)
         assert rel_err(out, ref_out) <= LOWP_FACTOR * baseline
 
 
@@ -242,5 +229,5 @@ def test_default_config_long_sequence_matches_reference():
     out = hyper_attention(q, k, v, causal=True, config=cfg)
     ref, _ = _reference(q, k, v, True, cfg)
     exact, _ = attention_lse(q[:, :, -2048:], k, v, q.shape[-1] ** -0.5, True)
-    baseline = rel_err(_exact_low_precision(q[:, :, -2048:], k, v, True), exact)
+    baseline = rel_err(exact_low_precision(q[:, :, -2048:], k, v, True), exact)
     assert rel_err(out, ref) <= LOWP_FACTOR * baseline

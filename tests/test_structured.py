@@ -218,4 +218,4 @@ def test_estimator_and_guard_fields_validated():
         ha.HyperAttentionConfig(query_block=1.5)
     with pytest.raises(ValueError, match="key_blocks"):
         ha.HyperAttentionConfig(key_blocks=-1)
-    assert math.isclose(ha.HyperAttentionConfig().sample_mix, 0.5)
+    assert math.isclose(ha.HyperAttentionConfig().sample_mix, 0.3)

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import qkv, rel_err
+from conftest import exact_low_precision, qkv, rel_err
 
 import hyperattn as ha
 from hyperattn.reference import structured as ref
@@ -84,17 +84,6 @@ def _reference_path(q, k, v, causal, cfg):
     return out, lse, stats
 
 
-def _exact_low_precision(q, k, v, causal):
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        nq, nk = q.shape[2], k.shape[2]
-        s = s.masked_fill(torch.arange(nk, device=q.device) > torch.arange(nq, device=q.device)[:, None] + nk - nq,
-                          float("-inf"))
-    return (torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v).float()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -122,7 +111,7 @@ def test_kernel_matches_reference_on_the_same_selection(case, causal, dtype):
         assert rel_err(got_lse, want_lse) < FP32_RTOL
     else:
         exact, _ = attention_lse(q, k, v, scale, causal)
-        baseline = rel_err(_exact_low_precision(q, k, v, causal), exact)
+        baseline = rel_err(exact_low_precision(q, k, v, causal), exact)
         assert rel_err(got_out, want_out) <= LOWP_FACTOR * baseline
         assert rel_err(got_lse, want_lse) < 1e-3  # logits from the same bf16/fp16 products, fp32 sums
 
@@ -191,7 +180,7 @@ def test_default_long_bf16_call_runs_the_kernel_and_reports_its_error():
     out = ha.hyper_attention(q, k, v, causal=True, config=cfg)
     want, _, _ = _reference_path(q, k, v, True, cfg)
     exact, _ = attention_lse(q[:, :, -1024:], k, v, 128 ** -0.5, True)
-    baseline = rel_err(_exact_low_precision(q[:, :, -1024:], k, v, True), exact)
+    baseline = rel_err(exact_low_precision(q[:, :, -1024:], k, v, True), exact)
     assert rel_err(out[:, :, -1024:], want[:, :, -1024:]) <= LOWP_FACTOR * baseline
 
 

@@ -73,7 +73,8 @@ class HyperAttentionConfig:
             little mass the block scores miss (docs/QUALITY.md), but it is what finds a key
             wanted by one query row alone (a needle no block score sees; tested).
         sample_mix: share of uniform sampling in the residual proposal; the rest follows
-            the block-probe weights (structured). 1.0 is plain uniform sampling. Default 0.5.
+            the block scores (structured). 1.0 is plain uniform sampling; the uniform share
+            bounds every weight by |complement| / (sample_size * sample_mix). Default 0.3.
         check_finite: check inputs for NaN/Inf (one reduction per tensor). Default True.
     """
 
@@ -94,7 +95,7 @@ class HyperAttentionConfig:
     score_group: int = 8
     block_probes: int = 1
     lsh_block: int = 32
-    sample_mix: float = 0.5
+    sample_mix: float = 0.3
 
     def __post_init__(self) -> None:
         _check_int("lsh_num_projs", self.lsh_num_projs, low=1, high=16)

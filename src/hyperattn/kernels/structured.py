@@ -25,6 +25,22 @@ __all__ = ["block_scores", "structured_block_attention", "exact_lse", "structure
 
 
 @triton.jit
+def _head(num_heads, group):
+    # Axis 1 of every grid here is batch x query head: the flat index, batch, head, KV head.
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % num_heads
+    return bh, bh // num_heads, h, h // group
+
+
+@triton.jit
+def _program(BLOCKS, num_heads, group):
+    # Axis 0 indexes the chunk's query blocks: (slot in the chunk, query block, head indices).
+    sel = tl.program_id(0)
+    bh, b, h, kvh = _head(num_heads, group)
+    return sel, tl.load(BLOCKS + sel), bh, b, h, kvh
+
+
+@triton.jit
 def _structured_kernel(Q, K, V, OUT, LSE, BLOCKS, EIDX, ECNT, SIDX, SLOGW, HITS,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn,
@@ -32,12 +48,7 @@ def _structured_kernel(Q, K, V, OUT, LSE, BLOCKS, EIDX, ECNT, SIDX, SLOGW, HITS,
                        CAUSAL: tl.constexpr, HAS_HITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (query block, batch x head): the block's rows are contiguous in Q.
-    sel = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    blk = tl.load(BLOCKS + sel)
+    sel, blk, bh, b, h, kvh = _program(BLOCKS, num_heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -104,10 +115,7 @@ def _lsh_kernel(Q, K, V, OUT, LSE, ONES, BLOCKS, PERM, FIRST, LOK, ORDER,
     # Rows sorted by the first slot of their LSH block in the bucket-sorted key order: the
     # blocks of one tile overlap, so the tile reads its keys once and scores them with tl.dot.
     t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
+    bh, b, h, kvh = _head(num_heads, group)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -149,12 +157,7 @@ def _block_score_kernel(Q, KP, OUT, BLOCKS, stride_qb, stride_qh, stride_qn, num
                         BLOCK_G: tl.constexpr, KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (query block, batch x head): the block's group-mean queries against every
     # pooled key, a masked softmax per group (two passes), summed over the groups.
-    sel = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    blk = tl.load(BLOCKS + sel)
+    sel, blk, bh, b, h, kvh = _program(BLOCKS, num_heads, group)
     start = r0 + blk * QB
     offs_r = tl.arange(0, QB)
     offs_g = tl.arange(0, BLOCK_G)

@@ -94,7 +94,7 @@ class Budget:
     lsh_block: int = 32
     lsh_num_projs: int = 7
     sample_size: int = 256
-    sample_mix: float = 0.5
+    sample_mix: float = 0.3
     score_group: int = 8
     probe_rows: int = 64
     min_seq_len: int = 1024
