@@ -11,8 +11,6 @@ Triton kernel, :func:`structured_block_attention`; exact rows (the prefix before
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -283,7 +281,10 @@ def _main_pass(q, k, v, scale, causal, r0, query_block, sel, num_warps=4):
 
 
 def _lsh_pass(q, k, v, scale, r0, query_block, blocks, out, lse, first, lok, order):
-    """Every row's LSH block in one launch, LSE-merged in place into ``out``/``lse`` (``(B, Hq, nsel, qb[, D])`` fp32)."""
+    """Every row's LSH block in one launch, LSE-merged in place into ``out``/``lse``.
+
+    ``out (B, Hq, nsel, qb, D)`` and ``lse (B, Hq, nsel, qb)`` fp32, as the main pass wrote them.
+    """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     num_rows = first.shape[2] * first.shape[3]

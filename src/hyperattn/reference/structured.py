@@ -762,7 +762,6 @@ def _guarded_rows(qf, kf, vf, scale, causal, budget, seed, r0, eval_blocks, max_
     exact rows (PyTorch here, kernels on the GPU).
     """
     bsz, hq, nq, _ = qf.shape
-    probe_only = torch.zeros(0, dtype=torch.long)
     exact_cost = _exact_row_pairs(r0, nq, nq, kf.shape[2], causal)
     all_heads = torch.cartesian_prod(torch.arange(bsz), torch.arange(hq)).to(qf.device)  # (B*Hq, 2)
     hc = all_heads.cpu()
