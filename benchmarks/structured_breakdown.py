@@ -68,8 +68,8 @@ def breakdown(n: int, repeats: int, profile: bool) -> dict:
     r0 = ref.first_approx_row(n, n, True, budget.min_seq_len)
     nb = math.ceil((n - r0) / budget.query_block)
     draws = ref.draw_structured(0, 128, 1, 32, nb, budget, "cuda")
-    row["heavy_ms"] = _time(lambda: ref.heavy_columns(q, k, v, scale, True, budget, draws, r0), repeats)
-    heavy, _ = ref.heavy_columns(q, k, v, scale, True, budget, draws, r0)
+    row["heavy_ms"] = _time(lambda: ref.heavy_columns(q, k, scale, True, budget, draws, r0), repeats)
+    heavy, _ = ref.heavy_columns(q, k, scale, True, budget, draws, r0)
     sorted_comp, order = ref.sort_keys_by_bucket(k, draws.proj)
     sel, _ = ref.select_blocks(q, k, scale, True, budget, draws, r0, torch.arange(nb), heavy,
                                ref.pool_keys(k.float(), budget.key_block), (sorted_comp.repeat_interleave(4, 1), order))

@@ -105,16 +105,24 @@ def _exact_pairs(nq: int, nk: int, causal: bool) -> int:
     return sum(max(0, min(nk, i + 1 + nk - nq)) for i in range(nq)) if nq != nk else nq * (nq + 1) // 2
 
 
+def _structured_kernel_reason(q, k, v, config) -> str | None:
+    """Why the structured/exact Triton kernels cannot run this call (``""``: no warning due), or ``None``.
+
+    They need CUDA inputs and no gradient (they have no backward; the PyTorch path is
+    differentiable), plus what :func:`~hyperattn.kernels.dispatch.structured_kernel_supported` checks.
+    """
+    if not q.is_cuda or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        return ""
+    from .kernels.dispatch import structured_kernel_supported
+
+    return structured_kernel_supported(q, config)
+
+
 def _run_exact(q, k, v, scale, causal, config, seed):
-    if q.is_cuda and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        from .kernels.dispatch import structured_kernel_supported
+    if _structured_kernel_reason(q, k, v, config) is None:
+        from .kernels.structured import exact_lse  # the Triton range kernel, O(N) memory
 
-        if structured_kernel_supported(q, config) is None:
-            from .kernels.structured import exact_lse  # the Triton range kernel, O(N) memory
-
-            out, lse = exact_lse(q, k, v, scale, causal)
-        else:
-            out, lse = attention_lse(q, k, v, scale, causal)
+        out, lse = exact_lse(q, k, v, scale, causal)
     else:
         out, lse = attention_lse(q, k, v, scale, causal)
     zeros = torch.zeros(q.shape[0], q.shape[1], device=q.device)
@@ -193,14 +201,12 @@ def _in_head_chunks(runner: Callable) -> Callable:
 def _run_structured(q, k, v, scale, causal, config, seed):
     from .reference import structured
 
-    if q.is_cuda and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        from .kernels.dispatch import structured_kernel_supported
+    reason = _structured_kernel_reason(q, k, v, config)
+    if reason is None:
+        from .kernels.structured import structured_forward  # imported lazily: needs triton
 
-        reason = structured_kernel_supported(q, config)
-        if reason is None:
-            from .kernels.structured import structured_forward  # imported lazily: needs triton
-
-            return structured_forward(q, k, v, scale, causal, config, seed, AttentionStats)
+        return structured_forward(q, k, v, scale, causal, config, seed, AttentionStats)
+    if reason:
         warnings.warn(f"hyper_attention: {reason}; running the PyTorch reference", stacklevel=3)
     return structured.run(q, k, v, scale, causal, config, seed)
 

@@ -4,5 +4,6 @@
 - :mod:`~hyperattn.kernels.attention`: range and gathered-column attention with an
   online softmax and in-place LSE merges;
 - :mod:`~hyperattn.kernels.hyper`: the paper's method as a few launches;
+- :mod:`~hyperattn.kernels.structured`: the structured method's attention and block scores;
 - :mod:`~hyperattn.kernels.dispatch`: the entry point, fallbacks and autograd.
 """

@@ -28,36 +28,34 @@ def _reference(q, k, v, scale, causal, config, seed):
                                      min_seq_len=config.effective_min_seq_len, seed=seed)
 
 
-def kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
-    """``None`` when the Triton kernels can run this call, else the reason they cannot."""
+def _supported(q: Tensor, *checks: tuple[bool, str]) -> str | None:
+    # The checks every kernel path shares (CUDA, head dim, triton), with a path's own ones.
     if not q.is_cuda:
         return "the kernels need CUDA tensors"
     if q.shape[-1] not in _HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not one of {_HEAD_DIMS}"
-    # Sort keys are (piece << r) | bucket in int32; pieces per launch are at most Nq / min_seq_len.
-    pieces = q.shape[2] // max(1, config.effective_min_seq_len) + 2
-    if pieces.bit_length() + config.lsh_num_projs > 31:
-        return "too many pieces per launch for 32-bit sort keys"
+    for failed, reason in checks:
+        if failed:
+            return reason
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
     return None
+
+
+def kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
+    """``None`` when the Triton kernels can run this call, else the reason they cannot."""
+    # Sort keys are (piece << r) | bucket in int32; pieces per launch are at most Nq / min_seq_len.
+    pieces = q.shape[2] // max(1, config.effective_min_seq_len) + 2
+    return _supported(q, (pieces.bit_length() + config.lsh_num_projs > 31,
+                          "too many pieces per launch for 32-bit sort keys"))
 
 
 def structured_kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
-    """``None`` when the structured method's kernel can run this call, else the reason it cannot."""
-    if not q.is_cuda:
-        return "the kernels need CUDA tensors"
-    if q.shape[-1] not in _HEAD_DIMS:
-        return f"head dim {q.shape[-1]} is not one of {_HEAD_DIMS}"
-    if config.query_block not in (16, 32, 64, 128):
-        return f"query_block {config.query_block} is not one of (16, 32, 64, 128)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    return None
+    """``None`` when the structured method's kernels can run this call, else the reason they cannot."""
+    return _supported(q, (config.query_block not in (16, 32, 64, 128),
+                          f"query_block {config.query_block} is not one of (16, 32, 64, 128)"))
 
 
 class _HyperAttention(torch.autograd.Function):

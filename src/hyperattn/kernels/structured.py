@@ -150,6 +150,19 @@ def _lsh_kernel(Q, K, V, OUT, LSE, ONES, BLOCKS, PERM, FIRST, LOK, ORDER,
 
 
 @triton.jit
+def _pooled_tile(KP, kp_base, qg, n0, nkb, row_last, g_ok, scale, offs_n, offs_d, KB: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    # Key blocks [n0, n0 + BLOCK_N): their indices, which exist, the group queries' scaled
+    # logits against their pooled keys (tf32x3: fp32-level accuracy), and which each group sees.
+    kbi = n0 + offs_n
+    kb_ok = kbi < nkb
+    kp = tl.load(KP + kp_base + kbi[:, None] * HEAD_DIM + offs_d[None, :], mask=kb_ok[:, None], other=0.0)
+    s = tl.dot(qg, tl.trans(kp), input_precision="tf32x3") * scale
+    seen = (kbi[None, :] * KB <= row_last[:, None]) & g_ok[:, None] & kb_ok[None, :]
+    return kbi, kb_ok, s, seen
+
+
+@triton.jit
 def _block_score_kernel(Q, KP, OUT, BLOCKS, stride_qb, stride_qh, stride_qn, num_heads, kv_heads, group, nq, nk,
                         nkb, r0, num_sel, scale, CAUSAL: tl.constexpr, QB: tl.constexpr, G: tl.constexpr,
                         BLOCK_G: tl.constexpr, KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -177,11 +190,8 @@ def _block_score_kernel(Q, KP, OUT, BLOCKS, stride_qb, stride_qh, stride_qn, num
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     for n0 in range(0, nkb, BLOCK_N):
-        kbi = n0 + offs_n
-        kb_ok = kbi < nkb
-        kp = tl.load(KP + kp_base + kbi[:, None] * HEAD_DIM + offs_d[None, :], mask=kb_ok[:, None], other=0.0)
-        s = tl.dot(qg, tl.trans(kp), input_precision="tf32x3") * scale
-        seen = (kbi[None, :] * KB <= row_last[:, None]) & g_ok[:, None] & kb_ok[None, :]
+        kbi, kb_ok, s, seen = _pooled_tile(KP, kp_base, qg, n0, nkb, row_last, g_ok, scale, offs_n, offs_d, KB,
+                                           HEAD_DIM)
         s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -190,11 +200,8 @@ def _block_score_kernel(Q, KP, OUT, BLOCKS, stride_qb, stride_qh, stride_qn, num
     lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
     out_base = (bh * num_sel + sel) * nkb
     for n0 in range(0, nkb, BLOCK_N):
-        kbi = n0 + offs_n
-        kb_ok = kbi < nkb
-        kp = tl.load(KP + kp_base + kbi[:, None] * HEAD_DIM + offs_d[None, :], mask=kb_ok[:, None], other=0.0)
-        s = tl.dot(qg, tl.trans(kp), input_precision="tf32x3") * scale
-        seen = (kbi[None, :] * KB <= row_last[:, None]) & g_ok[:, None] & kb_ok[None, :]
+        kbi, kb_ok, s, seen = _pooled_tile(KP, kp_base, qg, n0, nkb, row_last, g_ok, scale, offs_n, offs_d, KB,
+                                           HEAD_DIM)
         p = tl.where(seen, tl.exp(s - lse[:, None]), 0.0)
         tl.store(OUT + out_base + kbi, tl.sum(p, 0), mask=kb_ok)
 

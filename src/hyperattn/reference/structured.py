@@ -158,22 +158,33 @@ def _gather_kv(x: Tensor, idx: Tensor) -> Tensor:
     return out.reshape(bsz, hq, *idx.shape[2:], dim)
 
 
-def _rows_attention(q_rows: Tensor, limit: Tensor, k: Tensor, v: Tensor, scale: float
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact attention of chosen rows ``q_rows: (B, Hq, R, D)``; row ``r`` sees keys ``< limit[..., r]``.
+def _row_scores(q: Tensor, rows: Tensor, k: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """Scaled fp32 logits of the query ``rows: (B, Hq, R)`` (positions) against every key.
 
-    Returns ``out (B, Hq, R, D)``, ``lse (B, Hq, R)`` and the softmax weights ``(B, Hq, R, Nk)``.
+    Returns ``scores (B, Hq, R, Nk)``, ``-inf`` on keys a row does not see, and the number of
+    keys each row sees ``(B, Hq, R)``.
     """
-    bsz, hq, rows, dim = q_rows.shape
+    bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    k, v = k.float(), v.float()
-    qg = q_rows.float().reshape(bsz, hkv, hq // hkv * rows, dim)
-    scores = (qg @ k.transpose(-1, -2)).reshape(bsz, hq, rows, nk) * scale
-    scores = scores.masked_fill(torch.arange(nk, device=k.device) >= limit.unsqueeze(-1), _NEG_INF)
+    seen = (rows + (nk - nq) + 1).clamp(0, nk) if causal else torch.full_like(rows, nk)
+    q_rows = q.gather(2, rows.unsqueeze(-1).expand(*rows.shape, dim)).float()
+    scores = (q_rows.reshape(bsz, hkv, -1, dim) @ k.float().transpose(-1, -2)) * scale
+    scores = scores.reshape(bsz, hq, rows.shape[-1], nk)
+    return scores.masked_fill_(torch.arange(nk, device=k.device) >= seen.unsqueeze(-1), _NEG_INF), seen
+
+
+def _rows_attention(q: Tensor, rows: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact attention of the query ``rows: (B, Hq, R)``.
+
+    Returns ``out (B, Hq, R, D)``, ``lse (B, Hq, R)`` fp32 and the keys each row sees.
+    """
+    bsz, hq, r = rows.shape
+    scores, seen = _row_scores(q, rows, k, scale, causal)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
-    out = (probs.reshape(bsz, hkv, -1, nk) @ v).reshape(bsz, hq, rows, v.shape[-1])
-    return out, lse, probs
+    out = probs.reshape(bsz, k.shape[1], -1, k.shape[2]) @ v.float()
+    return out.reshape(bsz, hq, r, v.shape[-1]), lse, seen
 
 
 # Query blocks whose block probe rows pick the heavy columns: all of them up to this many,
@@ -209,7 +220,7 @@ def _geometry(nq: int, nk: int, r0: int, qb: int, causal: bool, blocks: Tensor):
     return start, end, full, full
 
 
-def heavy_columns(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, budget: Budget,
+def heavy_columns(q: Tensor, k: Tensor, scale: float, causal: bool, budget: Budget,
                   draws: StructuredDraws, r0: int) -> tuple[Tensor, float]:
     """The heavy columns of each head and the scores per head spent finding them.
 
@@ -218,8 +229,8 @@ def heavy_columns(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, b
     the largest summed softmax weight (sinks excluded, weight > 0) are the head's vertical
     lines. Returns ``(B, Hq, heavy_columns)`` key indices, ``-1`` where there are fewer.
     """
-    bsz, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    bsz, hq, nq, _ = q.shape
+    nk = k.shape[2]
     count = min(budget.heavy_columns, nk)
     qb = budget.query_block
     num_blocks = math.ceil((nq - r0) / qb)
@@ -233,18 +244,13 @@ def heavy_columns(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, b
     rows = start.unsqueeze(-1) + (u * (end - start).unsqueeze(-1)).long()
     rows = torch.minimum(rows, (end - 1).unsqueeze(-1)).reshape(bsz, hq, -1)
     mass = torch.zeros(bsz, hq, nk, device=q.device)
-    kf = k.float().transpose(-1, -2)
-    keys = torch.arange(nk, device=q.device)
+    kf = k.float()
     pairs = 0.0
     step = max(1, _HEAVY_ELEMENTS // max(1, hq * nk))
     for c0 in range(0, rows.shape[-1], step):
-        r = rows[..., c0:c0 + step]
-        limit = r + (nk - nq) + 1 if causal else torch.full_like(r, nk)
-        q_rows = q.gather(2, r.unsqueeze(-1).expand(*r.shape, dim)).float()
-        scores = (q_rows.reshape(bsz, hkv, -1, dim) @ kf).reshape(bsz, hq, r.shape[-1], nk) * scale
-        scores = scores.masked_fill_(keys >= limit.unsqueeze(-1), _NEG_INF)
+        scores, seen = _row_scores(q, rows[..., c0:c0 + step], kf, scale, causal)
         mass += torch.softmax(scores, dim=-1).sum(2)
-        pairs += float(limit.clamp(max=nk).sum()) / (bsz * hq)
+        pairs += float(seen.sum()) / (bsz * hq)
     mass[..., :budget.num_sinks] = 0.0
     values, index = torch.topk(mass, count, dim=-1)
     return torch.where(values > 0, index, -1), pairs
@@ -555,7 +561,7 @@ def structured_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
     blocks = all_blocks if blocks is None else blocks.cpu().long()
     pairs = 0.0
     if heavy is None:
-        heavy, pairs = heavy_columns(q, k, v, scale, causal, budget, draws, r0)
+        heavy, pairs = heavy_columns(q, k, scale, causal, budget, draws, r0)
     if k_pool is None:
         k_pool = pool_keys(k.float(), budget.key_block)
     lsh_keys = None
@@ -655,7 +661,7 @@ def _shared_parts(q, k, v, scale, causal, budget, seed, r0) -> tuple[_Shared, fl
     qb = budget.query_block
     num_blocks = math.ceil((nq - r0) / qb)
     draws = draw_structured(seed, dim, bsz, hq, num_blocks, dataclasses.replace(budget, sample_size=0), q.device)
-    heavy, heavy_pairs = heavy_columns(q, k, v, scale, causal, budget, draws, r0)
+    heavy, heavy_pairs = heavy_columns(q, k, scale, causal, budget, draws, r0)
     lsh = q_bucket = None
     if budget.lsh_block > 0 and nk > 0:
         lsh, q_bucket = sort_keys_by_bucket(k, draws.proj), lsh_buckets(q, draws.proj)
@@ -665,10 +671,8 @@ def _shared_parts(q, k, v, scale, causal, budget, seed, r0) -> tuple[_Shared, fl
     pb_start = r0 + pb * qb
     pb_len = torch.clamp(nq - pb_start, max=qb)
     probe = (pb_start + torch.minimum((draws.probe * pb_len).long(), pb_len - 1)).to(q.device)  # (B, Hq, P)
-    q_probe = q.gather(2, probe.unsqueeze(-1).expand(*probe.shape, dim))
-    limit = probe + (nk - nq) + 1 if causal else torch.full_like(probe, nk)
-    out_e, lse_e, _ = _rows_attention(q_probe, limit, k, v, scale)
-    probe_pairs = float(limit.clamp(max=nk).sum()) / (bsz * hq)
+    out_e, lse_e, seen = _rows_attention(q, probe, k, v, scale, causal)
+    probe_pairs = float(seen.sum()) / (bsz * hq)
     return (_Shared(heavy, pool_keys(k.float(), budget.key_block), lsh, q_bucket, probe, out_e, lse_e, probe_pairs),
             heavy_pairs)
 
