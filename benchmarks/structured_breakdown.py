@@ -1,116 +1,94 @@
-"""Where the time of the structured method's CUDA path goes, per stage.
+"""Stage breakdown of the structured method's fixed budget on CUDA (selection vs attention passes).
 
-    python benchmarks/structured_breakdown.py --lengths 32768 131072 --json out.json
+    PYTHONPATH=src python benchmarks/structured_breakdown.py --lengths 32768 131072 --json out.json
 
-Random bf16 inputs (B 1, Hq 32, Hkv 8, D 128, causal), fixed budget (``max_error=None``,
-the cost of the path the guard takes on real heads). Stages, each timed alone with CUDA
-events (median of ``--repeats``): the whole call; the selection of every query block
-(heavy columns, block scores, exact sets, LSH blocks, samples) with a no-op attention; the
-heavy-column search alone; the attention kernel on a precomputed selection of every block.
+Times each stage of :func:`hyperattn.methods.structured.run` with ``max_error=None`` on
+B1 Hq32/Hkv8 D128 bf16 causal random input, with CUDA events (median of 5 after warm-up),
+next to SDPA's fastest backend on the same input.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import statistics
 
 import torch
+import torch.nn.functional as F
 
 import hyperattn as ha
 from hyperattn.bench.forward import versions
-from hyperattn.kernels.structured import _BlockAttention, structured_block_attention
-from hyperattn.reference import structured as ref
+from hyperattn.kernels import structured as ker
+from hyperattn.methods.structured import _concat
+from hyperattn.reference import selection as S
 
 
-def _time(fn, repeats: int) -> float:
+def _ms(fn, reps=5):
     fn()
-    torch.cuda.synchronize()
     times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         fn()
-        end.record()
+        b.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(a.elapsed_time(b))
     return statistics.median(times)
 
 
-def _no_attention(q, k, v, scale, causal, r0, qb, sel, ctx):
-    shape = (q.shape[0], q.shape[1], len(sel.blocks), qb)
-    return q.new_zeros(*shape, q.shape[-1], dtype=torch.float32), q.new_zeros(*shape, dtype=torch.float32)
-
-
-_no_attention.chunk_elements = _BlockAttention.chunk_elements
-_no_attention.rows_times_keys = False
-_no_attention.block_scores = _BlockAttention.block_scores
-
-
-def breakdown(n: int, repeats: int, profile: bool) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(n)
+def breakdown(n: int, causal: bool = True) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-    scale = 128 ** -0.5
     cfg = ha.HyperAttentionConfig(seed=0, max_error=None)
-    budget = ref.budget_from_config(cfg)
-    row = {"n": n}
-    _, stats = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_stats=True)
-    row["keys_per_query"] = stats.keys_per_query
-    row["call_ms"] = _time(lambda: ha.hyper_attention(q, k, v, causal=True, config=cfg), repeats)
-    row["guarded_call_ms"] = _time(lambda: ha.hyper_attention(q, k, v, causal=True,
-                                                              config=ha.HyperAttentionConfig(seed=0)), repeats)
-    row["selection_ms"] = _time(lambda: ref.structured_run(q, k, v, scale, True, budget, 0, None, ha.AttentionStats,
-                                                           attend=_no_attention), repeats)
-    r0 = ref.first_approx_row(n, n, True, budget.min_seq_len)
-    nb = math.ceil((n - r0) / budget.query_block)
-    draws = ref.draw_structured(0, 128, 1, 32, nb, budget, "cuda")
-    row["heavy_ms"] = _time(lambda: ref.heavy_columns(q, k, scale, True, budget, draws, r0), repeats)
-    heavy, _ = ref.heavy_columns(q, k, scale, True, budget, draws, r0)
-    sorted_comp, order = ref.sort_keys_by_bucket(k, draws.proj)
-    sel, _ = ref.select_blocks(q, k, scale, True, budget, draws, r0, torch.arange(nb), heavy,
-                               ref.pool_keys(k.float(), budget.key_block), (sorted_comp.repeat_interleave(4, 1), order))
-    row["kernel_ms"] = _time(lambda: structured_block_attention(q, k, v, scale, True, r0, budget.query_block, sel),
-                             repeats)
-    # Marginal costs: the main pass alone (no LSH blocks), then without the samples too.
-    no_lsh = dataclasses.replace(sel, lsh_idx=None, lsh_ok=None)
-    row["kernel_no_lsh_ms"] = _time(lambda: structured_block_attention(q, k, v, scale, True, r0, budget.query_block,
-                                                                      no_lsh), repeats)
-    exact_only = dataclasses.replace(no_lsh, sample_idx=sel.sample_idx[..., :0], sample_logw=sel.sample_logw[..., :0])
-    row["kernel_exact_set_only_ms"] = _time(lambda: structured_block_attention(q, k, v, scale, True, r0,
-                                                                              budget.query_block, exact_only), repeats)
-    row["exact_set_mean"] = float((sel.exact_idx < ref._BIG).sum(-1).float().mean())
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+    scale = 128 ** -0.5
+    plan = S.make_plan(n, n, causal, cfg.query_block, cfg.window, cfg.chunk, 8192)
+    heads = torch.arange(32, device="cuda")
+    probe = S.probe_rows(plan, 0, 1, heads, cfg.probe_blocks, cfg.probe_rows // cfg.probe_blocks)
+    row = {"n": n, "causal": causal}
+    row["probe_ms"] = _ms(lambda: S.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks))
+    heavy = S.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks)[2]
+    row["pool_ms"] = _ms(lambda: S.pool(q, k, plan, cfg.score_group))
+    pooled = S.pool(q, k, plan, cfg.score_group)
+    row["lsh_ms"] = _ms(lambda: S.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0))
+    lsh = S.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0)
+    blocks = torch.arange(plan.first, plan.nqb, device="cuda").expand(1, 32, -1)
+    chunk_of = blocks // plan.chunk_blocks
+    hv = heavy.gather(2, chunk_of.unsqueeze(-1).expand(-1, -1, -1, heavy.shape[-1]))
 
-        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=True) as prof:
-            ref.structured_run(q, k, v, scale, True, budget, 0, None, ha.AttentionStats, attend=_no_attention)
-            torch.cuda.synchronize()
-        print(prof.key_averages(group_by_stack_n=4).table(sort_by="self_cuda_time_total", row_limit=40,
-                                                              max_name_column_width=50, max_src_column_width=90),
-              flush=True)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-        row["sdpa_cudnn_ms"] = _time(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), repeats)
-    print(json.dumps(row), flush=True)
+    def select():
+        scores = S.block_scores(pooled, scale, plan, blocks)
+        return S.select(plan, blocks, scores, hv, torch.full_like(blocks, cfg.key_blocks),
+                        torch.full_like(blocks, cfg.sample_size), cfg.num_sinks, cfg.sample_mix, 0, heads)
+
+    row["select_ms"] = _ms(select)
+    sel = _concat([select()], torch.ones_like(blocks, dtype=torch.bool))
+    row["attend_ms"] = _ms(lambda: ker.attend(q, k, v, scale, plan, sel, lsh))
+    row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg.replace(min_seq_len=8192)))
+    for name, backend in (("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
+                          ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION)):
+        try:
+            kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+            with torch.nn.attention.sdpa_kernel(backend):
+                row[f"sdpa_{name}_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal))
+        except RuntimeError as exc:
+            row[f"sdpa_{name}_ms"] = str(exc)[:80]
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main():
+    parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
-    parser.add_argument("--profile", type=int, nargs="*", default=[], help="lengths whose selection is profiled")
     args = parser.parse_args()
-    rows = [breakdown(n, args.repeats, n in args.profile) for n in args.lengths]
-    result = {"device": torch.cuda.get_device_name(), **versions(), "rows": rows}
+    rows = []
+    for n in args.lengths:
+        rows.append(breakdown(n))
+        print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "versions": versions(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

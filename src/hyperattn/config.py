@@ -39,39 +39,47 @@ class HyperAttentionConfig:
     Args:
         lsh_num_projs: hash bits ``r``; keys and queries fall in ``2**r`` angular buckets
             ordered by Gray code (adjacent buckets differ in one hyperplane). Default 7.
-        block_size: ``b``, keys per block of the sorted order that each query block
-            attends exactly. Default 256.
-        sample_size: ``m``, residual columns sampled per (batch, KV head, sub-problem).
-            ``m >= n`` takes every column, which makes the result exact. Default 256.
-        min_seq_len: at or below this many keys (per level of the causal recursion)
-            attention is exact. ``None`` (default) means the method's own default:
-            4096 for ``"hyper"`` (the paper's), 1024 for the others.
+        block_size: ``"hyper"``: ``b``, keys per block of the sorted order that each
+            query block attends exactly; ``"oracle_topk"``: top keys per row. Unused by the
+            structured method (its block is ``query_block``). Default 256.
+        sample_size: ``m``, residual columns sampled: per (batch, KV head, sub-problem) for
+            ``"hyper"``; per query block for ``"structured"`` (at the 1x tier). ``m`` at least
+            the residual's size takes every column, which makes the result exact. Default 256.
+        min_seq_len: at or below this many keys (per level of the causal recursion for
+            ``"hyper"``; per row for ``"structured"``, rounded up to a query block) attention
+            is exact. ``None`` (default) means the method's own default: 4096 for
+            ``"hyper"`` (the paper's); for ``"structured"`` the measured crossover on CUDA
+            (8192: below it SDPA is faster than any approximation) and 1024 elsewhere; 1024
+            for the peers.
         seed: ``None`` draws fresh randomness from torch's global generator on every
             call (so ``torch.manual_seed`` makes runs repeatable); an int fixes hashes
             and samples.
         method: one of :data:`METHODS`. Default ``"structured"``.
-        window: local window of recent keys each query attends exactly (structured and
-            streaming methods). Default 128.
+        window: keys before each query block that it attends exactly, as whole key blocks
+            (structured; streaming: the window itself). Default 128.
         num_sinks: leading "sink" columns always attended exactly. Default 16.
-        heavy_columns: extra heavy columns per head found by the probe. Default 64.
-        probe_rows: query rows per head scored against all keys to estimate the error
-            (structured). Default 64.
-        max_error: per-head relative error target (structured). Each head runs at the
-            cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and
-            samples) whose estimate from the probe rows is at most ``max_error``, or exactly
-            if none is. ``None`` disables the guard (every head at 1x). Default 0.05.
-        query_block: consecutive query rows that share one exact set (structured). Default 64.
-        key_blocks: key blocks of 64 keys each query block attends exactly, chosen by block
-            scores (structured). Default 4.
+        heavy_columns: heavy columns per chunk found by the probe rows (structured). Default 48.
+        probe_rows: query rows per chunk scored against every key they see; they find the
+            chunk's heavy columns and estimate its error (structured). Default 16. With
+            ``max_error`` set it must be > 0 (no probe rows would blind the guard).
+        max_error: relative error target per (head, chunk) (structured). Each chunk runs at
+            the cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and samples)
+            whose estimate on its probe rows is at most ``max_error``, else exactly (through
+            SDPA on CUDA). ``None`` disables the guard (every chunk at 1x). Default 0.05.
+        query_block: rows per query block and keys per key block (structured): the unit of
+            selection and of the block-sparse pass. Default 128.
+        key_blocks: key blocks each query block attends exactly beyond its window, the best
+            by pooled block scores (structured). Default 4.
+        chunk: rows per chunk (structured): heavy columns, probe rows and the guard's tier
+            are decided per chunk from its own rows, so rows before a multiple of ``chunk``
+            never depend on later tokens. A multiple of ``query_block``. Default 4096.
         score_group: consecutive query rows whose mean query scores the key blocks'
             mean keys for the block scores (structured); must divide ``query_block``.
-            Default 8.
-        block_probes: random rows per query block scored against all keys, whose weights
-            pick heavy columns and guide the residual samples (structured). Default 1.
+            Default 16.
+        probe_blocks: query blocks per chunk holding its probe rows (structured). Default 2.
         lsh_block: keys of each query's own LSH bucket attended exactly (structured); 0
-            turns the LSH block off. Default 32: on the measured real heads it catches
-            little mass the block scores miss (docs/QUALITY.md), but it is what finds a key
-            wanted by one query row alone (a needle no block score sees; tested).
+            turns the LSH block off. Default 32: it finds a key wanted by one query row alone
+            (a needle no block score sees; tested).
         sample_mix: share of uniform sampling in the residual proposal; the rest follows
             the block scores (structured). 1.0 is plain uniform sampling; the uniform share
             bounds every weight by |complement| / (sample_size * sample_mix). Default 0.3.
@@ -86,14 +94,15 @@ class HyperAttentionConfig:
     method: str = "structured"
     window: int = 128
     num_sinks: int = 16
-    heavy_columns: int = 64
-    probe_rows: int = 64
+    heavy_columns: int = 48
+    probe_rows: int = 16
     max_error: float | None = 0.05
     check_finite: bool = True
-    query_block: int = 64
+    query_block: int = 128
     key_blocks: int = 4
-    score_group: int = 8
-    block_probes: int = 1
+    chunk: int = 4096
+    score_group: int = 16
+    probe_blocks: int = 2
     lsh_block: int = 32
     sample_mix: float = 0.3
 
@@ -122,7 +131,13 @@ class HyperAttentionConfig:
         if self.query_block % self.score_group:
             raise ValueError(f"score_group: expected a divisor of query_block = {self.query_block}, "
                              f"got {self.score_group}")
-        _check_int("block_probes", self.block_probes, low=0)
+        _check_int("chunk", self.chunk, low=1)
+        if self.chunk % self.query_block:
+            raise ValueError(f"chunk: expected a multiple of query_block = {self.query_block}, got {self.chunk}")
+        _check_int("probe_blocks", self.probe_blocks, low=1)
+        if self.max_error is not None and self.probe_rows == 0:
+            raise ValueError("probe_rows: expected > 0 when max_error is set (no probe rows would blind the "
+                             "error guard); pass max_error=None to run without the guard")
         _check_int("lsh_block", self.lsh_block, low=0)
         if isinstance(self.sample_mix, bool) or not isinstance(self.sample_mix, (int, float)):
             raise TypeError(f"sample_mix: expected a float in (0, 1], got {type(self.sample_mix).__name__}")

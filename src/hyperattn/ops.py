@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import HyperAttentionConfig
+from .stats import AttentionStats
 from .reference.exact import attention_lse
 from .reference.hyper import causal_plan, hyper_attention_reference, noncausal_plan, scored_pairs
 
@@ -24,28 +24,6 @@ __all__ = ["hyper_attention", "exact_attention", "AttentionStats"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEFAULT_CONFIG = HyperAttentionConfig()
-
-
-@dataclass(frozen=True)
-class AttentionStats:
-    """What one call did.
-
-    Attributes:
-        method: the method that ran.
-        keys_per_query: average number of keys scored per query over the whole call
-            (exact parts, probes and samples included); exact causal attention at ``N``
-            scores ``(N + 1) / 2``.
-        est_error: ``(B, Hq)`` fp32 estimate of each head's relative output error
-            ``||O - O_exact|| / ||O_exact||``; 0 for exact heads, NaN where the method
-            makes no estimate (``"hyper"``).
-        exact_heads: ``(B, Hq)`` bool, heads the error guard computed exactly (all False
-            where no guard ran).
-    """
-
-    method: str
-    keys_per_query: float
-    est_error: Tensor
-    exact_heads: Tensor
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -105,26 +83,10 @@ def _exact_pairs(nq: int, nk: int, causal: bool) -> int:
     return sum(max(0, min(nk, i + 1 + nk - nq)) for i in range(nq)) if nq != nk else nq * (nq + 1) // 2
 
 
-def _structured_kernel_reason(q, k, v, config) -> str | None:
-    """Why the structured/exact Triton kernels cannot run this call (``""``: no warning due), or ``None``.
+def _run_exact(q, k, v, scale, causal, config, seed, need_lse=True):
+    from .methods.exact import exact
 
-    They need CUDA inputs and no gradient (they have no backward; the PyTorch path is
-    differentiable), plus what :func:`~hyperattn.kernels.dispatch.structured_kernel_supported` checks.
-    """
-    if not q.is_cuda or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        return ""
-    from .kernels.dispatch import structured_kernel_supported
-
-    return structured_kernel_supported(q, config)
-
-
-def _run_exact(q, k, v, scale, causal, config, seed):
-    if _structured_kernel_reason(q, k, v, config) is None:
-        from .kernels.structured import exact_lse  # the Triton range kernel, O(N) memory
-
-        out, lse = exact_lse(q, k, v, scale, causal)
-    else:
-        out, lse = attention_lse(q, k, v, scale, causal)
+    out, lse = exact(q, k, v, scale, causal, need_lse)
     zeros = torch.zeros(q.shape[0], q.shape[1], device=q.device)
     stats = AttentionStats("exact", _exact_pairs(q.shape[2], k.shape[2], causal) / q.shape[2], zeros,
                            torch.ones_like(zeros, dtype=torch.bool))
@@ -198,26 +160,11 @@ def _in_head_chunks(runner: Callable) -> Callable:
     return run
 
 
-def _run_structured(q, k, v, scale, causal, config, seed):
-    from .reference import structured
-
-    reason = _structured_kernel_reason(q, k, v, config)
-    if reason is None:
-        from .kernels.structured import structured_forward  # imported lazily: needs triton
-
-        return structured_forward(q, k, v, scale, causal, config, seed, AttentionStats)
-    if reason:
-        warnings.warn(f"hyper_attention: {reason}; running the PyTorch reference", stacklevel=3)
-    return structured.run(q, k, v, scale, causal, config, seed)
-
-
 def _method(name: str) -> Callable:
     if name == "exact":
         return _run_exact
     if name == "hyper":
         return _run_hyper
-    if name == "structured":
-        return _run_structured
     from .reference import peers  # the peer patterns
 
     return _in_head_chunks(peers.RUNNERS[name])
@@ -271,7 +218,14 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         warnings.warn(f"hyper_attention: method={cfg.method!r} has no GPU kernel yet and runs its PyTorch "
                       f"reference ({k.shape[2]} keys: seconds per call); method='hyper' runs Triton kernels",
                       stacklevel=2)
-    out, lse, stats = _method(cfg.method)(q, k, v, scale, causal, cfg, seed)
+    if cfg.method == "structured":
+        from .methods import structured
+
+        out, lse, stats = structured.run(q, k, v, scale, causal, cfg, seed, need_lse=return_lse)
+    elif cfg.method == "exact":
+        out, lse, stats = _run_exact(q, k, v, scale, causal, cfg, seed, need_lse=return_lse)
+    else:
+        out, lse, stats = _method(cfg.method)(q, k, v, scale, causal, cfg, seed)
     out = out.to(q.dtype)
     result = (out,)
     if return_lse:

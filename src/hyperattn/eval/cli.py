@@ -93,21 +93,12 @@ def _eval_rows(n: int, min_row: int, count: int, seed: int) -> torch.Tensor:
 def _method_rows(q, k, v, scale, config: HyperAttentionConfig, rows: torch.Tensor, seed: int):
     """The method's causal output at ``rows``, ``(B, Hq, R, D)``, and its stats (of the full call)."""
     from ..ops import AttentionStats, hyper_attention
-    from ..reference import peers, structured
+    from ..reference import peers
 
-    if config.method == "structured":
-        budget = structured.budget_from_config(config)
-        nq, nk = q.shape[2], k.shape[2]
-        r0 = structured.first_approx_row(nq, nk, True, budget.min_seq_len)
-        if int(rows.min()) >= r0:
-            blocks = torch.unique((rows - r0) // budget.query_block)
-            out, _, stats, got = structured.structured_run(q, k, v, scale, True, budget, seed, config.max_error,
-                                                           AttentionStats, eval_blocks=blocks)
-            return out[:, :, torch.searchsorted(got, rows)], stats
     if config.method in peers.RUNNERS:
         out, _, per_row = peers.peer_rows(config.method, q, k, v, scale, True, config, seed, rows)
         # keys/query of the full call: exact rows before min_seq_len plus the sampled rows' average.
-        r0 = structured.first_approx_row(q.shape[2], k.shape[2], True, config.effective_min_seq_len)
+        r0 = peers.first_approx_row(q.shape[2], k.shape[2], True, config.effective_min_seq_len)
         full = (r0 * (r0 + 1) / 2 + per_row * (q.shape[2] - r0)) / q.shape[2]
         nan = torch.full(q.shape[:2], float("nan"))
         return out, AttentionStats(config.method, full, nan, torch.zeros(q.shape[:2], dtype=torch.bool))

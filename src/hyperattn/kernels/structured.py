@@ -1,374 +1,198 @@
-"""The structured method on the GPU (mirrors :mod:`hyperattn.reference.structured`), same function for the same draws.
+"""The structured method's attention step on CUDA: FlexAttention block-sparse passes merged by LSE.
 
-The selection (heavy columns, block scores, exact sets, LSH blocks, residual samples) is
-the reference's own PyTorch code: it works on index lists of a few hundred keys per query
-block and key-block tables, O(N^2 / 4096) per head, and runs on the GPU as it is. The
-attention over the selection, the part that touches ``Nq x (keys per query) x D``, is one
-Triton kernel, :func:`structured_block_attention`; exact rows (the prefix before
-``min_seq_len`` and heads the guard runs exactly) go through
-:func:`~hyperattn.kernels.attention.range_attention`.
+Mirrors :mod:`hyperattn.reference.structured` function for function: :func:`attend` and
+:func:`attend_rows` take the same arguments and compute the same function (up to float
+rounding). :func:`attend` runs three FlexAttention passes over ``BlockMask``s built from
+the selection (torch's block-sparse engine; measured side by side with our own Triton
+kernels in ``benchmarks/NOTES.md``):
+
+1. **block-sparse pass**: each query block over its exact blocks (window and top blocks),
+   causal mask on the diagonal;
+2. **gathered pass**: the gathered columns (sinks, heavy columns, residual samples) of
+   every query block, copied into a block-diagonal key/value list with their log-weights
+   added as a score bias, masked where a column lies in the row's LSH block;
+3. **LSH pass**: queries and keys in bucket-sorted order, each sorted query block over the
+   sorted key tiles its rows' ranges span, masked to each row's range minus its exact blocks;
+
+then one log-sum-exp merge. :func:`attend_rows` (the guard's trials on a few probe rows)
+is the reference's own gather code, which is cheap at that size.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from ..reference import structured as ref
-from .attention import _finish, _precision, _tile_update, range_attention
+from ..reference import structured as _ref
+from ..reference.exact import merge_lse
+from ..reference.selection import Lsh, Plan, Selection
 
-__all__ = ["block_scores", "structured_block_attention", "exact_lse", "structured_forward"]
+__all__ = ["attend", "attend_rows", "supported"]
 
+attend_rows = _ref.attend_rows
 
-@triton.jit
-def _head(num_heads, group):
-    # Axis 1 of every grid here is batch x query head: the flat index, batch, head, KV head.
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % num_heads
-    return bh, bh // num_heads, h, h // group
+# FlexAttention's tile: the BlockMask's block size on both sides.
+_TILE = 128
 
-
-@triton.jit
-def _program(BLOCKS, num_heads, group):
-    # Axis 0 indexes the chunk's query blocks: (slot in the chunk, query block, head indices).
-    sel = tl.program_id(0)
-    bh, b, h, kvh = _head(num_heads, group)
-    return sel, tl.load(BLOCKS + sel), bh, b, h, kvh
+# Elements of the gathered key (and value) copies made at once; bounds their memory.
+_GATHER_ELEMENTS = 1 << 31
 
 
-@triton.jit
-def _structured_kernel(Q, K, V, OUT, LSE, BLOCKS, EIDX, ECNT, SIDX, SLOGW, HITS,
-                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn,
-                       num_heads, group, nq, nk, r0, num_sel, width, num_samples, num_words, qk_scale,
-                       CAUSAL: tl.constexpr, HAS_HITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # One program per (query block, batch x head): the block's rows are contiguous in Q.
-    sel, blk, bh, b, h, kvh = _program(BLOCKS, num_heads, group)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = r0 + blk * BLOCK_M + offs_m
-    row_ok = rows < nq
-    if CAUSAL:
-        limit = rows + (nk - nq)
-    else:
-        limit = rows * 0 + (nk - 1)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-    qk_scale = qk_scale * 1.4426950408889634
-    k_base = b * stride_kb + kvh * stride_kh
-    v_base = b * stride_vb + kvh * stride_vh
-    slot = bh * num_sel + sel
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    # The exact set E_j (key order), keys each row sees.
-    count = tl.load(ECNT + slot)
-    for n0 in range(0, count, BLOCK_N):
-        j = n0 + offs_n
-        ok = j < count
-        cols = tl.load(EIDX + slot * width + j, mask=ok, other=0)
-        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
-        valid = ok[None, :] & (cols[None, :] <= limit[:, None])
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
-
-    # Residual samples with their log-weights; a sample in the row's own LSH block is masked.
-    for n0 in range(0, num_samples, BLOCK_N):
-        j = n0 + offs_n
-        ok = j < num_samples
-        cols = tl.load(SIDX + slot * num_samples + j, mask=ok, other=0)
-        logw = tl.load(SLOGW + slot * num_samples + j, mask=ok, other=float("-inf"))
-        keep = ok & (logw > float("-inf"))
-        if HAS_HITS:  # bit j of word n0 // 64: sample n0 + j is in this row's LSH block
-            word = tl.load(HITS + (slot * BLOCK_M + offs_m) * num_words + n0 // 64)
-            keep2 = keep[None, :] & (((word[:, None] >> offs_n[None, :].to(tl.int64)) & 1) == 0)
-        else:
-            keep2 = keep[None, :]
-        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=keep[:, None], other=0.0)
-        v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=keep[:, None], other=0.0)
-        bias = tl.where(keep, logw, 0.0) * 1.4426950408889634
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias[None, :], keep2, qk_scale, True,
-                                     PRECISION)
-
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
-    out_rows = slot * BLOCK_M + offs_m
-    tl.store(OUT + out_rows[:, None] * HEAD_DIM + offs_d[None, :], out)
-    tl.store(LSE + out_rows, lse)
+def supported(q: Tensor) -> bool:
+    """Whether :func:`attend` can run this call (CUDA, FlexAttention, a query block of one tile)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return q.is_cuda and q.shape[-1] in (16, 32, 64, 128, 256)
 
 
-@triton.jit
-def _lsh_kernel(Q, K, V, OUT, LSE, ONES, BLOCKS, PERM, FIRST, LOK, ORDER,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                num_heads, kv_heads, group, nq, nk, r0, num_rows, qk_scale,
-                SPAN: tl.constexpr, QB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # Rows sorted by the first slot of their LSH block in the bucket-sorted key order: the
-    # blocks of one tile overlap, so the tile reads its keys once and scores them with tl.dot.
-    t = tl.program_id(0)
-    bh, b, h, kvh = _head(num_heads, group)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    i = t * BLOCK_M + offs_m
-    ok_m = i < num_rows
-    slot = tl.load(PERM + bh * num_rows + i, mask=ok_m, other=0)  # row slot in (blocks x QB) order
-    first = tl.load(FIRST + bh * num_rows + slot, mask=ok_m, other=0)
-    blk = tl.load(BLOCKS + slot // QB, mask=ok_m, other=0)
-    rows = r0 + blk * QB + slot % QB
-    row_ok = ok_m & (rows < nq)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    qk_scale = qk_scale * 1.4426950408889634
-    k_base = b * stride_kb + kvh * stride_kh
-    v_base = b * stride_vb + kvh * stride_vh
-    order_base = (b * kv_heads + kvh) * nk
-    lo = tl.min(tl.where(ok_m, first, 2147483647), 0)
-    hi = tl.max(tl.where(ok_m, first + SPAN, 0), 0)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        slots = n0 + offs_n
-        s_ok = slots < hi
-        keys = tl.load(ORDER + order_base + slots, mask=s_ok, other=0)
-        k = tl.load(K + k_base + keys[:, None] * stride_kn + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        v = tl.load(V + v_base + keys[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        pos = slots[None, :] - first[:, None]
-        inside = (pos >= 0) & (pos < SPAN) & ok_m[:, None] & s_ok[None, :]
-        lok = tl.load(LOK + (bh * num_rows + slot)[:, None] * SPAN + pos, mask=inside, other=0)
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, inside & (lok != 0), qk_scale, True, PRECISION)
-    # LSE-merge with what the main pass wrote for these rows.
-    _finish(acc, m_i, l_i, OUT, OUT, LSE, ONES, slot, bh * num_rows + slot, ok_m, offs_d, HEAD_DIM, True)
+@functools.cache
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
-@triton.jit
-def _pooled_tile(KP, kp_base, qg, n0, nkb, row_last, g_ok, scale, offs_n, offs_d, KB: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    # Key blocks [n0, n0 + BLOCK_N): their indices, which exist, the group queries' scaled
-    # logits against their pooled keys (tf32x3: fp32-level accuracy), and which each group sees.
-    kbi = n0 + offs_n
-    kb_ok = kbi < nkb
-    kp = tl.load(KP + kp_base + kbi[:, None] * HEAD_DIM + offs_d[None, :], mask=kb_ok[:, None], other=0.0)
-    s = tl.dot(qg, tl.trans(kp), input_precision="tf32x3") * scale
-    seen = (kbi[None, :] * KB <= row_last[:, None]) & g_ok[:, None] & kb_ok[None, :]
-    return kbi, kb_ok, s, seen
+def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, full_num=None, full_idx=None):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    full = {} if full_num is None else {"full_kv_num_blocks": full_num.int().contiguous(),
+                                          "full_kv_indices": full_idx.int().contiguous()}
+    return BlockMask.from_kv_blocks(num.int().contiguous(), idx.int().contiguous(), **full, BLOCK_SIZE=_TILE,
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=False)
 
 
-@triton.jit
-def _block_score_kernel(Q, KP, OUT, BLOCKS, stride_qb, stride_qh, stride_qn, num_heads, kv_heads, group, nq, nk,
-                        nkb, r0, num_sel, scale, CAUSAL: tl.constexpr, QB: tl.constexpr, G: tl.constexpr,
-                        BLOCK_G: tl.constexpr, KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program per (query block, batch x head): the block's group-mean queries against every
-    # pooled key, a masked softmax per group (two passes), summed over the groups.
-    sel, blk, bh, b, h, kvh = _program(BLOCKS, num_heads, group)
-    start = r0 + blk * QB
-    offs_r = tl.arange(0, QB)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = start + offs_r
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=(rows < nq)[:, None], other=0.0).to(tl.float32)  # rows past Nq are zero vectors
-    avg = tl.where(offs_r[None, :] // G == offs_g[:, None], 1.0 / G, 0.0)  # [BLOCK_G, QB]
-    # tf32x3: fp32-level accuracy on tensor cores (as the hashing kernel).
-    qg = tl.dot(avg, q, input_precision="tf32x3")  # [BLOCK_G, D] group means
-    row_pos = start + G * offs_g + G - 1
-    g_ok = (offs_g < QB // G) & (row_pos - G + 1 < nq)
-    if CAUSAL:
-        row_last = row_pos + (nk - nq)
-    else:
-        row_last = row_pos * 0 + (nk - 1)
-    kp_base = (b * kv_heads + kvh) * nkb * HEAD_DIM
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for n0 in range(0, nkb, BLOCK_N):
-        kbi, kb_ok, s, seen = _pooled_tile(KP, kp_base, qg, n0, nkb, row_last, g_ok, scale, offs_n, offs_d, KB,
-                                           HEAD_DIM)
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-        m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
-    out_base = (bh * num_sel + sel) * nkb
-    for n0 in range(0, nkb, BLOCK_N):
-        kbi, kb_ok, s, seen = _pooled_tile(KP, kp_base, qg, n0, nkb, row_last, g_ok, scale, offs_n, offs_d, KB,
-                                           HEAD_DIM)
-        p = tl.where(seen, tl.exp(s - lse[:, None]), 0.0)
-        tl.store(OUT + out_base + kbi, tl.sum(p, 0), mask=kb_ok)
-
-
-def block_scores(q: Tensor, k_pool: Tensor, nk: int, scale: float, causal: bool, r0: int, blocks: Tensor,
-                 budget) -> tuple[Tensor, Tensor]:
-    """:func:`hyperattn.reference.structured.block_scores` in one launch (same contract, fp32-level accuracy)."""
-    bsz, hq, nq, dim = q.shape
-    hkv, nkb = k_pool.shape[1], k_pool.shape[2]
-    qb, kb, g = budget.query_block, budget.key_block, budget.score_group
-    blocks = blocks.to(device=q.device)
-    c = len(blocks)
-    out = torch.empty(bsz, hq, c, nkb, device=q.device, dtype=torch.float32)
-    block_g = max(16, triton.next_power_of_2(qb // g))
-    _block_score_kernel[(c, bsz * hq)](
-        q, k_pool.float().contiguous(), out, blocks.to(torch.int32), q.stride(0), q.stride(1), q.stride(2),
-        hq, hkv, hq // hkv, nq, nk, nkb, r0, c, scale,
-        CAUSAL=causal, QB=qb, G=g, BLOCK_G=block_g, KB=kb, HEAD_DIM=dim, BLOCK_N=64, num_warps=4,
-    )
-    # The (group, key block) pairs scored, as the reference counts them.
-    start = r0 + qb * blocks
-    row_pos = start.unsqueeze(-1) + g * torch.arange(qb // g, device=q.device) + g - 1
-    row_last = row_pos + (nk - nq) if causal else torch.full_like(row_pos, nk - 1)
-    seen = torch.clamp(torch.div(row_last, kb, rounding_mode="floor") + 1, 0, nkb) * (row_pos - g + 1 < nq)
-    return out, seen.sum().double()
-
-
-def _sample_hits(sel: ref.Selection) -> tuple[Tensor, Tensor, Tensor]:
-    """Samples sorted by key per block, their log-weights, and per row a bit mask of the samples in its LSH block.
-
-    Returns ``sample_idx, sample_logw (B, Hq, c, m)`` and ``hits (B, Hq, c, qb, ceil(m / 64))``
-    int64: bit ``j`` of word ``w`` set when sample ``64 w + j`` is one of the row's LSH keys
-    that count (``lsh_ok``). Hits are rare, so they are found per LSH key (binary search in
-    the sorted samples) and set sparsely.
-    """
-    samples, order = torch.sort(sel.sample_idx, dim=-1)
-    logw = sel.sample_logw.gather(-1, order)
-    bsz, hq, c, qb, span = sel.lsh_idx.shape
-    m = samples.shape[-1]
-    words = max(1, -(-m // 64))
-    keys = sel.lsh_idx.reshape(bsz, hq, c, qb * span)
-    lo = torch.searchsorted(samples, keys)
-    hi = torch.searchsorted(samples, keys, right=True)
-    found = (hi > lo) & sel.lsh_ok.reshape(keys.shape)
-    hits = torch.zeros(bsz * hq * c * qb * words, dtype=torch.int64, device=samples.device)
-    where = found.nonzero()  # (H, 4): b, h, block, row * span + l
-    if len(where):
-        count = (hi - lo)[found]
-        each = torch.repeat_interleave(torch.arange(len(where), device=samples.device), count)
-        first = torch.cumsum(count, 0) - count
-        slot = lo[found][each] + torch.arange(len(each), device=samples.device) - first[each]
-        b, h, blk, flat = where[each].unbind(-1)
-        row = ((b * hq + h) * c + blk) * qb + flat // span
-        # Distinct samples of one row set distinct bits: the sum is their OR.
-        hits.scatter_add_(0, row * words + slot // 64, torch.ones_like(slot) << (slot % 64))
-    return samples, logw, hits.reshape(bsz, hq, c, qb, words)
-
-
-def _main_pass(q, k, v, scale, causal, r0, query_block, sel, num_warps=4):
-    bsz, hq, nq, dim = q.shape
-    nk = k.shape[2]
-    c = len(sel.blocks)
-    in_set = sel.exact_idx < ref._BIG
-    eidx = torch.where(in_set, sel.exact_idx, 0).to(torch.int32).contiguous()
-    ecnt = in_set.sum(-1).to(torch.int32).contiguous()
-    if sel.lsh_idx is None:
-        samples, logw, hits = sel.sample_idx, sel.sample_logw, None
-    else:
-        samples, logw, hits = _sample_hits(sel)
-    sidx = samples.to(torch.int32).contiguous()
-    slogw = logw.float().contiguous()
-    out = torch.empty(bsz, hq, c, query_block, dim, device=q.device, dtype=torch.float32)
-    lse = torch.empty(bsz, hq, c, query_block, device=q.device, dtype=torch.float32)
-    blocks = sel.blocks.to(device=q.device, dtype=torch.int32)
-    _structured_kernel[(c, bsz * hq)](
-        q, k, v, out, lse, blocks, eidx, ecnt, sidx, slogw, sidx if hits is None else hits,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        hq, hq // k.shape[1], nq, nk, r0, c, eidx.shape[-1], sidx.shape[-1], 1 if hits is None else hits.shape[-1],
-        scale, CAUSAL=causal, HAS_HITS=hits is not None, HEAD_DIM=dim, BLOCK_M=query_block, BLOCK_N=64,
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2,
-    )
+def _run(q, k, v, scale, block_mask, score_mod=None, gqa=False):
+    out, lse = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                       return_lse=True)
     return out, lse
 
 
-def _lsh_pass(q, k, v, scale, r0, query_block, blocks, out, lse, first, lok, order):
-    """Every row's LSH block in one launch, LSE-merged in place into ``out``/``lse``.
+def _packed(indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Counts and indices with the valid (``>= 0``) entries first, ascending."""
+    big = torch.iinfo(torch.int32).max
+    ordered = torch.sort(torch.where(indices >= 0, indices, big), dim=-1).values
+    return (indices >= 0).sum(-1), torch.where(ordered == big, 0, ordered)
 
-    ``out (B, Hq, nsel, qb, D)`` and ``lse (B, Hq, nsel, qb)`` fp32, as the main pass wrote them.
-    """
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
+           ) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.structured.attend` on FlexAttention (same contract)."""
+    if plan.block != _TILE:
+        out, lse = _ref.attend(q, k, v, scale, plan, sel, lsh)
+        return out, lse
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    num_rows = first.shape[2] * first.shape[3]
-    first = first.reshape(bsz * hq, num_rows)
-    perm = torch.argsort(first, dim=-1).to(torch.int32).contiguous()
-    first = first.to(torch.int32).contiguous()
-    lok = lok.to(torch.int8).reshape(bsz * hq, num_rows, -1).contiguous()
-    order = order.to(torch.int32).contiguous()
-    ones = torch.ones(num_rows, dtype=torch.int8, device=q.device)
-    block_m = 64
-    _lsh_kernel[(triton.cdiv(num_rows, block_m), bsz * hq)](
-        q, k, v, out, lse, ones, blocks.to(device=q.device, dtype=torch.int32), perm, first, lok, order,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        hq, hkv, hq // hkv, nq, nk, r0, num_rows, scale,
-        SPAN=lok.shape[-1], QB=query_block, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2,
-    )
-    return out, lse
+    device = q.device
+    first, nqb, nkb = plan.first, plan.nqb, plan.nkb
+    offset = plan.offset
+    causal = plan.causal
+    lo, hi = lsh.lo.int(), lsh.hi.int()
+
+    # 1. Block-sparse pass over E_j: blocks the diagonal (or the keys' end) cuts are partial
+    # (mask evaluated), the others full. The mask is the whole definition (E_j and causal),
+    # as FlexAttention's eager path applies it to every score.
+    exact_blocks = torch.nn.functional.pad(sel.exact_blocks, (0, 0, first, 0), value=-1)  # (B, Hq, nqb, E)
+    # Exact blocks of every query block as a bitmap, to drop them from the LSH ranges.
+    words = math.ceil(nkb / 32)
+    bits = torch.zeros(bsz, hq, nqb, words * 32 + 1, dtype=torch.bool, device=device)
+    bits.scatter_(-1, torch.where(exact_blocks >= 0, exact_blocks, words * 32).long(), True)
+    bits = (bits[..., :-1].reshape(bsz, hq, nqb, words, 32).int() << torch.arange(32, device=device, dtype=torch.int32)).sum(
+        -1, dtype=torch.int32)
+    q_start = torch.arange(nqb, device=device).view(1, 1, nqb, 1) * _TILE
+    block_end = (exact_blocks + 1) * _TILE - 1  # last key of each block
+    cut = (block_end >= nk) | ((block_end > q_start + offset) if causal else False)
+    num, idx = _packed(torch.where(cut, exact_blocks, -1))
+    full_num, full_idx = _packed(torch.where(cut, -1, exact_blocks))
+
+    def exact_mask(b, h, q_idx, kv_idx):
+        kb = kv_idx // _TILE
+        word = bits[b, h, q_idx // _TILE, kb >> 5]
+        keep = (kv_idx < nk) & (((word >> (kb & 31)) & 1) == 1)
+        return keep & (q_idx + offset >= kv_idx) if causal else keep
+
+    out1, lse1 = _run(q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx), gqa=hq != hkv)
+
+    # 2. Gathered pass: each query block's listed columns, block-diagonal.
+    width = sel.gather_idx.shape[-1]
+    tiles = max(1, math.ceil(width / _TILE))
+    pad = tiles * _TILE - width
+    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, pad))
+    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, pad), value=float("-inf"))
+    c = g_idx.shape[2]
+    out2 = torch.zeros_like(q)
+    lse2 = torch.full((bsz, hq, nq), float("-inf"), device=device)
+    per_head = c * tiles * _TILE * dim
+    step = max(1, min(hq, _GATHER_ELEMENTS // max(1, bsz * per_head)))
+    group = hq // hkv
+    j = torch.arange(nqb, device=device)
+    g_num = torch.where(j >= first, tiles, 0).view(1, 1, nqb).expand(bsz, -1, -1)
+    g_ind = ((j - first).clamp(min=0) * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
+    for h0 in range(0, hq, step):
+        h1 = min(hq, h0 + step)
+        heads = torch.arange(h0, h1, device=device)
+        gi = g_idx[:, h0:h1].reshape(bsz, h1 - h0, -1)
+        kv_rows = gi.unsqueeze(-1).expand(-1, -1, -1, dim)
+        kg = k[:, heads // group].gather(2, kv_rows)
+        vg = v[:, heads // group].gather(2, kv_rows)
+        logw = g_logw[:, h0:h1].reshape(bsz, h1 - h0, -1).contiguous()
+        b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
+        slot = lsh.slot[b_ix, (heads // group).view(1, -1, 1), gi].int()  # bucket-sorted slot of each column
+        lo_h, hi_h = lo[:, h0:h1].contiguous(), hi[:, h0:h1].contiguous()
+
+        def weight(score, b, h, q_idx, kv_idx):
+            return score + logw[b, h, kv_idx]
+
+        def listed(b, h, q_idx, kv_idx):
+            s = slot[b, h, kv_idx]
+            own = kv_idx // (tiles * _TILE) == q_idx // _TILE - first  # the block-diagonal list
+            return own & (logw[b, h, kv_idx] > float("-inf")) & ((s < lo_h[b, h, q_idx]) | (s >= hi_h[b, h, q_idx]))
+
+        mask = _block_mask(g_num.expand(bsz, h1 - h0, -1), g_ind.expand(bsz, h1 - h0, -1, -1), nq, gi.shape[-1],
+                           listed)
+        o, l = _run(q[:, h0:h1], kg, vg, scale, mask, score_mod=weight)
+        out2[:, h0:h1], lse2[:, h0:h1] = o, l
+
+    # 3. LSH pass in bucket-sorted order.
+    q_order = lsh.q_order
+    q_sorted = q.gather(2, q_order.unsqueeze(-1).expand(-1, -1, -1, dim))
+    k_sorted = k.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
+    v_sorted = v.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
+    lo_s, hi_s = lo.gather(2, q_order), hi.gather(2, q_order)
+    row_block = (q_order // _TILE).int()
+    pad_rows = nqb * _TILE - nq
+    busy = lo_s < hi_s
+    t_lo = torch.nn.functional.pad(torch.where(busy, lo_s, 2 ** 30), (0, pad_rows), value=2 ** 30)
+    t_hi = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad_rows), value=0)
+    first_tile = t_lo.reshape(bsz, hq, nqb, _TILE).amin(-1) // _TILE
+    last_tile = (t_hi.reshape(bsz, hq, nqb, _TILE).amax(-1) - 1) // _TILE
+    span = torch.clamp(last_tile - first_tile + 1, min=0, max=min(nkb, _ref_tiles()))
+    l_ind = (first_tile.clamp(max=nkb - 1).unsqueeze(-1) + torch.arange(span.max().clamp(min=1).item(), device=device))
+    l_ind = torch.minimum(l_ind, torch.tensor(nkb - 1, device=device))
+    key_block = (lsh.order // _TILE).int()
+
+    def in_range(b, h, q_idx, kv_idx):
+        kb = key_block[b, h // group, kv_idx]
+        word = bits[b, h, row_block[b, h, q_idx], kb >> 5]
+        return (kv_idx >= lo_s[b, h, q_idx]) & (kv_idx < hi_s[b, h, q_idx]) & (((word >> (kb & 31)) & 1) == 0)
+
+    mask = _block_mask(span, l_ind, nq, nk, in_range)
+    o3, l3 = _run(q_sorted, k_sorted, v_sorted, scale, mask, gqa=hq != hkv)
+    inverse = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=device).expand_as(q_order))
+    out3 = o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim))
+    lse3 = l3.gather(2, inverse)
+
+    out, lse = merge_lse(out1.float(), lse1, out2.float(), lse2)
+    out, lse = merge_lse(out, lse, out3.float(), lse3)
+    rows = first * plan.block
+    return out[:, :, rows:], lse[:, :, rows:]
 
 
-class _BlockAttention:
-    """The attention steps of :func:`hyperattn.reference.structured.structured_attention` on the kernels.
+def _ref_tiles() -> int:
+    from ..reference.selection import LSH_TILES
 
-    Every chunk of query blocks runs the main pass (exact set + samples) at once; the LSH
-    blocks of all rows of the call run in one pass at the end, when rows from every part of
-    the sequence can share key tiles.
-    """
-
-    # The kernels never materialise (row, key) scores, so the selection takes much larger
-    # chunks of query blocks than the PyTorch path: fewer launches, ~1 GB per table at most.
-    chunk_elements = 1 << 28
-    rows_times_keys = False
-    block_scores = staticmethod(block_scores)
-
-    def __call__(self, q, k, v, scale, causal, r0, query_block, sel, ctx):
-        if sel.lsh_idx is not None:
-            ctx.setdefault("first", []).append(sel.lsh_first)
-            ctx.setdefault("ok", []).append(sel.lsh_ok)
-            ctx["order"] = sel.lsh_order
-        return _main_pass(q, k, v, scale, causal, r0, query_block, sel)
-
-    def finish(self, q, k, v, scale, r0, query_block, blocks, out, lse, ctx):
-        if "first" not in ctx:
-            return out, lse
-        return _lsh_pass(q, k, v, scale, r0, query_block, blocks, out, lse, torch.cat(ctx["first"], dim=2),
-                         torch.cat(ctx["ok"], dim=2), ctx["order"])
-
-
-def structured_block_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, r0: int,
-                               query_block: int, sel: ref.Selection) -> tuple[Tensor, Tensor]:
-    """Step 5 of the structured method for the blocks of ``sel``: the main pass, then the LSH pass.
-
-    Same contract as :func:`hyperattn.reference.structured.attend_blocks`: ``q (B, Hq, Nq, D)``,
-    ``k, v (B, Hkv, Nk, D)`` in any float dtype; returns ``out (B, Hq, c, qb, D)`` and
-    ``lse (B, Hq, c, qb)`` fp32 (rows past ``Nq`` are padding).
-    """
-    attend, ctx = _BlockAttention(), {}
-    out, lse = attend(q, k, v, scale, causal, r0, query_block, sel, ctx)
-    return attend.finish(q, k, v, scale, r0, query_block, sel.blocks, out, lse, ctx)
-
-
-def exact_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """Exact attention through :func:`range_attention`: ``out`` and ``lse`` fp32, like :func:`attention_lse`."""
-    bsz, hq, nq, dim = q.shape
-    nk = k.shape[2]
-    rows = torch.arange(nq, device=q.device, dtype=torch.int32)
-    lo = torch.zeros_like(rows)
-    hi = rows + (nk - nq) if causal else torch.full_like(rows, nk - 1)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=torch.float32)
-    lse = torch.empty(bsz, hq, nq, device=q.device, dtype=torch.float32)
-    range_attention(q.contiguous(), k, v, lo, hi.clamp(max=nk - 1), scale, out, out, lse, None)
-    return out, lse
-
-
-def structured_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, seed: int, stats_type):
-    """:func:`hyperattn.reference.structured.run` with the attention steps on the kernels."""
-    return ref.structured_run(q, k, v, scale, causal, ref.budget_from_config(config), seed, config.max_error,
-                              stats_type, attend=_BlockAttention(), exact=exact_lse)[:3]
+    return LSH_TILES

@@ -37,9 +37,16 @@ import math
 import torch
 from torch import Tensor
 
-from .structured import first_approx_row
 
 __all__ = ["RUNNERS", "peer_rows"]
+
+
+def first_approx_row(nq: int, nk: int, causal: bool, min_seq_len: int) -> int:
+    """First query row that sees more than ``min_seq_len`` keys (``Nq`` if none does)."""
+    if not causal:
+        return 0 if nk > min_seq_len else nq
+    # Row i sees i + 1 + (Nk - Nq) keys.
+    return min(nq, max(0, min_seq_len - (nk - nq)))
 
 _NEG_INF = float("-inf")
 _BLOCK = 64  # query/key block of block_topk and forced diagonals of vertical_slash

@@ -1,0 +1,250 @@
+"""Driver of ``method="structured"``: selection, guard, attention backend, exact parts, stats.
+
+A call runs, per (batch, head):
+
+1. rows that see at most ``min_seq_len`` keys: exact (SDPA on CUDA);
+2. per chunk of ``chunk`` rows: probe rows scored exactly, which give the chunk's heavy
+   columns and the guard's error estimates (:func:`~hyperattn.reference.selection.probe_exact`);
+3. the guard: each chunk takes the cheapest tier of :data:`~hyperattn.reference.selection.TIERS`
+   whose estimated error on the chunk's probe rows is at most ``max_error`` (trials run
+   on the probe rows only), else exact; without ``max_error`` every chunk runs at 1x;
+4. the selection of every query block (:func:`~hyperattn.reference.selection.select`), in
+   pieces of blocks, then one attention step: the block-sparse, LSH and gathered passes
+   merged by LSE (:func:`hyperattn.kernels.structured.attend` on CUDA,
+   :func:`hyperattn.reference.structured.attend` elsewhere);
+5. chunks the guard sent to exact attention: SDPA, all heads of a chunk in one call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..reference import selection as sel_ref
+from ..reference import structured as attend_ref
+from ..reference.selection import TIERS
+from ..stats import AttentionStats
+from .exact import exact
+
+__all__ = ["run", "default_min_seq_len"]
+
+# Keys at and below which the default is exact attention, per device type: on CUDA the
+# length where the approximate path stops being faster than SDPA (benchmarks/NOTES.md);
+# elsewhere the PyTorch reference runs, which is for correctness, not speed.
+_CROSSOVER = {"cuda": 8192}
+_CPU_MIN_SEQ_LEN = 1024
+
+# Query blocks whose selection is built at once (bounds the (blocks x key blocks) tables).
+_SELECT_ELEMENTS = 1 << 25
+
+
+def default_min_seq_len(device: torch.device) -> int:
+    """The structured method's ``min_seq_len`` when the config leaves it ``None``."""
+    return _CROSSOVER.get(device.type, _CPU_MIN_SEQ_LEN)
+
+
+def _kernels_ok(q: Tensor) -> bool:
+    if not q.is_cuda:
+        return False
+    from ..kernels.structured import supported
+
+    return supported(q)
+
+
+def _exact_pairs(r0: int, r1: int, nq: int, nk: int, causal: bool) -> float:
+    """Scores exact attention computes for rows ``[r0, r1)`` of one head."""
+    if not causal:
+        return float((r1 - r0) * nk)
+    a, b = r0 + nk - nq + 1, r1 + nk - nq  # keys seen by the first and last row, before clamping
+    return float(sum(min(max(x, 0), nk) for x in range(a, b + 1)))
+
+
+def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
+    """``||approx - ref|| / ||ref||`` over the valid rows of each chunk: inputs ``(B, Hq, C, P, D)``."""
+    mask = valid.unsqueeze(-1).float()
+    num = ((approx - ref) ** 2 * mask).sum((-1, -2))
+    den = (ref ** 2 * mask).sum((-1, -2))
+    return torch.sqrt(num / den.clamp(min=1e-30))
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, seed: int, need_lse: bool = True,
+        head_offset: int = 0) -> tuple[Tensor, Tensor | None, AttentionStats]:
+    """``method="structured"`` on validated inputs; ``head_offset`` numbers the heads globally (draws are per global head).
+
+    Returns ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32 (``None`` when
+    ``need_lse`` is False and SDPA computed a part) and :class:`~hyperattn.stats.AttentionStats`.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    device = q.device
+    min_len = config.min_seq_len if config.min_seq_len is not None else default_min_seq_len(device)
+    plan = sel_ref.make_plan(nq, nk, causal, config.query_block, config.window, config.chunk, min_len)
+    zeros = torch.zeros(bsz, hq, device=device)
+    first_row = min(nq, plan.first * plan.block)
+    if first_row >= nq:
+        out, lse = exact(q, k, v, scale, causal, need_lse)
+        return out, lse, AttentionStats("structured", _exact_pairs(0, nq, nq, nk, causal) / nq, zeros,
+                                        torch.ones(bsz, hq, dtype=torch.bool, device=device))
+    kernels = _kernels_ok(q)
+    if kernels:
+        from ..kernels import structured as attend_impl
+    else:
+        attend_impl = attend_ref
+    # The reference computes in fp32; the kernels take the inputs as they are.
+    qc, kc, vc = (q, k, v) if kernels or q.dtype == torch.float64 else (q.float(), k.float(), v.float())
+    heads = torch.arange(hq, device=device) + head_offset
+    t = plan.block
+    nc = plan.num_chunks
+    pb = config.probe_blocks
+    rpb = max(1, math.ceil(config.probe_rows / pb))
+
+    # 2. Probe rows, heavy columns, pooled scores' inputs, LSH blocks.
+    probe = sel_ref.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
+    probe_out, _, heavy, probe_pairs = sel_ref.probe_exact(qc, kc, vc, scale, plan, probe, config.heavy_columns,
+                                                           config.num_sinks)
+    pooled = sel_ref.pool(qc, kc, plan, config.score_group)
+    lsh = sel_ref.lsh_ranges(qc, kc, plan, config.lsh_block, config.lsh_num_projs, seed)
+    pairs = torch.full((bsz, hq), _exact_pairs(0, first_row, nq, nk, causal) + probe_pairs, dtype=torch.float64,
+                       device=device)
+
+    # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
+    tiers = TIERS if config.max_error is not None else (1.0,)
+    chunk_ok = probe[..., 0] >= 0  # (B, Hq, C): chunks with approximate rows
+    p_blocks = (probe.reshape(bsz, hq, nc, pb, rpb)[..., 0].clamp(min=0) // t).reshape(bsz, hq, nc * pb)
+    p_rows = probe.reshape(bsz, hq, nc * pb, rpb)
+    p_scores = sel_ref.block_scores(pooled, scale, plan, p_blocks)
+    p_heavy = heavy.repeat_interleave(pb, dim=2)
+    level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)
+    est = torch.zeros(bsz, hq, nc, device=device)
+    c_start = torch.arange(nc, device=device) * config.chunk
+    chunk_rows = (torch.clamp(c_start + config.chunk, max=nq) - torch.clamp(c_start, min=first_row)).clamp(min=0)
+    exact_cost = torch.tensor([_exact_pairs(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq),
+                                            nq, nk, causal) for c in range(nc)], device=device, dtype=torch.float64)
+    for i, factor in enumerate(tiers):
+        pending = (level == len(tiers)) & chunk_ok
+        if not bool(pending.any()):
+            break
+        kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
+        mj = torch.full_like(p_blocks, min(round(config.sample_size * factor), nk))
+        sel = sel_ref.select(plan, p_blocks, p_scores, p_heavy, kj, mj, config.num_sinks, config.sample_mix, seed,
+                             heads)
+        approx, _ = attend_ref.attend_rows(qc, kc, vc, scale, plan, sel, lsh, p_rows)
+        err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, probe >= 0)
+        per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
+        pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
+        cheaper = per_row.double() * chunk_rows < exact_cost
+        ok = pending & cheaper & ((err <= config.max_error) if config.max_error is not None else True)
+        level = torch.where(ok, i, level)
+        est = torch.where(ok, err, est)
+        if config.max_error is None:
+            break
+        # The sampled part's error falls about as 1/sqrt(budget): a chunk whose estimate asks
+        # for more than twice the largest tier's budget goes to exact now instead of trying
+        # every tier (random, diffuse heads: one trial instead of six).
+        hopeless = (factor * (err / config.max_error) ** 2 > 2 * tiers[-1]) | ~cheaper
+        level = torch.where(pending & ~ok & hopeless, len(tiers) + 1, level)
+    level = torch.where(level > len(tiers), len(tiers), level)
+
+    # 4. The selection of every query block at its chunk's tier, then the attention step.
+    approx_chunk = (level < len(tiers)) & chunk_ok
+    if not bool(approx_chunk.any()):  # every chunk exact: one SDPA call, as if the guard were not there
+        out, lse = exact(q, k, v, scale, causal, need_lse)
+        pairs = pairs + _exact_pairs(first_row, nq, nq, nk, causal)
+        return out, lse, AttentionStats("structured", float(pairs.mean()) / nq, zeros,
+                                        torch.ones(bsz, hq, dtype=torch.bool, device=device),
+                                        exact_chunks=chunk_ok)
+    factors = torch.tensor(list(tiers) + [0.0], device=device)[level]
+    j = torch.arange(plan.nqb, device=device)
+    chunk_of = (j // plan.chunk_blocks).expand(bsz, hq, -1)
+    active = approx_chunk.gather(2, chunk_of) & (j >= plan.first)
+    kj_all = torch.where(active, (factors.gather(2, chunk_of) * config.key_blocks).round().long(), 0)
+    mj_all = torch.where(active, (factors.gather(2, chunk_of) * config.sample_size).round().long().clamp(max=nk), 0)
+    row_block = torch.arange(nq, device=device) // t
+    row_active = active.gather(2, row_block.expand(bsz, hq, -1))
+    lsh = sel_ref.Lsh(lsh.order, lsh.slot, torch.where(row_active, lsh.lo, 0), torch.where(row_active, lsh.hi, 0),
+                      lsh.q_order)
+    sels = []
+    step = max(1, _SELECT_ELEMENTS // max(1, bsz * hq * plan.nkb))
+    for j0 in range(plan.first, plan.nqb, step):
+        blocks = j[j0:j0 + step].expand(bsz, hq, -1)
+        scores = sel_ref.block_scores(pooled, scale, plan, blocks)
+        piece = sel_ref.select(plan, blocks, scores, heavy.gather(2, chunk_of[..., j0:j0 + step].unsqueeze(-1).expand(
+            -1, -1, -1, heavy.shape[-1])), kj_all[..., j0:j0 + step], mj_all[..., j0:j0 + step], config.num_sinks,
+            config.sample_mix, seed, heads)
+        sels.append(piece)
+    sel = _concat(sels, active[..., plan.first:])
+    out_a, lse_a = attend_impl.attend(qc, kc, vc, scale, plan, sel, lsh)
+    pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
+
+    # 1 and 5. Exact rows: before min_seq_len, and the chunks the guard sent to exact.
+    out = torch.empty(bsz, hq, nq, v.shape[-1], dtype=q.dtype, device=device)
+    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=device) if need_lse or not kernels else None
+    out[:, :, first_row:] = out_a.to(q.dtype)
+    if lse is not None:
+        lse[:, :, first_row:] = lse_a
+    if first_row > 0:
+        k_end = max(first_row + plan.offset, 0) if causal else nk
+        o, l = exact(q[:, :, :first_row], k[:, :, :k_end], v[:, :, :k_end], scale, causal, need_lse)
+        out[:, :, :first_row] = o
+        if lse is not None:
+            lse[:, :, :first_row] = l if l is not None else 0.0
+    exact_chunk = chunk_ok & ~approx_chunk
+    if bool(exact_chunk.any()):
+        exact_chunk_cpu = exact_chunk.cpu()
+        for c in range(nc):
+            pick = torch.nonzero(exact_chunk_cpu[:, :, c])
+            if len(pick) == 0:
+                continue
+            r0, r1 = max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq)
+            k_end = r1 + plan.offset if causal else nk
+            b_i, h_i = pick[:, 0].to(device), pick[:, 1].to(device)
+            qs = q[b_i, h_i, r0:r1].unsqueeze(0)
+            ks, vs = k[b_i, h_i // (hq // hkv), :k_end].unsqueeze(0), v[b_i, h_i // (hq // hkv), :k_end].unsqueeze(0)
+            o, l = exact(qs, ks, vs, scale, causal, need_lse)
+            out[b_i, h_i, r0:r1] = o[0]
+            if lse is not None and l is not None:
+                lse[b_i, h_i, r0:r1] = l[0]
+            pairs[b_i, h_i] += exact_cost[c]
+            est[b_i, h_i, c] = 0.0
+    if lse is not None and not need_lse and kernels:
+        lse = None
+    weight = chunk_ok.double()
+    est_head = torch.sqrt((est.double() ** 2 * weight).sum(-1) / weight.sum(-1).clamp(min=1)).float()
+    stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
+                           exact_chunks=exact_chunk)
+    return out, lse, stats
+
+
+def _concat(sels: list, active: Tensor) -> sel_ref.Selection:
+    """One :class:`Selection` of pieces; blocks the guard sent to exact attention select nothing."""
+    def cat(name, fill):
+        parts = [getattr(s, name) for s in sels]
+        width = max(p.shape[-1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=fill) for p in parts]
+        return torch.cat(parts, dim=2)
+
+    exact_blocks = cat("exact_blocks", -1)
+    gather_logw = cat("gather_logw", float("-inf"))
+    return sel_ref.Selection(cat("blocks", 0), torch.where(active.unsqueeze(-1), exact_blocks, -1), cat("gather_idx", 0),
+                             torch.where(active.unsqueeze(-1), gather_logw, float("-inf")))
+
+
+def _keys_per_row(plan, sel, lsh, rows) -> Tensor:
+    """Keys scored per row of each selected block, ``(B, Hq, c)`` summed over rows (``rows`` given: mean per row)."""
+    t = plan.block
+    blocks = sel.exact_blocks
+    device = blocks.device
+    row = (sel.blocks.unsqueeze(-1) * t + torch.arange(t, device=device)) if rows is None else rows
+    valid = (row >= 0) & (row < plan.nq)
+    limit = row + plan.offset if plan.causal else torch.full_like(row, plan.nk - 1)
+    start = (blocks * t).unsqueeze(-2)
+    size = torch.clamp(plan.nk - blocks * t, max=t).unsqueeze(-2)
+    seen = torch.clamp(limit.unsqueeze(-1) - start + 1, min=0)
+    seen = torch.minimum(seen, size) * (blocks >= 0).unsqueeze(-2)
+    gathered = torch.isfinite(sel.gather_logw).sum(-1, keepdim=True)
+    rc = row.clamp(0, plan.nq - 1)
+    lsh_len = (lsh.hi - lsh.lo).gather(2, rc.reshape(rc.shape[0], rc.shape[1], -1)).reshape(rc.shape)
+    per_row = (seen.sum(-1) + gathered + lsh_len) * valid
+    return per_row.sum(-1).float() if rows is None else per_row.float()

@@ -1,0 +1,438 @@
+"""What each query block of the structured method scores: the selection, written for reading.
+
+The structured method (:mod:`hyperattn.reference.structured`) works on blocks of ``T``
+consecutive query rows and ``T`` consecutive keys (``T = query_block``, 128 by default).
+For query block ``j`` of head ``(b, h)`` (shape legend of :mod:`hyperattn.ops`):
+
+- **Exact blocks** ``E_j``: the *window*, every key block that holds a key within
+  ``window`` keys before the block's first row, up to its last row (the diagonal), and the
+  ``k_j`` *top blocks* among the *candidates* (key blocks wholly before the window, or
+  outside it when not causal), ranked by pooled block scores (:func:`block_scores`).
+- **Gathered columns**: the ``num_sinks`` first keys, the ``heavy_columns`` heavy columns
+  of the block's chunk (:func:`heavy_columns`), each exact with weight 1 where its key
+  block is a candidate not in ``E_j``; and ``m_j`` *residual samples* of the complement
+  ``C_j`` (candidates not in ``E_j``), drawn by stratified sampling of a proposal that
+  mixes uniform over ``C_j`` (``sample_mix``) with the block scores, each with log-weight
+  ``log(1 / (m_j pi(c)))`` (Hansen-Hurwitz: unbiased). A sample that is a sink or heavy
+  column is masked (already exact). With ``m_j >= |C_j|`` every column of ``C_j`` is taken
+  once with weight 1, which makes the result exact.
+- **LSH block** ``L_r`` of row ``r``: keys are sorted by (Gray-code bucket, position); the
+  row takes the bucket-sorted slots ``[lsh_lo[r], lsh_hi[r])``, the ``lsh_block`` most
+  recent keys of its own bucket before the window (causal; centred on the block when not
+  causal), minus keys in ``E_j``. It finds a key wanted by one row alone, which no block
+  score sees. A gathered column inside ``L_r`` is masked for that row (counted once).
+
+Everything is decided per block from the block's own rows and keys it sees, and per
+*chunk* of ``chunk`` rows (4096) for the heavy columns, probe rows and the guard's tier,
+so rows before a multiple of ``chunk`` never depend on later tokens (chunk-causality;
+:func:`lsh_ranges` documents its one bounded exception). Randomness is a counter-based
+hash of ``(seed, stream, batch, global head, ...)`` (:func:`uniforms`): the same on every
+device, and independent of which other heads run in the call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .lsh import draw_projections, lsh_buckets
+
+__all__ = ["Plan", "Selection", "TIERS", "uniforms", "make_plan", "block_scores", "rank_blocks", "probe_rows",
+           "heavy_columns", "lsh_ranges", "select"]
+
+#: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
+TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+# Sorted key tiles one bucket-sorted query block may span in the LSH pass (see lsh_ranges).
+LSH_TILES = 16
+
+# Elements of one (rows x key blocks) table built at once; bounds selection memory.
+_PIECE = 1 << 26
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix(x: Tensor) -> Tensor:
+    # A 32-bit integer finaliser (two multiply-xorshift rounds) on int64 holding 32-bit
+    # values: constants < 2**27 keep every product below 2**63, so no overflow.
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def uniforms(seed: int, stream: int, *index: Tensor) -> Tensor:
+    """Uniforms in [0, 1) (float64), a hash of ``seed``, ``stream`` and the broadcast integer ``index`` tensors."""
+    device = index[0].device
+    h = _mix(torch.tensor((seed >> 32) & _MASK32, device=device) ^ _mix(torch.tensor(stream, device=device)))
+    h = _mix(h ^ torch.tensor(seed & _MASK32, device=device))
+    for i in index:
+        h = _mix(h ^ (i.long() & _MASK32))
+    return h.double() / 2.0 ** 32
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Geometry of one call: blocks, windows, candidates, chunks (everything shape-only).
+
+    ``win_lo, win_hi: (nqb,)`` first and last key block of each query block's window;
+    ``first``: the first approximate query block (earlier rows see at most
+    ``min_seq_len`` keys and are exact); ``chunk_blocks`` query blocks per chunk.
+    """
+
+    nq: int
+    nk: int
+    causal: bool
+    block: int
+    window: int
+    chunk_blocks: int
+    first: int
+    win_lo: Tensor
+    win_hi: Tensor
+
+    @property
+    def offset(self) -> int:
+        return self.nk - self.nq if self.causal else 0
+
+    @property
+    def nqb(self) -> int:
+        return math.ceil(self.nq / self.block)
+
+    @property
+    def nkb(self) -> int:
+        return math.ceil(self.nk / self.block)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.nqb / self.chunk_blocks)
+
+    def candidates(self, blocks: Tensor) -> Tensor:
+        """``(..., nkb)`` bool: key blocks the query blocks ``blocks (...)`` may pick as top blocks or sample from."""
+        kb = torch.arange(self.nkb, device=blocks.device)
+        lo, hi = self.win_lo.to(blocks.device)[blocks], self.win_hi.to(blocks.device)[blocks]
+        outside = (kb < lo.unsqueeze(-1)) if self.causal else ((kb < lo.unsqueeze(-1)) | (kb > hi.unsqueeze(-1)))
+        return outside & (blocks >= self.first).unsqueeze(-1)
+
+    def block_sizes(self, device) -> Tensor:
+        """Keys in each key block, ``(nkb,)``."""
+        return torch.clamp(self.nk - self.block * torch.arange(self.nkb, device=device), max=self.block)
+
+
+def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: int, min_seq_len: int) -> Plan:
+    """The :class:`Plan` of a call: ``block`` rows/keys per block, ``chunk`` rows per chunk (a multiple of ``block``)."""
+    nqb = math.ceil(nq / block)
+    j = torch.arange(nqb)
+    if causal:
+        offset = nk - nq
+        first_key = j * block + offset  # last key the block's first row sees
+        last_key = torch.clamp((j + 1) * block, max=nq) - 1 + offset
+        win_lo = torch.clamp(first_key - window, min=0) // block
+        win_hi = torch.clamp(last_key, min=0) // block
+        # Rows that see at most min_seq_len keys are exact; approximation starts at a block.
+        first = min(nqb, max(0, math.ceil((min_seq_len - offset) / block)))
+    else:
+        centre = torch.clamp(j * block * nk // max(nq, 1), max=nk - 1)
+        win_lo = torch.clamp(centre - window, min=0) // block
+        win_hi = torch.clamp(centre + block - 1 + window, max=nk - 1) // block
+        first = 0 if nk > min_seq_len else nqb
+    return Plan(nq, nk, causal, block, window, chunk // block, first, win_lo, win_hi)
+
+
+def _pieces(total: int, per_item: int):
+    step = max(1, _PIECE // max(1, per_item))
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Mean queries of every ``score_group`` rows ``(B, Hq, nqb, T / g, D)`` (``valid (nqb, T / g)``: groups with rows)
+    and mean keys of every key block ``(B, Hkv, nkb, D)``."""
+
+    q: Tensor
+    valid: Tensor
+    k: Tensor
+
+
+def pool(q: Tensor, k: Tensor, plan: Plan, score_group: int) -> Pooled:
+    """The :class:`Pooled` queries and keys of a call."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    t, g = plan.block, score_group
+    q_pad = torch.nn.functional.pad(q, (0, 0, 0, plan.nqb * t - nq))
+    rows_ok = torch.clamp(nq - g * torch.arange(plan.nqb * t // g, device=q.device), 0, g)
+    q_pool = q_pad.reshape(bsz, hq, plan.nqb * t // g, g, dim).sum(3) / rows_ok.clamp(min=1).unsqueeze(-1).to(q.dtype)
+    k_pad = torch.nn.functional.pad(k, (0, 0, 0, plan.nkb * t - nk))
+    k_pool = k_pad.reshape(bsz, hkv, plan.nkb, t, dim).sum(3) / plan.block_sizes(k.device).unsqueeze(-1).to(k.dtype)
+    return Pooled(q_pool.reshape(bsz, hq, plan.nqb, t // g, dim), (rows_ok > 0).reshape(plan.nqb, t // g), k_pool)
+
+
+def _per_head(x: Tensor, blocks: Tensor) -> Tensor:
+    """``x[..., blocks]`` for a shape-only table ``x (nqb, ...)`` and ``blocks (B, Hq, c)``."""
+    return x.to(blocks.device)[blocks]
+
+
+def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Tensor:
+    """Pooled block scores of query blocks ``blocks (B, Hq, c)``: ``(B, Hq, c, nkb)`` fp32, ``-1`` on non-candidates.
+
+    The mean query of every ``score_group`` rows scores the mean key of every candidate
+    key block; the softmax weights over candidates, summed over the query block, rank the
+    key blocks (MInference/XAttention-style pooling). Products run in the inputs' dtype (a
+    bf16 matmul on the GPU), the softmax in fp32.
+    """
+    bsz, hq, c = blocks.shape
+    hkv, dim = pooled.k.shape[1], pooled.k.shape[-1]
+    groups = pooled.q.shape[3]
+    qp = pooled.q.gather(2, blocks.view(bsz, hq, c, 1, 1).expand(-1, -1, -1, groups, dim))
+    logits = (qp.reshape(bsz, hkv, -1, dim) @ pooled.k.transpose(-1, -2)).float()
+    logits = logits.reshape(bsz, hq, c, groups, plan.nkb) * scale
+    cand = plan.candidates(blocks)  # (B, Hq, c, nkb)
+    weights = torch.softmax(logits.masked_fill(~cand.unsqueeze(3), float("-inf")), dim=-1).nan_to_num(0.0)
+    score = (weights * _per_head(pooled.valid, blocks).unsqueeze(-1)).sum(3)
+    return torch.where(cand, score, -1.0)
+
+
+def rank_blocks(scores: Tensor, count: int) -> Tensor:
+    """The ``count`` best candidate key blocks of each query block, best first: ``(B, Hq, nqb, count)``, ``-1`` past the candidates."""
+    count = min(count, scores.shape[-1])
+    values, index = torch.topk(scores, count, dim=-1)
+    return torch.where(values > -0.5, index, -1)
+
+
+def probe_rows(plan: Plan, seed: int, batch: int, heads: Tensor, probe_blocks: int, rows_per_block: int) -> Tensor:
+    """Probe rows of every chunk, ``(B, Hq, num_chunks, probe_blocks * rows_per_block)`` long, ``-1`` where none.
+
+    Each chunk's probe rows lie in ``probe_blocks`` random approximate query blocks of the
+    chunk, ``rows_per_block`` random rows in each (rows of one block share its selection,
+    so the guard's trials gather each block's keys once). ``heads: (Hq,)`` global head ids.
+    """
+    device = heads.device
+    nc, cb = plan.num_chunks, plan.chunk_blocks
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1, 1)
+    h = heads.view(1, -1, 1, 1, 1)
+    c = torch.arange(nc, device=device).view(1, 1, -1, 1, 1)
+    p = torch.arange(probe_blocks, device=device).view(1, 1, 1, -1, 1)
+    r = torch.arange(rows_per_block, device=device).view(1, 1, 1, 1, -1)
+    lo = torch.clamp(c * cb, min=plan.first)
+    hi = torch.clamp((c + 1) * cb, max=plan.nqb)
+    span = (hi - lo).clamp(min=0)
+    blk = lo + (uniforms(seed, 1, b, h, c, p) * span).long()
+    start = blk * plan.block
+    rows = start + (uniforms(seed, 2, b, h, c, p, r) * torch.clamp(plan.nq - start, max=plan.block)).long()
+    rows = torch.where(span > 0, rows, -1)
+    return rows.reshape(batch, len(heads), nc, -1)
+
+
+def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0: int, k1: int) -> Tensor:
+    """Logits of ``rows (B, Hq, R)`` (``-1``: none) against keys ``[k0, k1)``, fp32, ``-inf`` where not seen."""
+    bsz, hq, _, dim = q.shape
+    hkv = k.shape[1]
+    q_rows = q.gather(2, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, dim))
+    s = (q_rows.reshape(bsz, hkv, -1, dim) @ k[:, :, k0:k1].transpose(-1, -2)).float().reshape(bsz, hq, -1, k1 - k0)
+    s = s * scale
+    limit = rows + plan.offset if plan.causal else torch.where(rows >= 0, plan.nk - 1, -1)
+    cols = torch.arange(k0, k1, device=q.device)
+    return s.masked_fill(cols > limit.unsqueeze(-1), float("-inf"))
+
+
+def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
+                num_sinks: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Exact attention of the probe rows and each chunk's heavy columns.
+
+    ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
+    ``lse (B, Hq, C, P)``, ``heavy (B, Hq, C, heavy)`` key indices (``-1`` where fewer) and
+    the scores computed per head. A chunk's heavy columns are the ``heavy`` keys outside
+    the sinks with the largest summed softmax weight over the chunk's probe rows: the
+    head's vertical lines (delimiters, sinks past ``num_sinks``), found from rows of the
+    chunk alone. Keys are streamed in pieces: two passes (log-sum-exp, then weights).
+    """
+    bsz, hq, nc, p = rows.shape
+    hkv = k.shape[1]
+    flat = rows.reshape(bsz, hq, nc * p)
+    lse = torch.full((bsz, hq, nc * p), float("-inf"), device=q.device)
+    for k0, k1 in _pieces(plan.nk, bsz * hq * nc * p):
+        s = _row_scores(q, k, flat, scale, plan, k0, k1)
+        lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
+    shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
+    out = torch.zeros(bsz, hq, nc * p, v.shape[-1], device=q.device)
+    count = min(heavy, plan.nk)
+    best = torch.full((bsz, hq, nc, 0), -1.0, device=q.device)
+    best_idx = torch.zeros((bsz, hq, nc, 0), dtype=torch.long, device=q.device)
+    for k0, k1 in _pieces(plan.nk, bsz * hq * nc * p):
+        w = torch.exp(_row_scores(q, k, flat, scale, plan, k0, k1) - shift)
+        out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
+        if count:
+            mass = w.reshape(bsz, hq, nc, p, k1 - k0).sum(3)
+            mass[..., :max(0, num_sinks - k0)] = 0.0
+            values = torch.cat([best, mass], dim=-1)
+            index = torch.cat([best_idx, torch.arange(k0, k1, device=q.device).expand_as(mass)], dim=-1)
+            best, pick = torch.topk(values, min(count, values.shape[-1]), dim=-1)
+            best_idx = index.gather(-1, pick)
+    heavy_idx = torch.where(best > 0, best_idx, -1)
+    seen = (flat + plan.offset + 1).clamp(0, plan.nk) if plan.causal else torch.where(flat >= 0, plan.nk, 0)
+    pairs = float(seen.sum()) / (bsz * hq)
+    return (out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs)
+
+
+@dataclass(frozen=True)
+class Lsh:
+    """Each row's LSH block as a range of bucket-sorted key slots.
+
+    ``order (B, Hkv, Nk)``: key positions sorted by (bucket, position); ``slot (B, Hkv, Nk)``
+    its inverse; ``lo, hi (B, Hq, Nq)``: row ``r`` takes the keys at slots ``[lo, hi)``
+    outside its block's exact blocks (empty where ``lo >= hi``); ``q_order (B, Hq, Nq)``:
+    rows sorted by (bucket, position), the order of the kernels' LSH pass.
+    """
+
+    order: Tensor
+    slot: Tensor
+    lo: Tensor
+    hi: Tensor
+    q_order: Tensor
+
+
+def lsh_ranges(q: Tensor, k: Tensor, plan: Plan, lsh_block: int, num_projs: int, seed: int) -> Lsh:
+    """Every row's LSH block (:class:`Lsh`); rows of exact blocks (before ``plan.first``) get none.
+
+    Causal: the ``lsh_block`` most recent keys of the row's bucket before its block's
+    window; not causal: the ``lsh_block`` keys of the bucket nearest the block's position.
+    Both are decided by keys before the window (causal), so later tokens do not move them.
+    The one exception: the kernels attend bucket-sorted blocks of ``block`` rows over at
+    most :data:`LSH_TILES` tiles of sorted keys, so a row whose range reaches further back
+    than ``LSH_TILES * block`` slots before the furthest range end of its sorted block is
+    cut there (here too, so both paths compute one function). Sorted blocks that wide hold
+    rows of buckets with thousands of keys between them; then, and only then, which keys a
+    row takes can depend on rows after it.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    gen = torch.Generator().manual_seed(seed)
+    proj = draw_projections(dim, num_projs, gen)
+    pos = torch.arange(nk, device=k.device)
+    composite, order = torch.sort(lsh_buckets(k, proj) * nk + pos, dim=-1)
+    slot = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
+    q_bucket = lsh_buckets(q, proj)  # (B, Hq, Nq)
+    rows = torch.arange(nq, device=q.device)
+    block = rows // plan.block
+    if plan.causal:
+        anchor = plan.win_lo.to(q.device)[block] * plan.block
+    else:
+        anchor = torch.clamp(block * plan.block * nk // max(nq, 1), max=nk - 1)
+
+    def find(values):  # slots of the first key >= values, per KV head
+        return torch.searchsorted(composite, values.reshape(bsz, hkv, group * nq).contiguous()).reshape(bsz, hq, nq)
+
+    start, end, e = find(q_bucket * nk), find((q_bucket + 1) * nk), find(q_bucket * nk + anchor)
+    if plan.causal:
+        lo, hi = torch.maximum(e - lsh_block, start), e
+    else:
+        lo = torch.maximum(torch.minimum(e - lsh_block // 2, end - lsh_block), start)
+        hi = torch.minimum(lo + lsh_block, end)
+    active = (block >= plan.first) & (lsh_block > 0)
+    lo, hi = torch.where(active, lo, 0), torch.where(active, hi, 0)
+    q_order = torch.sort(q_bucket * nq + rows, dim=-1).indices
+    # Cut each sorted block's ranges to the LSH_TILES tiles ending at its furthest slot.
+    nqb = plan.nqb
+    pad = nqb * plan.block - nq
+    lo_s, hi_s = lo.gather(-1, q_order), hi.gather(-1, q_order)
+    hi_max = torch.nn.functional.pad(torch.where(lo_s < hi_s, hi_s, 0), (0, pad)).reshape(bsz, hq, nqb, -1).amax(-1)
+    floor = (torch.clamp((hi_max + plan.block - 1) // plan.block - LSH_TILES, min=0) * plan.block)
+    floor = floor.repeat_interleave(plan.block, dim=-1)[..., :nq]
+    lo_s = torch.maximum(lo_s, floor)
+    lo = torch.empty_like(lo).scatter_(-1, q_order, lo_s)
+    hi = torch.maximum(hi, lo)
+    return Lsh(order, slot, lo, hi, q_order)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What query blocks ``blocks (B, Hq, c)`` score besides their rows' LSH blocks.
+
+    ``exact_blocks (B, Hq, c, E)``: key blocks scored exactly (window then top blocks,
+    ``-1`` padding); ``gather_idx, gather_logw (B, Hq, c, S)``: gathered columns (sinks,
+    heavy columns, residual samples) and their natural log-weights (``-inf``: unused).
+    """
+
+    blocks: Tensor
+    exact_blocks: Tensor
+    gather_idx: Tensor
+    gather_logw: Tensor
+
+
+def select(plan: Plan, blocks: Tensor, scores: Tensor, heavy: Tensor, key_blocks: Tensor, samples: Tensor,
+           num_sinks: int, sample_mix: float, seed: int, heads: Tensor) -> Selection:
+    """The :class:`Selection` of query blocks ``blocks (B, Hq, c)``.
+
+    ``scores (B, Hq, c, nkb)`` from :func:`block_scores`; ``heavy (B, Hq, c, H)`` the heavy
+    columns of each block's chunk; ``key_blocks, samples (B, Hq, c)`` the block's top blocks
+    ``k_j`` and residual samples ``m_j`` (its chunk's tier); ``heads (Hq,)`` global head ids.
+    The residual uses stratified sampling: stratum ``r`` of ``m_j`` draws ``u = (r + U) / m_j``
+    on the proposal's CDF over the complement's key blocks, then a key uniformly in the block.
+    """
+    device = blocks.device
+    bsz, hq, c = blocks.shape
+    t, nkb = plan.block, plan.nkb
+    kmax = int(key_blocks.max()) if key_blocks.numel() else 0
+    top = rank_blocks(scores, kmax)
+    top = torch.where(torch.arange(top.shape[-1], device=device) < key_blocks.unsqueeze(-1), top, -1)
+    lo, hi = _per_head(plan.win_lo, blocks), _per_head(plan.win_hi, blocks)
+    width = int((plan.win_hi - plan.win_lo).max()) + 1
+    window = lo.unsqueeze(-1) + torch.arange(width, device=device)
+    window = torch.where((window <= hi.unsqueeze(-1)) & (blocks >= plan.first).unsqueeze(-1), window, -1)
+    exact_blocks = torch.cat([window, top], dim=-1)
+
+    in_top = torch.zeros(bsz, hq, c, nkb + 1, dtype=torch.bool, device=device)
+    in_top.scatter_(-1, torch.where(top >= 0, top, nkb), True)
+    comp = plan.candidates(blocks) & ~in_top[..., :nkb]  # C_j as key blocks
+    sizes = plan.block_sizes(device)
+    comp_keys = (comp * sizes).sum(-1)  # |C_j|
+
+    # Sinks and heavy columns: exact with weight 1 where their key block is in C_j.
+    sinks = torch.arange(min(num_sinks, plan.nk), device=device).expand(bsz, hq, c, -1)
+    fixed = torch.cat([sinks, heavy], dim=-1)
+    fixed_ok = (fixed >= 0) & comp.gather(-1, fixed.clamp(min=0) // t)
+
+    # Residual samples of C_j.
+    m_max = int(samples.max()) if samples.numel() else 0
+    r = torch.arange(m_max, device=device)
+    if m_max:
+        full = samples >= comp_keys  # m_j >= |C_j|: every column once, weight 1
+        csum = torch.cumsum(comp * sizes, dim=-1)
+        e_blk = torch.searchsorted(csum, r.expand(bsz, hq, c, -1).contiguous(), right=True).clamp(max=nkb - 1)
+        e_key = e_blk * t + r - (csum.gather(-1, e_blk) - sizes[e_blk])
+
+        score = torch.where(comp, scores.clamp(min=0), 0.0).double()
+        share = sizes.double() * comp / comp_keys.clamp(min=1).unsqueeze(-1).double()
+        total = score.sum(-1, keepdim=True)
+        guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
+        pi = sample_mix * share + (1 - sample_mix) * guided  # proposal per key block
+        cdf = torch.cumsum(pi, dim=-1)
+        b_ix = torch.arange(bsz, device=device).view(-1, 1, 1, 1)
+        h_ix = heads.view(1, -1, 1, 1)
+        u = (r + uniforms(seed, 3, b_ix, h_ix, blocks.unsqueeze(-1), r)) / samples.clamp(min=1).unsqueeze(-1)
+        u = u * cdf[..., -1:]
+        s_blk = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=nkb - 1)
+        p_blk = pi.gather(-1, s_blk)
+        prev = cdf.gather(-1, s_blk) - p_blk
+        size = sizes[s_blk]
+        offset = torch.minimum(((u - prev) / p_blk.clamp(min=1e-300) * size).long(), size - 1).clamp(min=0)
+        s_key = s_blk * t + offset
+        s_logw = (torch.log(size.double()) - torch.log(samples.clamp(min=1).double()).unsqueeze(-1)
+                  - torch.log(p_blk.clamp(min=1e-300))).float()
+        key = torch.where(full.unsqueeze(-1), e_key, s_key)
+        logw = torch.where(full.unsqueeze(-1), 0.0, s_logw)
+        ok = (r < torch.minimum(samples, comp_keys).unsqueeze(-1)) & (comp_keys > 0).unsqueeze(-1)
+        # A sample that is a sink or heavy column is masked: that column is exact already.
+        dup = (key < num_sinks) | ((key.unsqueeze(-1) == heavy.unsqueeze(-2)) & (heavy >= 0).unsqueeze(-2)).any(-1)
+        ok &= ~dup
+    else:
+        key = torch.zeros(bsz, hq, c, 0, dtype=torch.long, device=device)
+        ok = torch.zeros_like(key, dtype=torch.bool)
+        logw = torch.zeros(bsz, hq, c, 0, device=device)
+    gather_idx = torch.cat([fixed.clamp(min=0), torch.where(ok, key, 0)], dim=-1)
+    gather_logw = torch.cat([torch.where(fixed_ok, 0.0, float("-inf")),
+                             torch.where(ok, logw, float("-inf"))], dim=-1)
+    return Selection(blocks, exact_blocks, gather_idx, gather_logw)
