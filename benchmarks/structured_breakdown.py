@@ -65,6 +65,12 @@ def breakdown(n: int, causal: bool = True) -> dict:
     row["select_ms"] = _ms(select)
     sel = _concat([select()], torch.ones_like(blocks, dtype=torch.bool))
     row["attend_ms"] = _ms(lambda: ker.attend(q, k, v, scale, plan, sel, lsh))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ha.hyper_attention(q, k, v, causal=causal, config=cfg.replace(min_seq_len=8192))
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
     row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg.replace(min_seq_len=8192)))
     for name, backend in (("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
                           ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION)):

@@ -127,8 +127,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     out2 = torch.zeros_like(q)
     lse2 = torch.full((bsz, hq, nq), float("-inf"), device=device)
     per_head = c * tiles * _TILE * dim
-    step = max(1, min(hq, _GATHER_ELEMENTS // max(1, bsz * per_head)))
     group = hq // hkv
+    # Whole KV groups per step, so the columns gather straight from k and v (no copy per head).
+    step = group * max(1, min(hkv, _GATHER_ELEMENTS // max(1, bsz * per_head * group)))
     j = torch.arange(nqb, device=device)
     g_num = torch.where(j >= first, tiles, 0).view(1, 1, nqb).expand(bsz, -1, -1)
     g_ind = ((j - first).clamp(min=0) * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
@@ -136,9 +137,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
         h1 = min(hq, h0 + step)
         heads = torch.arange(h0, h1, device=device)
         gi = g_idx[:, h0:h1].reshape(bsz, h1 - h0, -1)
-        kv_rows = gi.unsqueeze(-1).expand(-1, -1, -1, dim)
-        kg = k[:, heads // group].gather(2, kv_rows)
-        vg = v[:, heads // group].gather(2, kv_rows)
+        kv0, kv1 = h0 // group, h1 // group
+        kv_rows = gi.reshape(bsz, kv1 - kv0, -1).unsqueeze(-1).expand(-1, -1, -1, dim)
+        kg = k[:, kv0:kv1].gather(2, kv_rows).reshape(bsz, h1 - h0, -1, dim)
+        vg = v[:, kv0:kv1].gather(2, kv_rows).reshape(bsz, h1 - h0, -1, dim)
         logw = g_logw[:, h0:h1].reshape(bsz, h1 - h0, -1).contiguous()
         b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
         slot = lsh.slot[b_ix, (heads // group).view(1, -1, 1), gi].int()  # bucket-sorted slot of each column

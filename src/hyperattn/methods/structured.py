@@ -89,9 +89,10 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device))
     kernels = _kernels_ok(q)
     if kernels:
+        from ..kernels import selection as select_impl
         from ..kernels import structured as attend_impl
     else:
-        attend_impl = attend_ref
+        select_impl, attend_impl = sel_ref, attend_ref
     # The reference computes in fp32; the kernels take the inputs as they are.
     qc, kc, vc = (q, k, v) if kernels or q.dtype == torch.float64 else (q.float(), k.float(), v.float())
     heads = torch.arange(hq, device=device) + head_offset
@@ -102,7 +103,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     # 2. Probe rows, heavy columns, pooled scores' inputs, LSH blocks.
     probe = sel_ref.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
-    probe_out, _, heavy, probe_pairs = sel_ref.probe_exact(qc, kc, vc, scale, plan, probe, config.heavy_columns,
+    probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qc, kc, vc, scale, plan, probe, config.heavy_columns,
                                                            config.num_sinks)
     pooled = sel_ref.pool(qc, kc, plan, config.score_group)
     lsh = sel_ref.lsh_ranges(qc, kc, plan, config.lsh_block, config.lsh_num_projs, seed)

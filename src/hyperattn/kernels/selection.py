@@ -1,0 +1,122 @@
+"""The selection's one heavy step on CUDA: the probe rows (mirrors :mod:`hyperattn.reference.selection`).
+
+:func:`probe_exact` has the reference's signature and result: the probe rows' exact
+output and log-sum-exp through FlexAttention (a block mask of the keys each probe tile
+sees), then each chunk's column mass ``sum_r exp(s_rc - lse_r)`` in one Triton kernel
+(no (rows x keys) matrix in memory), whose top columns are the chunk's heavy columns.
+Every other selection step is the reference's own PyTorch code, run on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference.selection import Plan
+
+__all__ = ["probe_exact"]
+
+# Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
+_MASS_ELEMENTS = 1 << 28
+
+
+@triton.jit
+def _column_mass(Q, K, LSE, ROWS, MASS, scale, nq, nk, offset, heads, group, chunks, chunk0, num_chunks,
+                 P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    # One program: one tile of BLOCK_N keys against the P probe rows of one (batch, head, chunk).
+    pid_n = tl.program_id(0)
+    pid = tl.program_id(1)  # ((b * heads + h) * num_chunks + c_local)
+    c_local = pid % num_chunks
+    bh = pid // num_chunks
+    h = bh % heads
+    b = bh // heads
+    c = chunk0 + c_local
+    rows = tl.load(ROWS + (bh * chunks + c) * P + tl.arange(0, P))  # [P], -1: none
+    ok_rows = rows >= 0
+    last = tl.max(tl.where(ok_rows, rows, -1), axis=0)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if CAUSAL:
+        limit = last + offset
+    else:
+        limit = tl.where(last >= 0, nk - 1, -1)
+    out_ptr = MASS + (bh * num_chunks + c_local) * nk + keys
+    if pid_n * BLOCK_N > limit:
+        tl.store(out_ptr, tl.zeros([BLOCK_N], dtype=tl.float32), mask=keys < nk)
+        return
+    d = tl.arange(0, HEAD_DIM)
+    rows_c = tl.maximum(rows, 0)
+    q = tl.load(Q + ((b * heads + h) * nq + rows_c)[:, None] * HEAD_DIM + d[None, :])  # [P, D]
+    kv = b * (heads // group) + h // group
+    k = tl.load(K + (kv * nk + keys)[:, None] * HEAD_DIM + d[None, :], mask=(keys < nk)[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [P, BLOCK_N]
+    lse = tl.load(LSE + (bh * chunks + c) * P + tl.arange(0, P))
+    seen = ok_rows[:, None] & (keys[None, :] < nk)
+    if CAUSAL:
+        seen = seen & (keys[None, :] <= rows[:, None] + offset)
+    p = tl.where(seen, tl.exp(s - tl.where(ok_rows, lse, 0.0)[:, None]), 0.0)
+    tl.store(out_ptr, tl.sum(p, axis=0), mask=keys < nk)
+
+
+def _flex_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact attention of ``rows (B, Hq, R)`` through FlexAttention: ``out (B, Hq, R, D)`` fp32, ``lse``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from .structured import _flex
+
+    bsz, hq, r = rows.shape
+    dim = q.shape[-1]
+    nk, offset, causal = plan.nk, plan.offset, plan.causal
+    pad = math.ceil(r / 128) * 128 - r
+    rows_p = torch.nn.functional.pad(rows, (0, pad), value=-1)
+    q_rows = q.gather(2, rows_p.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, dim))
+    limit = (rows_p + offset) if causal else torch.where(rows_p >= 0, nk - 1, -1)
+    tile_limit = limit.reshape(bsz, hq, -1, 128).amax(-1)
+    nkb = plan.nkb
+    num = torch.clamp(tile_limit // 128 + 1, 0, nkb).int()
+    idx = torch.arange(nkb, device=q.device, dtype=torch.int32).expand(bsz, hq, num.shape[-1], -1).contiguous()
+
+    def seen(b, h, q_idx, kv_idx):
+        return (kv_idx <= limit[b, h, q_idx]) & (kv_idx < nk)
+
+    mask = BlockMask.from_kv_blocks(num.contiguous(), idx, BLOCK_SIZE=128, mask_mod=seen,
+                                    seq_lengths=(r + pad, nk), compute_q_blocks=False)
+    out, lse = _flex()(q_rows, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                       return_lse=True)
+    return out[:, :, :r].float(), lse[:, :, :r]
+
+
+def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
+                num_sinks: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract)."""
+    bsz, hq, nc, p = rows.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    flat = rows.reshape(bsz, hq, nc * p)
+    out, lse = _flex_rows(q, k, v, scale, plan, flat)
+    count = min(heavy, nk)
+    heavy_idx = torch.full((bsz, hq, nc, count), -1, dtype=torch.long, device=q.device)
+    if count and p >= 16 and p & (p - 1) == 0:
+        qc, kc = q.contiguous(), k.contiguous()
+        rows_c = rows.contiguous()
+        lse_c = lse.reshape(bsz, hq, nc, p).contiguous()
+        step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * nk))
+        block_n = 128
+        for c0 in range(0, nc, step):
+            c1 = min(nc, c0 + step)
+            mass = torch.empty(bsz, hq, c1 - c0, nk, device=q.device, dtype=torch.float32)
+            grid = (triton.cdiv(nk, block_n), bsz * hq * (c1 - c0))
+            _column_mass[grid](qc, kc, lse_c, rows_c, mass, scale, q.shape[2], nk, plan.offset, hq, hq // hkv, nc, c0,
+                               c1 - c0, P=p, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal)
+            mass[..., :num_sinks] = 0.0
+            values, index = torch.topk(mass, count, dim=-1)
+            heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
+    elif count:
+        from ..reference.selection import probe_exact as reference
+
+        return reference(q, k, v, scale, plan, rows, heavy, num_sinks)
+    seen = (flat + plan.offset + 1).clamp(0, nk) if plan.causal else torch.where(flat >= 0, nk, 0)
+    pairs = float(seen.sum()) / (bsz * hq)
+    return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs
