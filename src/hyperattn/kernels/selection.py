@@ -26,7 +26,8 @@ _MASS_ELEMENTS = 1 << 28
 
 @triton.jit
 def _column_mass(Q, K, LSE, ROWS, MASS, scale, nq, nk, offset, heads, group, chunks, chunk0, num_chunks,
-                 P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                 P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 PRECISION: tl.constexpr):
     # One program: one tile of BLOCK_N keys against the P probe rows of one (batch, head, chunk).
     pid_n = tl.program_id(0)
     pid = tl.program_id(1)  # ((b * heads + h) * num_chunks + c_local)
@@ -52,7 +53,7 @@ def _column_mass(Q, K, LSE, ROWS, MASS, scale, nq, nk, offset, heads, group, chu
     q = tl.load(Q + ((b * heads + h) * nq + rows_c)[:, None] * HEAD_DIM + d[None, :])  # [P, D]
     kv = b * (heads // group) + h // group
     k = tl.load(K + (kv * nk + keys)[:, None] * HEAD_DIM + d[None, :], mask=(keys < nk)[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [P, BLOCK_N]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [P, BLOCK_N]
     lse = tl.load(LSE + (bh * chunks + c) * P + tl.arange(0, P))
     seen = ok_rows[:, None] & (keys[None, :] < nk)
     if CAUSAL:
@@ -65,7 +66,7 @@ def _flex_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: 
     """Exact attention of ``rows (B, Hq, R)`` through FlexAttention: ``out (B, Hq, R, D)`` fp32, ``lse``."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from .structured import _flex
+    from .structured import _run
 
     bsz, hq, r = rows.shape
     dim = q.shape[-1]
@@ -84,8 +85,7 @@ def _flex_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: 
 
     mask = BlockMask.from_kv_blocks(num.contiguous(), idx, BLOCK_SIZE=128, mask_mod=seen,
                                     seq_lengths=(r + pad, nk), compute_q_blocks=False)
-    out, lse = _flex()(q_rows, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-                       return_lse=True)
+    out, lse = _run("probe", q_rows, k, v, scale, mask, gqa=q.shape[1] != k.shape[1])
     return out[:, :, :r].float(), lse[:, :, :r]
 
 
@@ -109,7 +109,9 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             mass = torch.empty(bsz, hq, c1 - c0, nk, device=q.device, dtype=torch.float32)
             grid = (triton.cdiv(nk, block_n), bsz * hq * (c1 - c0))
             _column_mass[grid](qc, kc, lse_c, rows_c, mass, scale, q.shape[2], nk, plan.offset, hq, hq // hkv, nc, c0,
-                               c1 - c0, P=p, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal)
+                               c1 - c0, P=p, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal,
+                               # fp32 inputs: full-precision products, so heavy columns match the reference's.
+                               PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)

@@ -51,10 +51,18 @@ def supported(q: Tensor) -> bool:
 
 
 @functools.cache
-def _flex():
+def _flex(name: str):
+    """A compiled FlexAttention per pass: each wrapper is its own code object, so each pass
+    keeps its own compile cache (one shared cache hit dynamo's recompile limit across the
+    passes and lengths of a benchmark and fell back to the unfused, quadratic-memory path)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    def run(q, k, v, score_mod, block_mask, scale, enable_gqa):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=enable_gqa, return_lse=True)
+
+    run.__code__ = run.__code__.replace(co_name=f"flex_{name}")
+    return torch.compile(run, dynamic=False)
 
 
 def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, full_num=None, full_idx=None):
@@ -66,10 +74,8 @@ def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, ful
                                     mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=False)
 
 
-def _run(q, k, v, scale, block_mask, score_mod=None, gqa=False):
-    out, lse = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                       return_lse=True)
-    return out, lse
+def _run(name, q, k, v, scale, block_mask, score_mod=None, gqa=False):
+    return _flex(name)(q, k, v, score_mod, block_mask, scale, gqa)
 
 
 def _packed(indices: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,7 +121,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
         keep = (kv_idx < nk) & (((word >> (kb & 31)) & 1) == 1)
         return keep & (q_idx + offset >= kv_idx) if causal else keep
 
-    out1, lse1 = _run(q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx), gqa=hq != hkv)
+    out1, lse1 = _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx), gqa=hq != hkv)
 
     # 2. Gathered pass: each query block's listed columns, block-diagonal.
     width = sel.gather_idx.shape[-1]
@@ -156,7 +162,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
 
         mask = _block_mask(g_num.expand(bsz, h1 - h0, -1), g_ind.expand(bsz, h1 - h0, -1, -1), nq, gi.shape[-1],
                            listed)
-        o, l = _run(q[:, h0:h1], kg, vg, scale, mask, score_mod=weight)
+        o, l = _run("gathered", q[:, h0:h1], kg, vg, scale, mask, score_mod=weight)
         out2[:, h0:h1], lse2[:, h0:h1] = o, l
 
     # 3. LSH pass in bucket-sorted order.
@@ -183,7 +189,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
         return (kv_idx >= lo_s[b, h, q_idx]) & (kv_idx < hi_s[b, h, q_idx]) & (((word >> (kb & 31)) & 1) == 0)
 
     mask = _block_mask(span, l_ind, nq, nk, in_range)
-    o3, l3 = _run(q_sorted, k_sorted, v_sorted, scale, mask, gqa=hq != hkv)
+    o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, mask, gqa=hq != hkv)
     inverse = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=device).expand_as(q_order))
     out3 = o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim))
     lse3 = l3.gather(2, inverse)

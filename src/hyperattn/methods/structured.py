@@ -54,11 +54,18 @@ def _kernels_ok(q: Tensor) -> bool:
 
 
 def _exact_pairs(r0: int, r1: int, nq: int, nk: int, causal: bool) -> float:
-    """Scores exact attention computes for rows ``[r0, r1)`` of one head."""
+    """Scores exact attention computes for rows ``[r0, r1)`` of one head (closed form)."""
+    if r1 <= r0:
+        return 0.0
     if not causal:
         return float((r1 - r0) * nk)
-    a, b = r0 + nk - nq + 1, r1 + nk - nq  # keys seen by the first and last row, before clamping
-    return float(sum(min(max(x, 0), nk) for x in range(a, b + 1)))
+    # Row i sees clamp(i + 1 + Nk - Nq, 0, Nk) keys: a clamped arithmetic series.
+    def seen_sum(a: int, b: int) -> int:  # sum of clamp(x, 0, nk) for x in [a, b]
+        lo, hi = max(a, 1), min(b, nk)
+        ramp = (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
+        return ramp + nk * max(0, b - max(a, nk + 1) + 1)
+
+    return float(seen_sum(r0 + nk - nq + 1, r1 + nk - nq))
 
 
 def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
