@@ -49,7 +49,8 @@ class HyperAttentionConfig:
             ``"hyper"``; per row for ``"structured"``, rounded up to a query block) attention
             is exact. ``None`` (default) means the method's own default: 4096 for
             ``"hyper"`` (the paper's); for ``"structured"`` the measured crossover on CUDA
-            (8192: below it SDPA is faster than any approximation) and 1024 elsewhere; 1024
+            (131072: at and below it SDPA is faster than the current pipeline, benchmarks/NOTES.md)
+            and 1024 elsewhere; 1024
             for the peers.
         seed: ``None`` draws fresh randomness from torch's global generator on every
             call (so ``torch.manual_seed`` makes runs repeatable); an int fixes hashes

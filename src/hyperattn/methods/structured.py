@@ -33,7 +33,7 @@ __all__ = ["run", "default_min_seq_len"]
 # Keys at and below which the default is exact attention, per device type: on CUDA the
 # length where the approximate path stops being faster than SDPA (benchmarks/NOTES.md);
 # elsewhere the PyTorch reference runs, which is for correctness, not speed.
-_CROSSOVER = {"cuda": 8192}
+_CROSSOVER = {"cuda": 131072}
 _CPU_MIN_SEQ_LEN = 1024
 
 # Query blocks whose selection is built at once (bounds the (blocks x key blocks) tables).
