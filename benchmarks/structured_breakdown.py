@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import hyperattn as ha
 from hyperattn.bench.forward import versions
 from hyperattn.kernels import structured as ker
-from hyperattn.methods.structured import _concat
+from hyperattn.kernels import selection as ker_sel
 from hyperattn.reference import selection as S
 
 
@@ -36,50 +36,53 @@ def _ms(fn, reps=5):
     return statistics.median(times)
 
 
-def breakdown(n: int, causal: bool = True) -> dict:
+def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-    cfg = ha.HyperAttentionConfig(seed=0, max_error=None)
+    cfg = ha.HyperAttentionConfig(seed=0, max_error=None, min_seq_len=4096)
     scale = 128 ** -0.5
-    plan = S.make_plan(n, n, causal, cfg.query_block, cfg.window, cfg.chunk, 8192)
+    plan = S.make_plan(n, n, causal, cfg.query_block, cfg.window, cfg.chunk, cfg.min_seq_len)
     heads = torch.arange(32, device="cuda")
+    kv_heads = torch.arange(8, device="cuda")
     probe = S.probe_rows(plan, 0, 1, heads, cfg.probe_blocks, cfg.probe_rows // cfg.probe_blocks)
-    row = {"n": n, "causal": causal}
-    row["probe_ms"] = _ms(lambda: S.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks))
-    heavy = S.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks)[2]
+    row = {"n": n, "causal": causal, "impl": "structured-fixed"}
+    row["probe_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks))
+    heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks)[2]
     row["pool_ms"] = _ms(lambda: S.pool(q, k, plan, cfg.score_group))
     pooled = S.pool(q, k, plan, cfg.score_group)
     row["lsh_ms"] = _ms(lambda: S.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0))
     lsh = S.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0)
     blocks = torch.arange(plan.first, plan.nqb, device="cuda").expand(1, 32, -1)
-    chunk_of = blocks // plan.chunk_blocks
-    hv = heavy.gather(2, chunk_of.unsqueeze(-1).expand(-1, -1, -1, heavy.shape[-1]))
+
+    def scores():
+        sc = S.block_scores(pooled, scale, plan, blocks)
+        return S.rank_blocks(sc, cfg.key_blocks), S.chunk_scores(sc, blocks, plan, 8)
+
+    row["block_scores_ms"] = _ms(scores)
+    ranked, c_scores = scores()
+    m = torch.full((1, 8, plan.num_chunks), cfg.sample_size, device="cuda")
 
     def select():
-        scores = S.block_scores(pooled, scale, plan, blocks)
-        return S.select(plan, blocks, scores, hv, torch.full_like(blocks, cfg.key_blocks),
-                        torch.full_like(blocks, cfg.sample_size), cfg.num_sinks, cfg.sample_mix, 0, heads)
+        g = S.gather_columns(plan, c_scores, heavy, m, cfg.sample_size, cfg.num_sinks, cfg.sample_mix, 0, kv_heads)
+        e = S.exact_blocks(plan, blocks, ranked, torch.full_like(blocks, cfg.key_blocks))
+        return S.Selection(blocks, e, torch.ones_like(blocks, dtype=torch.bool), *g)
 
     row["select_ms"] = _ms(select)
-    sel = _concat([select()], torch.ones_like(blocks, dtype=torch.bool))
+    sel = select()
     row["attend_ms"] = _ms(lambda: ker.attend(q, k, v, scale, plan, sel, lsh))
-    from torch.profiler import ProfilerActivity, profile
+    row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg))
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        ha.hyper_attention(q, k, v, causal=causal, config=cfg.replace(min_seq_len=8192))
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
-    row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg.replace(min_seq_len=8192)))
-    for name, backend in (("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
-                          ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION)):
-        try:
-            kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
-            with torch.nn.attention.sdpa_kernel(backend):
-                row[f"sdpa_{name}_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal))
-        except RuntimeError as exc:
-            row[f"sdpa_{name}_ms"] = str(exc)[:80]
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ha.hyper_attention(q, k, v, causal=causal, config=cfg)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+        row["sdpa_cudnn_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal))
     return row
 
 
@@ -87,10 +90,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--json")
+    parser.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one call")
     args = parser.parse_args()
     rows = []
     for n in args.lengths:
-        rows.append(breakdown(n))
+        rows.append(breakdown(n, profile=args.profile))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

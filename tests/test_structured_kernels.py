@@ -14,7 +14,6 @@ from conftest import exact_low_precision, qkv, rel_err
 import hyperattn as ha
 from hyperattn.kernels import structured as ker
 from hyperattn.methods.exact import exact
-from hyperattn.methods.structured import _concat
 from hyperattn.reference import selection as S
 from hyperattn.reference import structured as ref
 from hyperattn.reference.exact import attention_lse
@@ -43,19 +42,21 @@ IDS = ["gqa", "nq<nk-d128", "nq>nk", "gqa4-d128"]
 def _selection(q, k, v, causal, key_blocks=2, samples=96, lsh_block=32, seed=0):
     """A selection of every approximate block built as the driver builds it (1x tier, no guard)."""
     scale = q.shape[-1] ** -0.5
+    bsz, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
     plan = S.make_plan(q.shape[2], k.shape[2], causal, 128, 128, 512, 256)
-    heads = torch.arange(q.shape[1], device=q.device)
-    probe = S.probe_rows(plan, seed, q.shape[0], heads, 2, 4)
+    heads = torch.arange(hq, device=q.device)
+    probe = S.probe_rows(plan, seed, bsz, heads, 2, 4)
     _, _, heavy, _ = S.probe_exact(q, k, v, scale, plan, probe, 16, 4)
     pooled = S.pool(q, k, plan, 16)
     lsh = S.lsh_ranges(q, k, plan, lsh_block, 7, seed)
-    blocks = torch.arange(plan.first, plan.nqb, device=q.device).expand(q.shape[0], q.shape[1], -1)
-    chunk_of = blocks // plan.chunk_blocks
+    blocks = torch.arange(plan.first, plan.nqb, device=q.device).expand(bsz, hq, -1)
     scores = S.block_scores(pooled, scale, plan, blocks)
-    hv = heavy.gather(2, chunk_of.unsqueeze(-1).expand(-1, -1, -1, heavy.shape[-1]))
-    sel = S.select(plan, blocks, scores, hv, torch.full_like(blocks, key_blocks), torch.full_like(blocks, samples),
-                   4, 0.3, seed, heads)
-    return plan, _concat([sel], torch.ones_like(blocks, dtype=torch.bool)), lsh
+    ranked = S.rank_blocks(scores, key_blocks)
+    c_scores = S.chunk_scores(scores, blocks, plan, hkv)
+    g_idx, g_logw = S.gather_columns(plan, c_scores, heavy, torch.full((bsz, hkv, plan.num_chunks), samples,
+                                     device=q.device), samples, 4, 0.3, seed, torch.arange(hkv, device=q.device))
+    exact = S.exact_blocks(plan, blocks, ranked, torch.full_like(blocks, key_blocks))
+    return plan, S.Selection(blocks, exact, torch.ones_like(blocks, dtype=torch.bool), g_idx, g_logw), lsh
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

@@ -97,7 +97,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     flat = rows.reshape(bsz, hq, nc * p)
     out, lse = _flex_rows(q, k, v, scale, plan, flat)
     count = min(heavy, nk)
-    heavy_idx = torch.full((bsz, hq, nc, count), -1, dtype=torch.long, device=q.device)
+    heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count and p >= 16 and p & (p - 1) == 0:
         qc, kc = q.contiguous(), k.contiguous()
         rows_c = rows.contiguous()
@@ -112,6 +112,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
                                c1 - c0, P=p, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal,
                                # fp32 inputs: full-precision products, so heavy columns match the reference's.
                                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+            mass = mass.reshape(bsz, hkv, hq // hkv, c1 - c0, nk).sum(2)  # per KV head
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)

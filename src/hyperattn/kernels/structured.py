@@ -2,16 +2,16 @@
 
 Mirrors :mod:`hyperattn.reference.structured` function for function: :func:`attend` and
 :func:`attend_rows` take the same arguments and compute the same function (up to float
-rounding). :func:`attend` runs three FlexAttention passes over ``BlockMask``s built from
+rounding). :func:`attend` runs two FlexAttention passes over ``BlockMask``s built from
 the selection (torch's block-sparse engine; measured side by side with our own Triton
 kernels in ``benchmarks/NOTES.md``):
 
-1. **block-sparse pass**: each query block over its exact blocks (window and top blocks),
-   causal mask on the diagonal;
-2. **gathered pass**: the gathered columns (sinks, heavy columns, residual samples) of
-   every query block, copied into a block-diagonal key/value list with their log-weights
-   added as a score bias, masked where a column lies in the row's LSH block;
-3. **LSH pass**: queries and keys in bucket-sorted order, each sorted query block over the
+1. **block-sparse pass**: each query block over its exact blocks (window and top blocks,
+   causal mask on the diagonal) and over its chunk's gathered columns (sinks, heavy
+   columns, residual samples), which are copied once per KV head behind the keys, with
+   their log-weights added as a score bias and masked outside the block's complement and
+   inside the row's LSH block;
+2. **LSH pass**: queries and keys in bucket-sorted order, each sorted query block over the
    sorted key tiles its rows' ranges span, masked to each row's range minus its exact blocks;
 
 then one log-sum-exp merge. :func:`attend_rows` (the guard's trials on a few probe rows)
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..reference import structured as _ref
 from ..reference.exact import merge_lse
-from ..reference.selection import Lsh, Plan, Selection
+from ..reference.selection import LSH_TILES, Lsh, Plan, Selection
 
 __all__ = ["attend", "attend_rows", "supported"]
 
@@ -36,9 +36,6 @@ attend_rows = _ref.attend_rows
 
 # FlexAttention's tile: the BlockMask's block size on both sides.
 _TILE = 128
-
-# Elements of the gathered key (and value) copies made at once; bounds their memory.
-_GATHER_ELEMENTS = 1 << 31
 
 
 def supported(q: Tensor) -> bool:
@@ -89,83 +86,77 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
            ) -> tuple[Tensor, Tensor]:
     """:func:`hyperattn.reference.structured.attend` on FlexAttention (same contract)."""
     if plan.block != _TILE:
-        out, lse = _ref.attend(q, k, v, scale, plan, sel, lsh)
-        return out, lse
+        return _ref.attend(q, k, v, scale, plan, sel, lsh)
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     device = q.device
     first, nqb, nkb = plan.first, plan.nqb, plan.nkb
-    offset = plan.offset
-    causal = plan.causal
+    offset, causal, group = plan.offset, plan.causal, hq // hkv
     lo, hi = lsh.lo.int(), lsh.hi.int()
-
-    # 1. Block-sparse pass over E_j: blocks the diagonal (or the keys' end) cuts are partial
-    # (mask evaluated), the others full. The mask is the whole definition (E_j and causal),
-    # as FlexAttention's eager path applies it to every score.
     exact_blocks = torch.nn.functional.pad(sel.exact_blocks, (0, 0, first, 0), value=-1)  # (B, Hq, nqb, E)
-    # Exact blocks of every query block as a bitmap, to drop them from the LSH ranges.
+    active = torch.nn.functional.pad(sel.active, (first, 0), value=False)  # (B, Hq, nqb)
     words = math.ceil(nkb / 32)
     bits = torch.zeros(bsz, hq, nqb, words * 32 + 1, dtype=torch.bool, device=device)
     bits.scatter_(-1, torch.where(exact_blocks >= 0, exact_blocks, words * 32).long(), True)
-    bits = (bits[..., :-1].reshape(bsz, hq, nqb, words, 32).int() << torch.arange(32, device=device, dtype=torch.int32)).sum(
-        -1, dtype=torch.int32)
+    bits = (bits[..., :-1].reshape(bsz, hq, nqb, words, 32).int()
+            << torch.arange(32, device=device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+    win_lo, win_hi = plan.win_lo.to(device).int(), plan.win_hi.to(device).int()
+
+    # 1. One pass over the keys and, appended behind them, every chunk's gathered columns
+    #    (per KV head: a copy of nc * S keys, not one per query block). Exact blocks the
+    #    diagonal or the keys' end cut are partial (mask evaluated), the others full; the
+    #    gathered tiles are partial. The mask is the whole definition (FlexAttention's eager
+    #    path applies it to every score).
+    width = sel.gather_idx.shape[-1]
+    tiles = max(1, math.ceil(width / _TILE))
+    s_pad = tiles * _TILE
+    nc = sel.gather_idx.shape[2]
+    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width)).reshape(bsz, hkv, nc * s_pad)
+    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf"))
+    g_logw = g_logw.reshape(bsz, hkv, nc * s_pad).contiguous()
+    keys_end = nkb * _TILE
+    pad_keys = keys_end - nk
+    rows = g_idx.unsqueeze(-1).expand(-1, -1, -1, dim)
+    k_ext = torch.cat([torch.nn.functional.pad(k, (0, 0, 0, pad_keys)), k.gather(2, rows)], dim=2)
+    v_ext = torch.cat([torch.nn.functional.pad(v, (0, 0, 0, pad_keys)), v.gather(2, rows)], dim=2)
+    b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
+    g_slot = lsh.slot[b_ix, torch.arange(hkv, device=device).view(1, -1, 1), g_idx].int()
+    g_blk = (g_idx // _TILE).int()
+
     q_start = torch.arange(nqb, device=device).view(1, 1, nqb, 1) * _TILE
     block_end = (exact_blocks + 1) * _TILE - 1  # last key of each block
     cut = (block_end >= nk) | ((block_end > q_start + offset) if causal else False)
-    num, idx = _packed(torch.where(cut, exact_blocks, -1))
+    chunk_of = torch.arange(nqb, device=device) // plan.chunk_blocks
+    g_tiles = nkb + (chunk_of * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
+    g_tiles = torch.where(active.unsqueeze(-1), g_tiles, -1)
+    num, idx = _packed(torch.cat([torch.where(cut, exact_blocks, -1), g_tiles], dim=-1))
     full_num, full_idx = _packed(torch.where(cut, -1, exact_blocks))
 
-    def exact_mask(b, h, q_idx, kv_idx):
+    def bit(b, h, j, kb):
+        return ((bits[b, h, j, kb >> 5] >> (kb & 31)) & 1) == 1
+
+    def weight(score, b, h, q_idx, kv_idx):
+        g = torch.clamp(kv_idx - keys_end, min=0)
+        return score + torch.where(kv_idx >= keys_end, g_logw[b, h // group, g], 0.0)
+
+    def mask(b, h, q_idx, kv_idx):
+        j = q_idx // _TILE
         kb = kv_idx // _TILE
-        word = bits[b, h, q_idx // _TILE, kb >> 5]
-        keep = (kv_idx < nk) & (((word >> (kb & 31)) & 1) == 1)
-        return keep & (q_idx + offset >= kv_idx) if causal else keep
+        exact_part = (kv_idx < nk) & bit(b, h, j, torch.clamp(kb, max=nkb - 1))
+        if causal:
+            exact_part = exact_part & (q_idx + offset >= kv_idx)
+        g = torch.clamp(kv_idx - keys_end, min=0)
+        cb = g_blk[b, h // group, g]
+        cand = (cb < win_lo[j]) if causal else ((cb < win_lo[j]) | (cb > win_hi[j]))
+        s = g_slot[b, h // group, g]
+        listed = (g // s_pad == chunk_of[j]) & (g_logw[b, h // group, g] > float("-inf")) & cand
+        listed = listed & ~bit(b, h, j, cb) & active[b, h, j] & ((s < lo[b, h, q_idx]) | (s >= hi[b, h, q_idx]))
+        return torch.where(kv_idx < keys_end, exact_part, listed)
 
-    out1, lse1 = _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx), gqa=hq != hkv)
+    block_mask = _block_mask(num, idx, nq, k_ext.shape[2], mask, full_num, full_idx)
+    out1, lse1 = _run("blocks", q, k_ext, v_ext, scale, block_mask, score_mod=weight, gqa=hq != hkv)
 
-    # 2. Gathered pass: each query block's listed columns, block-diagonal.
-    width = sel.gather_idx.shape[-1]
-    tiles = max(1, math.ceil(width / _TILE))
-    pad = tiles * _TILE - width
-    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, pad))
-    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, pad), value=float("-inf"))
-    c = g_idx.shape[2]
-    out2 = torch.zeros_like(q)
-    lse2 = torch.full((bsz, hq, nq), float("-inf"), device=device)
-    per_head = c * tiles * _TILE * dim
-    group = hq // hkv
-    # Whole KV groups per step, so the columns gather straight from k and v (no copy per head).
-    step = group * max(1, min(hkv, _GATHER_ELEMENTS // max(1, bsz * per_head * group)))
-    j = torch.arange(nqb, device=device)
-    g_num = torch.where(j >= first, tiles, 0).view(1, 1, nqb).expand(bsz, -1, -1)
-    g_ind = ((j - first).clamp(min=0) * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
-    for h0 in range(0, hq, step):
-        h1 = min(hq, h0 + step)
-        heads = torch.arange(h0, h1, device=device)
-        gi = g_idx[:, h0:h1].reshape(bsz, h1 - h0, -1)
-        kv0, kv1 = h0 // group, h1 // group
-        kv_rows = gi.reshape(bsz, kv1 - kv0, -1).unsqueeze(-1).expand(-1, -1, -1, dim)
-        kg = k[:, kv0:kv1].gather(2, kv_rows).reshape(bsz, h1 - h0, -1, dim)
-        vg = v[:, kv0:kv1].gather(2, kv_rows).reshape(bsz, h1 - h0, -1, dim)
-        logw = g_logw[:, h0:h1].reshape(bsz, h1 - h0, -1).contiguous()
-        b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
-        slot = lsh.slot[b_ix, (heads // group).view(1, -1, 1), gi].int()  # bucket-sorted slot of each column
-        lo_h, hi_h = lo[:, h0:h1].contiguous(), hi[:, h0:h1].contiguous()
-
-        def weight(score, b, h, q_idx, kv_idx):
-            return score + logw[b, h, kv_idx]
-
-        def listed(b, h, q_idx, kv_idx):
-            s = slot[b, h, kv_idx]
-            own = kv_idx // (tiles * _TILE) == q_idx // _TILE - first  # the block-diagonal list
-            return own & (logw[b, h, kv_idx] > float("-inf")) & ((s < lo_h[b, h, q_idx]) | (s >= hi_h[b, h, q_idx]))
-
-        mask = _block_mask(g_num.expand(bsz, h1 - h0, -1), g_ind.expand(bsz, h1 - h0, -1, -1), nq, gi.shape[-1],
-                           listed)
-        o, l = _run("gathered", q[:, h0:h1], kg, vg, scale, mask, score_mod=weight)
-        out2[:, h0:h1], lse2[:, h0:h1] = o, l
-
-    # 3. LSH pass in bucket-sorted order.
+    # 2. LSH pass in bucket-sorted order, each sorted block over the key tiles its rows span.
     q_order = lsh.q_order
     q_sorted = q.gather(2, q_order.unsqueeze(-1).expand(-1, -1, -1, dim))
     k_sorted = k.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
@@ -178,29 +169,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     t_hi = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad_rows), value=0)
     first_tile = t_lo.reshape(bsz, hq, nqb, _TILE).amin(-1) // _TILE
     last_tile = (t_hi.reshape(bsz, hq, nqb, _TILE).amax(-1) - 1) // _TILE
-    span = torch.clamp(last_tile - first_tile + 1, min=0, max=min(nkb, _ref_tiles()))
-    l_ind = (first_tile.clamp(max=nkb - 1).unsqueeze(-1) + torch.arange(span.max().clamp(min=1).item(), device=device))
-    l_ind = torch.minimum(l_ind, torch.tensor(nkb - 1, device=device))
+    width = min(nkb, LSH_TILES)
+    span = torch.clamp(last_tile - first_tile + 1, min=0, max=width)
+    l_ind = torch.clamp(first_tile.clamp(max=nkb - 1).unsqueeze(-1) + torch.arange(width, device=device), max=nkb - 1)
     key_block = (lsh.order // _TILE).int()
 
     def in_range(b, h, q_idx, kv_idx):
         kb = key_block[b, h // group, kv_idx]
-        word = bits[b, h, row_block[b, h, q_idx], kb >> 5]
-        return (kv_idx >= lo_s[b, h, q_idx]) & (kv_idx < hi_s[b, h, q_idx]) & (((word >> (kb & 31)) & 1) == 0)
+        in_exact = bit(b, h, row_block[b, h, q_idx], kb)
+        return (kv_idx >= lo_s[b, h, q_idx]) & (kv_idx < hi_s[b, h, q_idx]) & ~in_exact
 
-    mask = _block_mask(span, l_ind, nq, nk, in_range)
-    o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, mask, gqa=hq != hkv)
+    o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, _block_mask(span, l_ind, nq, nk, in_range),
+                  gqa=hq != hkv)
     inverse = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=device).expand_as(q_order))
     out3 = o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim))
     lse3 = l3.gather(2, inverse)
 
-    out, lse = merge_lse(out1.float(), lse1, out2.float(), lse2)
-    out, lse = merge_lse(out, lse, out3.float(), lse3)
-    rows = first * plan.block
-    return out[:, :, rows:], lse[:, :, rows:]
+    out, lse = merge_lse(out1.float(), lse1, out3.float(), lse3)
+    rows0 = first * plan.block
+    return out[:, :, rows0:], lse[:, :, rows0:]
 
 
-def _ref_tiles() -> int:
-    from ..reference.selection import LSH_TILES
-
-    return LSH_TILES

@@ -103,27 +103,39 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # The reference computes in fp32; the kernels take the inputs as they are.
     qc, kc, vc = (q, k, v) if kernels or q.dtype == torch.float64 else (q.float(), k.float(), v.float())
     heads = torch.arange(hq, device=device) + head_offset
+    group = hq // hkv
+    kv_heads = torch.arange(hkv, device=device) + head_offset // group
     t = plan.block
     nc = plan.num_chunks
     pb = config.probe_blocks
     rpb = max(1, math.ceil(config.probe_rows / pb))
+    tiers = TIERS if config.max_error is not None else (1.0,)
+    kmax = round(config.key_blocks * tiers[-1])
 
-    # 2. Probe rows, heavy columns, pooled scores' inputs, LSH blocks.
+    # 2. Probe rows (heavy columns per KV head from the group's summed mass), block scores
+    #    (ranked per query block, summed per chunk for the residual proposal), LSH blocks.
     probe = sel_ref.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
     probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qc, kc, vc, scale, plan, probe, config.heavy_columns,
-                                                           config.num_sinks)
+                                                               config.num_sinks)
     pooled = sel_ref.pool(qc, kc, plan, config.score_group)
+    ranked = torch.full((bsz, hq, plan.nqb, min(kmax, plan.nkb)), -1, dtype=torch.long, device=device)
+    c_scores = torch.zeros(bsz, hkv, nc, plan.nkb, device=device)
+    j_all = torch.arange(plan.nqb, device=device)
+    step = max(1, _SELECT_ELEMENTS // max(1, bsz * hq * plan.nkb * (t // config.score_group)))
+    for j0 in range(plan.first, plan.nqb, step):
+        blocks = j_all[j0:j0 + step].expand(bsz, hq, -1)
+        scores = sel_ref.block_scores(pooled, scale, plan, blocks)
+        ranked[:, :, j0:j0 + step] = sel_ref.rank_blocks(scores, kmax)
+        c_scores += sel_ref.chunk_scores(scores, blocks, plan, hkv)
     lsh = sel_ref.lsh_ranges(qc, kc, plan, config.lsh_block, config.lsh_num_projs, seed)
     pairs = torch.full((bsz, hq), _exact_pairs(0, first_row, nq, nk, causal) + probe_pairs, dtype=torch.float64,
                        device=device)
 
     # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
-    tiers = TIERS if config.max_error is not None else (1.0,)
     chunk_ok = probe[..., 0] >= 0  # (B, Hq, C): chunks with approximate rows
     p_blocks = (probe.reshape(bsz, hq, nc, pb, rpb)[..., 0].clamp(min=0) // t).reshape(bsz, hq, nc * pb)
     p_rows = probe.reshape(bsz, hq, nc * pb, rpb)
-    p_scores = sel_ref.block_scores(pooled, scale, plan, p_blocks)
-    p_heavy = heavy.repeat_interleave(pb, dim=2)
+    p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))
     level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)
     est = torch.zeros(bsz, hq, nc, device=device)
     c_start = torch.arange(nc, device=device) * config.chunk
@@ -132,12 +144,14 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
                                             nq, nk, causal) for c in range(nc)], device=device, dtype=torch.float64)
     for i, factor in enumerate(tiers):
         pending = (level == len(tiers)) & chunk_ok
-        if not bool(pending.any()):
+        if config.max_error is not None and not bool(pending.any()):
             break
+        m = min(round(config.sample_size * factor), nk)
+        g_idx, g_logw = sel_ref.gather_columns(plan, c_scores, heavy, torch.full((bsz, hkv, nc), m, device=device),
+                                               m, config.num_sinks, config.sample_mix, seed, kv_heads)
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
-        mj = torch.full_like(p_blocks, min(round(config.sample_size * factor), nk))
-        sel = sel_ref.select(plan, p_blocks, p_scores, p_heavy, kj, mj, config.num_sinks, config.sample_mix, seed,
-                             heads)
+        sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
+                                torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
         approx, _ = attend_ref.attend_rows(qc, kc, vc, scale, plan, sel, lsh, p_rows)
         err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, probe >= 0)
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
@@ -155,7 +169,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         level = torch.where(pending & ~ok & hopeless, len(tiers) + 1, level)
     level = torch.where(level > len(tiers), len(tiers), level)
 
-    # 4. The selection of every query block at its chunk's tier, then the attention step.
+    # 4. Every query block at its chunk's tier, then the attention step.
     approx_chunk = (level < len(tiers)) & chunk_ok
     if not bool(approx_chunk.any()):  # every chunk exact: one SDPA call, as if the guard were not there
         out, lse = exact(q, k, v, scale, causal, need_lse)
@@ -163,26 +177,24 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         return out, lse, AttentionStats("structured", float(pairs.mean()) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device),
                                         exact_chunks=chunk_ok)
-    factors = torch.tensor(list(tiers) + [0.0], device=device)[level]
-    j = torch.arange(plan.nqb, device=device)
-    chunk_of = (j // plan.chunk_blocks).expand(bsz, hq, -1)
-    active = approx_chunk.gather(2, chunk_of) & (j >= plan.first)
+    factors = torch.tensor(list(tiers) + [0.0], device=device)[level]  # (B, Hq, C)
+    blocks = j_all[plan.first:].expand(bsz, hq, -1)
+    chunk_of = blocks // plan.chunk_blocks
+    active = approx_chunk.gather(2, chunk_of)
     kj_all = torch.where(active, (factors.gather(2, chunk_of) * config.key_blocks).round().long(), 0)
-    mj_all = torch.where(active, (factors.gather(2, chunk_of) * config.sample_size).round().long().clamp(max=nk), 0)
+    # The query heads of a KV head share its gathered columns: a chunk draws the most samples
+    # any of them needs (more samples only lower a head's error).
+    m_chunk = (factors.reshape(bsz, hkv, group, nc).amax(2) * config.sample_size).round().long().clamp(max=nk)
+    g_idx, g_logw = sel_ref.gather_columns(plan, c_scores, heavy, m_chunk, min(round(config.sample_size * tiers[-1]),
+                                           nk) if config.max_error is not None else min(config.sample_size, nk),
+                                           config.num_sinks, config.sample_mix, seed, kv_heads)
+    sel = sel_ref.Selection(blocks, torch.where(active.unsqueeze(-1), sel_ref.exact_blocks(
+        plan, blocks, ranked[:, :, plan.first:], kj_all), -1), active, g_idx, g_logw)
     row_block = torch.arange(nq, device=device) // t
-    row_active = active.gather(2, row_block.expand(bsz, hq, -1))
+    row_active = (row_block >= plan.first) & approx_chunk.gather(
+        2, (row_block // plan.chunk_blocks).expand(bsz, hq, -1))
     lsh = sel_ref.Lsh(lsh.order, lsh.slot, torch.where(row_active, lsh.lo, 0), torch.where(row_active, lsh.hi, 0),
                       lsh.q_order)
-    sels = []
-    step = max(1, _SELECT_ELEMENTS // max(1, bsz * hq * plan.nkb))
-    for j0 in range(plan.first, plan.nqb, step):
-        blocks = j[j0:j0 + step].expand(bsz, hq, -1)
-        scores = sel_ref.block_scores(pooled, scale, plan, blocks)
-        piece = sel_ref.select(plan, blocks, scores, heavy.gather(2, chunk_of[..., j0:j0 + step].unsqueeze(-1).expand(
-            -1, -1, -1, heavy.shape[-1])), kj_all[..., j0:j0 + step], mj_all[..., j0:j0 + step], config.num_sinks,
-            config.sample_mix, seed, heads)
-        sels.append(piece)
-    sel = _concat(sels, active[..., plan.first:])
     out_a, lse_a = attend_impl.attend(qc, kc, vc, scale, plan, sel, lsh)
     pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
 
@@ -225,20 +237,6 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     return out, lse, stats
 
 
-def _concat(sels: list, active: Tensor) -> sel_ref.Selection:
-    """One :class:`Selection` of pieces; blocks the guard sent to exact attention select nothing."""
-    def cat(name, fill):
-        parts = [getattr(s, name) for s in sels]
-        width = max(p.shape[-1] for p in parts)
-        parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=fill) for p in parts]
-        return torch.cat(parts, dim=2)
-
-    exact_blocks = cat("exact_blocks", -1)
-    gather_logw = cat("gather_logw", float("-inf"))
-    return sel_ref.Selection(cat("blocks", 0), torch.where(active.unsqueeze(-1), exact_blocks, -1), cat("gather_idx", 0),
-                             torch.where(active.unsqueeze(-1), gather_logw, float("-inf")))
-
-
 def _keys_per_row(plan, sel, lsh, rows) -> Tensor:
     """Keys scored per row of each selected block, ``(B, Hq, c)`` summed over rows (``rows`` given: mean per row)."""
     t = plan.block
@@ -251,7 +249,11 @@ def _keys_per_row(plan, sel, lsh, rows) -> Tensor:
     size = torch.clamp(plan.nk - blocks * t, max=t).unsqueeze(-2)
     seen = torch.clamp(limit.unsqueeze(-1) - start + 1, min=0)
     seen = torch.minimum(seen, size) * (blocks >= 0).unsqueeze(-2)
-    gathered = torch.isfinite(sel.gather_logw).sum(-1, keepdim=True)
+    hq, hkv = blocks.shape[1], sel.gather_logw.shape[1]
+    b_of = torch.arange(blocks.shape[0], device=device).view(-1, 1, 1)
+    kv_of = (torch.arange(hq, device=device) // (hq // hkv)).view(1, -1, 1)
+    gathered = torch.isfinite(sel.gather_logw).sum(-1)[b_of, kv_of, sel.blocks // plan.chunk_blocks]
+    gathered = (gathered * sel.active).unsqueeze(-1)
     rc = row.clamp(0, plan.nq - 1)
     lsh_len = (lsh.hi - lsh.lo).gather(2, rc.reshape(rc.shape[0], rc.shape[1], -1)).reshape(rc.shape)
     per_row = (seen.sum(-1) + gathered + lsh_len) * valid

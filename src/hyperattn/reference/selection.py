@@ -40,8 +40,9 @@ from torch import Tensor
 
 from .lsh import draw_projections, lsh_buckets
 
-__all__ = ["Plan", "Selection", "TIERS", "uniforms", "make_plan", "block_scores", "rank_blocks", "probe_rows",
-           "heavy_columns", "lsh_ranges", "select"]
+__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "make_plan", "pool",
+           "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "lsh_ranges", "exact_blocks",
+           "chunk_candidates", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -242,11 +243,11 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     """Exact attention of the probe rows and each chunk's heavy columns.
 
     ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
-    ``lse (B, Hq, C, P)``, ``heavy (B, Hq, C, heavy)`` key indices (``-1`` where fewer) and
+    ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
     the scores computed per head. A chunk's heavy columns are the ``heavy`` keys outside
-    the sinks with the largest summed softmax weight over the chunk's probe rows: the
-    head's vertical lines (delimiters, sinks past ``num_sinks``), found from rows of the
-    chunk alone. Keys are streamed in pieces: two passes (log-sum-exp, then weights).
+    the sinks with the largest summed softmax weight over the chunk's probe rows of the KV
+    head's query heads: its vertical lines (delimiters, sinks past ``num_sinks``), found
+    from rows of the chunk alone. Keys are streamed in pieces: two passes (log-sum-exp, then weights).
     """
     bsz, hq, nc, p = rows.shape
     hkv = k.shape[1]
@@ -258,13 +259,14 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
     out = torch.zeros(bsz, hq, nc * p, v.shape[-1], device=q.device)
     count = min(heavy, plan.nk)
-    best = torch.full((bsz, hq, nc, 0), -1.0, device=q.device)
-    best_idx = torch.zeros((bsz, hq, nc, 0), dtype=torch.long, device=q.device)
+    best = torch.full((bsz, hkv, nc, 0), -1.0, device=q.device)
+    best_idx = torch.zeros((bsz, hkv, nc, 0), dtype=torch.long, device=q.device)
     for k0, k1 in _pieces(plan.nk, bsz * hq * nc * p):
         w = torch.exp(_row_scores(q, k, flat, scale, plan, k0, k1) - shift)
         out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
         if count:
-            mass = w.reshape(bsz, hq, nc, p, k1 - k0).sum(3)
+            # Heavy columns are per KV head: the mass of all its query heads' probe rows.
+            mass = w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0).sum((2, 4))
             mass[..., :max(0, num_sinks - k0)] = 0.0
             values = torch.cat([best, mass], dim=-1)
             index = torch.cat([best_idx, torch.arange(k0, k1, device=q.device).expand_as(mass)], dim=-1)
@@ -352,87 +354,102 @@ class Selection:
     """What query blocks ``blocks (B, Hq, c)`` score besides their rows' LSH blocks.
 
     ``exact_blocks (B, Hq, c, E)``: key blocks scored exactly (window then top blocks,
-    ``-1`` padding); ``gather_idx, gather_logw (B, Hq, c, S)``: gathered columns (sinks,
-    heavy columns, residual samples) and their natural log-weights (``-inf``: unused).
+    ``-1`` padding); ``active (B, Hq, c)``: blocks that approximate (the others, before
+    ``min_seq_len`` or in chunks the guard sent to exact, attend nothing here);
+    ``gather_idx, gather_logw (B, Hkv, C, S)``: each chunk's gathered columns (sinks, heavy
+    columns, residual samples), shared by the query heads of a KV head, and their natural
+    log-weights (``-inf``: unused). Query block ``j`` of head ``h`` takes the columns of its
+    chunk whose key block is one of its candidates and not in its exact blocks (its
+    complement ``C_j``), minus each row's LSH block.
     """
 
     blocks: Tensor
     exact_blocks: Tensor
+    active: Tensor
     gather_idx: Tensor
     gather_logw: Tensor
 
 
-def select(plan: Plan, blocks: Tensor, scores: Tensor, heavy: Tensor, key_blocks: Tensor, samples: Tensor,
-           num_sinks: int, sample_mix: float, seed: int, heads: Tensor) -> Selection:
-    """The :class:`Selection` of query blocks ``blocks (B, Hq, c)``.
-
-    ``scores (B, Hq, c, nkb)`` from :func:`block_scores`; ``heavy (B, Hq, c, H)`` the heavy
-    columns of each block's chunk; ``key_blocks, samples (B, Hq, c)`` the block's top blocks
-    ``k_j`` and residual samples ``m_j`` (its chunk's tier); ``heads (Hq,)`` global head ids.
-    The residual uses stratified sampling: stratum ``r`` of ``m_j`` draws ``u = (r + U) / m_j``
-    on the proposal's CDF over the complement's key blocks, then a key uniformly in the block.
-    """
+def exact_blocks(plan: Plan, blocks: Tensor, ranked: Tensor, key_blocks: Tensor) -> Tensor:
+    """Window blocks then the first ``key_blocks (B, Hq, c)`` of ``ranked (B, Hq, c, K)``: ``(B, Hq, c, E)``, ``-1`` padding."""
     device = blocks.device
-    bsz, hq, c = blocks.shape
-    t, nkb = plan.block, plan.nkb
-    kmax = int(key_blocks.max()) if key_blocks.numel() else 0
-    top = rank_blocks(scores, kmax)
-    top = torch.where(torch.arange(top.shape[-1], device=device) < key_blocks.unsqueeze(-1), top, -1)
+    top = torch.where(torch.arange(ranked.shape[-1], device=device) < key_blocks.unsqueeze(-1), ranked, -1)
     lo, hi = _per_head(plan.win_lo, blocks), _per_head(plan.win_hi, blocks)
     width = int((plan.win_hi - plan.win_lo).max()) + 1
     window = lo.unsqueeze(-1) + torch.arange(width, device=device)
     window = torch.where((window <= hi.unsqueeze(-1)) & (blocks >= plan.first).unsqueeze(-1), window, -1)
-    exact_blocks = torch.cat([window, top], dim=-1)
+    return torch.cat([window, top], dim=-1)
 
-    in_top = torch.zeros(bsz, hq, c, nkb + 1, dtype=torch.bool, device=device)
-    in_top.scatter_(-1, torch.where(top >= 0, top, nkb), True)
-    comp = plan.candidates(blocks) & ~in_top[..., :nkb]  # C_j as key blocks
+
+def chunk_candidates(plan: Plan, device) -> Tensor:
+    """``(C, nkb)`` bool: key blocks a candidate of some approximate query block of each chunk."""
+    j = torch.arange(plan.nqb, device=device)
+    cand = plan.candidates(j)  # (nqb, nkb)
+    pad = plan.num_chunks * plan.chunk_blocks - plan.nqb
+    cand = torch.nn.functional.pad(cand, (0, 0, 0, pad))
+    return cand.reshape(plan.num_chunks, plan.chunk_blocks, -1).any(1)
+
+
+def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Tensor, m_max: int, num_sinks: int,
+                   sample_mix: float, seed: int, kv_heads: Tensor) -> tuple[Tensor, Tensor]:
+    """Each chunk's gathered columns and log-weights, ``(B, Hkv, C, S)`` with ``S = num_sinks + H + m_max``.
+
+    ``chunk_scores (B, Hkv, C, nkb)``: the block scores of the chunk's query blocks summed
+    over them and over the KV head's query heads; ``heavy (B, Hkv, C, H)``; ``samples
+    (B, Hkv, C)``: residual samples ``m_c`` of each chunk (``<= m_max``). The residual is drawn
+    from the chunk's candidate keys by stratified sampling: stratum ``r`` of ``m_c`` takes
+    ``u = (r + U) / m_c`` on the CDF of a proposal over candidate key blocks (``sample_mix``
+    uniform over keys, the rest by ``chunk_scores``), then a key uniformly in the block;
+    its log-weight is ``log(1 / (m_c pi(key)))``. Every candidate key has ``pi > 0``, so for
+    each query block the columns inside its complement estimate the complement's sum
+    without bias. With ``m_c >=`` the candidate keys, every candidate is taken once with
+    weight 1 (exact). Sinks and heavy columns have log-weight 0; a sample equal to one of
+    them is dropped (``-inf``: that column is exact already).
+    """
+    device = chunk_scores.device
+    bsz, hkv, nc, nkb = chunk_scores.shape
+    t = plan.block
+    cand = chunk_candidates(plan, device).expand(bsz, hkv, -1, -1)
     sizes = plan.block_sizes(device)
-    comp_keys = (comp * sizes).sum(-1)  # |C_j|
-
-    # Sinks and heavy columns: exact with weight 1 where their key block is in C_j.
-    sinks = torch.arange(min(num_sinks, plan.nk), device=device).expand(bsz, hq, c, -1)
+    cand_keys = (cand * sizes).sum(-1)  # (B, Hkv, C)
+    sinks = torch.arange(min(num_sinks, plan.nk), device=device).expand(bsz, hkv, nc, -1)
     fixed = torch.cat([sinks, heavy], dim=-1)
-    fixed_ok = (fixed >= 0) & comp.gather(-1, fixed.clamp(min=0) // t)
-
-    # Residual samples of C_j.
-    m_max = int(samples.max()) if samples.numel() else 0
+    fixed_logw = torch.where(fixed >= 0, 0.0, float("-inf"))
     r = torch.arange(m_max, device=device)
-    if m_max:
-        full = samples >= comp_keys  # m_j >= |C_j|: every column once, weight 1
-        csum = torch.cumsum(comp * sizes, dim=-1)
-        e_blk = torch.searchsorted(csum, r.expand(bsz, hq, c, -1).contiguous(), right=True).clamp(max=nkb - 1)
-        e_key = e_blk * t + r - (csum.gather(-1, e_blk) - sizes[e_blk])
+    full = samples >= cand_keys  # every candidate once, weight 1
+    csum = torch.cumsum(cand * sizes, dim=-1)
+    e_blk = torch.searchsorted(csum, r.expand(bsz, hkv, nc, -1).contiguous(), right=True).clamp(max=nkb - 1)
+    e_key = e_blk * t + r - (csum.gather(-1, e_blk) - sizes[e_blk])
 
-        score = torch.where(comp, scores.clamp(min=0), 0.0).double()
-        share = sizes.double() * comp / comp_keys.clamp(min=1).unsqueeze(-1).double()
-        total = score.sum(-1, keepdim=True)
-        guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
-        pi = sample_mix * share + (1 - sample_mix) * guided  # proposal per key block
-        cdf = torch.cumsum(pi, dim=-1)
-        b_ix = torch.arange(bsz, device=device).view(-1, 1, 1, 1)
-        h_ix = heads.view(1, -1, 1, 1)
-        u = (r + uniforms(seed, 3, b_ix, h_ix, blocks.unsqueeze(-1), r)) / samples.clamp(min=1).unsqueeze(-1)
-        u = u * cdf[..., -1:]
-        s_blk = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=nkb - 1)
-        p_blk = pi.gather(-1, s_blk)
-        prev = cdf.gather(-1, s_blk) - p_blk
-        size = sizes[s_blk]
-        offset = torch.minimum(((u - prev) / p_blk.clamp(min=1e-300) * size).long(), size - 1).clamp(min=0)
-        s_key = s_blk * t + offset
-        s_logw = (torch.log(size.double()) - torch.log(samples.clamp(min=1).double()).unsqueeze(-1)
-                  - torch.log(p_blk.clamp(min=1e-300))).float()
-        key = torch.where(full.unsqueeze(-1), e_key, s_key)
-        logw = torch.where(full.unsqueeze(-1), 0.0, s_logw)
-        ok = (r < torch.minimum(samples, comp_keys).unsqueeze(-1)) & (comp_keys > 0).unsqueeze(-1)
-        # A sample that is a sink or heavy column is masked: that column is exact already.
-        dup = (key < num_sinks) | ((key.unsqueeze(-1) == heavy.unsqueeze(-2)) & (heavy >= 0).unsqueeze(-2)).any(-1)
-        ok &= ~dup
-    else:
-        key = torch.zeros(bsz, hq, c, 0, dtype=torch.long, device=device)
-        ok = torch.zeros_like(key, dtype=torch.bool)
-        logw = torch.zeros(bsz, hq, c, 0, device=device)
-    gather_idx = torch.cat([fixed.clamp(min=0), torch.where(ok, key, 0)], dim=-1)
-    gather_logw = torch.cat([torch.where(fixed_ok, 0.0, float("-inf")),
-                             torch.where(ok, logw, float("-inf"))], dim=-1)
-    return Selection(blocks, exact_blocks, gather_idx, gather_logw)
+    score = torch.where(cand, chunk_scores.clamp(min=0), 0.0).double()
+    share = sizes.double() * cand / cand_keys.clamp(min=1).unsqueeze(-1).double()
+    total = score.sum(-1, keepdim=True)
+    guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
+    pi = sample_mix * share + (1 - sample_mix) * guided  # proposal per key block
+    cdf = torch.cumsum(pi, dim=-1)
+    b_ix = torch.arange(bsz, device=device).view(-1, 1, 1, 1)
+    h_ix = kv_heads.view(1, -1, 1, 1)
+    c_ix = torch.arange(nc, device=device).view(1, 1, -1, 1)
+    u = (r + uniforms(seed, 3, b_ix, h_ix, c_ix, r)) / samples.clamp(min=1).unsqueeze(-1) * cdf[..., -1:]
+    s_blk = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=nkb - 1)
+    p_blk = pi.gather(-1, s_blk)
+    prev = cdf.gather(-1, s_blk) - p_blk
+    size = sizes[s_blk]
+    offset = torch.minimum(((u - prev) / p_blk.clamp(min=1e-300) * size).long(), size - 1).clamp(min=0)
+    s_logw = (torch.log(size.double()) - torch.log(samples.clamp(min=1).double()).unsqueeze(-1)
+              - torch.log(p_blk.clamp(min=1e-300))).float()
+    key = torch.where(full.unsqueeze(-1), e_key, s_blk * t + offset)
+    logw = torch.where(full.unsqueeze(-1), 0.0, s_logw)
+    ok = (r < torch.minimum(samples, cand_keys).unsqueeze(-1)) & (cand_keys > 0).unsqueeze(-1)
+    ok &= ~((key < num_sinks) | ((key.unsqueeze(-1) == heavy.unsqueeze(-2)) & (heavy >= 0).unsqueeze(-2)).any(-1))
+    idx = torch.cat([fixed.clamp(min=0), torch.where(ok, key, 0)], dim=-1)
+    return idx, torch.cat([fixed_logw, torch.where(ok, logw, float("-inf"))], dim=-1)
+
+
+def chunk_scores(scores: Tensor, blocks: Tensor, plan: Plan, kv_heads: int) -> Tensor:
+    """Block scores of query blocks ``blocks (B, Hq, c)`` summed per (batch, KV head, chunk): ``(B, Hkv, C, nkb)``."""
+    bsz, hq, c, nkb = scores.shape
+    out = torch.zeros(bsz, kv_heads, plan.num_chunks, nkb, device=scores.device)
+    chunk = (blocks // plan.chunk_blocks).reshape(bsz, kv_heads, -1)
+    values = scores.clamp(min=0).reshape(bsz, kv_heads, -1, nkb)
+    return out.scatter_add_(2, chunk.unsqueeze(-1).expand(-1, -1, -1, nkb), values)

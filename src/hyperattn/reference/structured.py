@@ -67,9 +67,18 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: 
         rows = torch.where(rows < plan.nq, rows, -1)
     r = rows.shape[-1]
     exact_keys = (sel.exact_blocks.unsqueeze(-1) * t + torch.arange(t, device=device)).flatten(-2)
-    exact_ok = (sel.exact_blocks >= 0).repeat_interleave(t, dim=-1) & (exact_keys < nk)
-    keys = torch.cat([torch.where(exact_ok, exact_keys, 0), sel.gather_idx], dim=-1)  # (B, Hq, c, S)
-    logw = torch.cat([torch.where(exact_ok, 0.0, float("-inf")), sel.gather_logw], dim=-1)
+    exact_ok = (sel.exact_blocks >= 0).repeat_interleave(t, dim=-1) & (exact_keys < nk) & sel.active.unsqueeze(-1)
+    # Each block's share of its chunk's gathered columns: those in its complement C_j.
+    kv_of = (torch.arange(hq, device=device) // group).view(1, hq, 1)
+    b_of = torch.arange(bsz, device=device).view(bsz, 1, 1)
+    chunk = sel.blocks // plan.chunk_blocks
+    g_idx = sel.gather_idx[b_of, kv_of, chunk]  # (B, Hq, c, S)
+    g_blk = g_idx // t
+    in_comp = plan.candidates(sel.blocks).gather(-1, g_blk)
+    in_comp &= ~(g_blk.unsqueeze(-1) == sel.exact_blocks.unsqueeze(-2)).any(-1)
+    g_logw = torch.where(in_comp & sel.active.unsqueeze(-1), sel.gather_logw[b_of, kv_of, chunk], float("-inf"))
+    keys = torch.cat([torch.where(exact_ok, exact_keys, 0), g_idx], dim=-1)  # (B, Hq, c, S)
+    logw = torch.cat([torch.where(exact_ok, 0.0, float("-inf")), g_logw], dim=-1)
     n_exact = exact_keys.shape[-1]
     lsh_len = int((lsh.hi - lsh.lo).max()) if lsh.hi.numel() else 0
     outs, lses = [], []
