@@ -49,9 +49,7 @@ def supported(q: Tensor) -> bool:
 
 @functools.cache
 def _flex(name: str):
-    """A compiled FlexAttention per pass: each wrapper is its own code object, so each pass
-    keeps its own compile cache (one shared cache hit dynamo's recompile limit across the
-    passes and lengths of a benchmark and fell back to the unfused, quadratic-memory path)."""
+    """A compiled FlexAttention per pass (its own code object and compile cache entries)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     def run(q, k, v, score_mod, block_mask, scale, enable_gqa):
@@ -59,6 +57,10 @@ def _flex(name: str):
                               enable_gqa=enable_gqa, return_lse=True)
 
     run.__code__ = run.__code__.replace(co_name=f"flex_{name}")
+    # Compiled functions share dynamo's recompile budget (8 by default): the passes, the
+    # probe rows and a few lengths exceed it, after which FlexAttention silently runs its
+    # unfused, quadratic-memory path. Raise it (only ever upwards).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(run, dynamic=False)
 
 
@@ -123,14 +125,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     g_slot = lsh.slot[b_ix, torch.arange(hkv, device=device).view(1, -1, 1), g_idx].int()
     g_blk = (g_idx // _TILE).int()
 
-    q_start = torch.arange(nqb, device=device).view(1, 1, nqb, 1) * _TILE
-    block_end = (exact_blocks + 1) * _TILE - 1  # last key of each block
-    cut = (block_end >= nk) | ((block_end > q_start + offset) if causal else False)
     chunk_of = torch.arange(nqb, device=device) // plan.chunk_blocks
     g_tiles = nkb + (chunk_of * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
     g_tiles = torch.where(active.unsqueeze(-1), g_tiles, -1)
-    num, idx = _packed(torch.cat([torch.where(cut, exact_blocks, -1), g_tiles], dim=-1))
-    full_num, full_idx = _packed(torch.where(cut, -1, exact_blocks))
+    # Every block is partial (mask evaluated): with the uncut exact blocks passed as full
+    # blocks, compiled FlexAttention (torch 2.11) gave wrong rows for this mask while its
+    # eager path agreed with the reference (benchmarks/NOTES.md).
+    num, idx = _packed(torch.cat([exact_blocks, g_tiles], dim=-1))
 
     def bit(b, h, j, kb):
         return ((bits[b, h, j, kb >> 5] >> (kb & 31)) & 1) == 1
@@ -153,7 +154,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
         listed = listed & ~bit(b, h, j, cb) & active[b, h, j] & ((s < lo[b, h, q_idx]) | (s >= hi[b, h, q_idx]))
         return torch.where(kv_idx < keys_end, exact_part, listed)
 
-    block_mask = _block_mask(num, idx, nq, k_ext.shape[2], mask, full_num, full_idx)
+    block_mask = _block_mask(num, idx, nq, k_ext.shape[2], mask)
     out1, lse1 = _run("blocks", q, k_ext, v_ext, scale, block_mask, score_mod=weight, gqa=hq != hkv)
 
     # 2. LSH pass in bucket-sorted order, each sorted block over the key tiles its rows span.
