@@ -52,9 +52,9 @@ def _flex(name: str):
     """A compiled FlexAttention per pass (its own code object and compile cache entries)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    def run(q, k, v, score_mod, block_mask, scale, enable_gqa):
+    def run(q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options):
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                              enable_gqa=enable_gqa, return_lse=True)
+                              enable_gqa=enable_gqa, return_lse=True, kernel_options=kernel_options)
 
     run.__code__ = run.__code__.replace(co_name=f"flex_{name}")
     # Compiled functions share dynamo's recompile budget (8 by default): the passes, the
@@ -73,8 +73,24 @@ def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, ful
                                     mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=False)
 
 
+# Tile settings tried in order: FlexAttention's own choice, then smaller tiles and fewer
+# stages for masks whose captured tables leave no room in shared memory (seen for the
+# merged pass at D=128 bf16: "No valid triton configs").
+_OPTIONS = (None, {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "num_warps": 4})
+_WORKING: dict = {}
+
+
 def _run(name, q, k, v, scale, block_mask, score_mod=None, gqa=False):
-    return _flex(name)(q, k, v, score_mod, block_mask, scale, gqa)
+    key = (name, q.shape[-1], q.dtype)
+    for options in _OPTIONS[_WORKING.get(key, 0):]:
+        try:
+            result = _flex(name)(q, k, v, score_mod, block_mask, scale, gqa, options)
+        except RuntimeError as exc:
+            if "No valid triton configs" not in str(exc) or options is _OPTIONS[-1]:
+                raise
+            _WORKING[key] = _OPTIONS.index(options) + 1
+            continue
+        return result
 
 
 def _packed(indices: Tensor) -> tuple[Tensor, Tensor]:
