@@ -47,15 +47,16 @@ class HyperAttentionConfig:
             attention is exact. ``None`` (default) means the method's own default:
             4096 for ``"hyper"`` (the paper's), 1024 for the others.
         seed: ``None`` draws fresh randomness from torch's global generator on every
-            call (so ``torch.manual_seed`` makes runs repeatable); an int fixes hashes
-            and samples.
+            call (so ``torch.manual_seed`` makes runs repeatable); an int in
+            ``[0, 2**63 - 1]`` fixes hashes and samples.
         method: one of :data:`METHODS`. Default ``"structured"``.
         window: local window of recent keys each query attends exactly (structured and
             streaming methods). Default 128.
         num_sinks: leading "sink" columns always attended exactly. Default 16.
         heavy_columns: extra heavy columns per head found by the probe. Default 64.
         probe_rows: query rows per head scored against all keys to estimate the error
-            (structured). Default 64.
+            (structured). Default 64. Must be at least 1 for the structured method while
+            ``max_error`` is set: with no probe rows the guard would see no error at all.
         max_error: per-head relative error target (structured). Each head runs at the
             cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and
             samples) whose estimate from the probe rows is at most ``max_error``, or exactly
@@ -104,7 +105,7 @@ class HyperAttentionConfig:
         if self.min_seq_len is not None:
             _check_int("min_seq_len", self.min_seq_len, low=0)
         if self.seed is not None:
-            _check_int("seed", self.seed, low=0)
+            _check_seed(self.seed)
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         _check_int("window", self.window, low=0)
@@ -116,6 +117,12 @@ class HyperAttentionConfig:
                 raise TypeError(f"max_error: expected a float or None, got {type(self.max_error).__name__}")
             if not (math.isfinite(self.max_error) and self.max_error > 0):
                 raise ValueError(f"max_error: expected a finite float > 0 or None, got {self.max_error!r}")
+            if self.probe_rows == 0 and self.method == "structured":
+                # The guard's estimate comes from the probe rows: with none it would report
+                # 0 for every head and never fall back, whatever the true error.
+                raise ValueError("probe_rows: expected an int >= 1 when max_error is set (the guard estimates "
+                                 "each head's error from the probe rows), got 0; pass max_error=None to run "
+                                 "without the guard")
         _check_int("query_block", self.query_block, low=1)
         _check_int("key_blocks", self.key_blocks, low=0)
         _check_int("score_group", self.score_group, low=1)
@@ -141,6 +148,18 @@ class HyperAttentionConfig:
     def replace(self, **changes) -> HyperAttentionConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# Seeds feed torch.Generator.manual_seed and int64 tensors; keeping them in int64's
+# non-negative range leaves room for the small offsets derived seeds add.
+_MAX_SEED = 2**63 - 1
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected None or an int, got {type(seed).__name__} ({seed!r})")
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed: expected None or an int in [0, 2**63 - 1], got {seed}")
 
 
 def _check_int(name: str, value, *, low: int, high: int | None = None) -> None:
