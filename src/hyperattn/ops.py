@@ -233,7 +233,10 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         k: ``(B, Hkv, Nk, D)`` keys, same dtype and device; ``Hq % Hkv == 0``.
         v: ``(B, Hkv, Nk, D)`` values.
         causal: causal mask aligned to the last key (query ``i`` sees keys
-            ``j <= i + Nk - Nq``), like flash-attn. Default False.
+            ``j <= i + Nk - Nq``), like flash-attn. With ``Nq > Nk`` the first
+            ``Nq - Nk`` rows see no key and return 0 (lse ``-inf``) for every method, as
+            flash-attn does; ``scaled_dot_product_attention(is_causal=True)`` aligns to the
+            first key instead. Default False.
         scale: logit scale; default ``D ** -0.5``.
         config: method and budget (:class:`HyperAttentionConfig`); default
             ``HyperAttentionConfig()``, the structured method with its error guard.
@@ -283,7 +286,7 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
 
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None, *,
                     return_lse: bool = False, check_finite: bool = True):
-    """Exact attention with the same contract as :func:`hyper_attention`.
+    """Exact attention with the same contract as :func:`hyper_attention` (causal rows that see no key give 0).
 
     Without ``return_lse`` it runs ``torch.nn.functional.scaled_dot_product_attention``
     (its fastest backend) where the masks agree; otherwise the fp32 reference.
