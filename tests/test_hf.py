@@ -273,6 +273,21 @@ def test_decode_steps_through_hyper_equal_sdpa(tiny, spy):
     assert {call[0] for call in spy.calls} == {24, 1}
 
 
+def test_left_padded_decode_steps_through_hyper_equal_sdpa(tiny, spy):
+    # Issue 13: a one-token decode step with a padding mask was taken as non-causal and its
+    # mask refused ("takes masks only for causal attention").
+    ids = _ids(2, 24)
+    mask = _padding([24, 17], 24, "left")
+    hf.disable(tiny)
+    ref = tiny.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    hf.enable(tiny, hf.HyperPolicy(config=FULL_HYPER, min_query_len=1))
+    out = tiny.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    assert 1 in {call[0] for call in spy.calls}  # the decode steps went through hyper
+    # the padded sequence's decode steps saw its 17 + t real keys only
+    assert {(call[0], call[1]) for call in spy.calls} >= {(1, 17 + 1), (1, 24 + 1)}
+
+
 def test_static_cache_prefill_equals_sdpa(tiny):
     ids = _ids(1, 20)
     hf.disable(tiny)

@@ -297,8 +297,11 @@ def hyper_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
         raise ValueError(f"dropout: attn_implementation='hyper' has no attention dropout, got {dropout} "
                          "(call model.eval() or set the model's attention_dropout to 0)")
     nq, nk = query.shape[2], key.shape[2]
-    # As in transformers' SDPA path: a single query row (a decode step) sees every key.
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and nq > 1
+    causal_module = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    # As in transformers' SDPA path: without a mask a single query row (a decode step) sees
+    # every key. With a mask it is a causal row like any other: the padding analysis below
+    # finds its keys (a left-padded batch's decode step sees all but the padding).
+    causal = causal_module and nq > 1
     if attention_mask is None:
         if causal and nk > nq:
             # transformers passes no mask with Nk > Nq only for the first chunk of a static
@@ -306,7 +309,7 @@ def hyper_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
             key, value = key[:, :, :nq], value[:, :, :nq]
         out = hyper_attention(query, key, value, causal=causal, scale=scaling, config=config)
         return out.transpose(1, 2).contiguous(), None
-    if not causal:
+    if not causal_module:
         raise ValueError("attention_mask: attn_implementation='hyper' takes masks only for causal attention; "
                          "bidirectional attention must come with attention_mask=None")
     segments = _padded_causal_segments(attention_mask, query.shape[0], nq, nk)
