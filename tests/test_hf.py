@@ -79,7 +79,7 @@ def _logits(model, ids, policy=None, **kwargs):
 
 
 class _Spy:
-    """Records the (Nq, Nk, Hkv, seed) and the config of every hyper_attention call the integration makes."""
+    """Records the (Nq, Nk, Hkv, seed) and the config of every attention call the integration makes."""
 
     def __init__(self):
         self.calls = []
@@ -88,15 +88,15 @@ class _Spy:
     def __call__(self, q, k, v, causal=False, scale=None, config=None):
         self.calls.append((q.shape[2], k.shape[2], k.shape[1], config.seed))
         self.configs.append(config)
-        from hyperattn import hyper_attention
+        from hyperattn.custom_op import attention
 
-        return hyper_attention(q, k, v, causal=causal, scale=scale, config=config)
+        return attention(q, k, v, causal=causal, scale=scale, config=config)
 
 
 @pytest.fixture
 def spy(monkeypatch):
     recorder = _Spy()
-    monkeypatch.setattr(hf, "hyper_attention", recorder)
+    monkeypatch.setattr(hf, "attention", recorder)
     return recorder
 
 
@@ -467,3 +467,31 @@ def test_prefill_bench_writes_every_row_and_a_plot(tmp_path):
     assert {"device", "torch", "model", "rows"} <= saved.keys()
     plot_prefill(saved, str(tmp_path / "cpu-prefill.png"))
     assert (tmp_path / "cpu-prefill.png").stat().st_size > 0
+
+
+def test_compiled_model_calls_the_opaque_op_and_settles_on_dynamic_shapes():
+    # Issue 13: torch.compile traced into the method's selection and recompiled until the
+    # recompile limit. Through the registered op the attention is one node of the graph.
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _tiny_model(num_layers=1)
+    hf.enable(model, hf.HyperPolicy(config=HyperAttentionConfig(min_seq_len=64, seed=0), min_query_len=1))
+    graphs = []
+
+    class Recorder(CompileCounter):
+        def __call__(self, gm, example_inputs):
+            graphs.append(gm)
+            return super().__call__(gm, example_inputs)
+
+    counter = Recorder()
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    with torch.no_grad():
+        for n in (300, 400, 500):
+            ids = _ids(1, n)
+            assert torch.equal(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+            frames.append(counter.frame_count)
+    assert frames[2] == frames[1]
+    targets = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert torch.ops.hyperattn.attention.default in targets or torch.ops.hyperattn.attention in targets
