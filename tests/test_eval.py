@@ -135,14 +135,14 @@ class _FakeModel:
         return self
 
 
-@pytest.mark.parametrize("argv,error_layers,ppl_layers", [
-    ([], [0, 6, 12, 18, 24, 29], [0, 6, 12, 18, 24, 29]),
-    (["--all-layers"], None, None),
-    (["--error-layers", "3,4"], [3, 4], [0, 6, 12, 18, 24, 29]),
-    (["--all-layers", "--layers", "28-29"], None, [28, 29]),
-    (["--layers", "all"], [0, 6, 12, 18, 24, 29], None),
+@pytest.mark.parametrize("argv,error_layers,ppl_layers,tokens", [
+    ([], [0, 6, 12, 18, 24, 29], [0, 6, 12, 18, 24, 29], 4096),
+    (["--all-layers"], None, None, 8192),
+    (["--error-layers", "3,4"], [3, 4], [0, 6, 12, 18, 24, 29], 4096),
+    (["--all-layers", "--layers", "28-29", "--tokens", "2048"], None, [28, 29], 2048),
+    (["--layers", "all"], [0, 6, 12, 18, 24, 29], None, 4096),
 ], ids=["default-handful", "all-layers", "error-layers", "all-but-ppl", "ppl-all"])
-def test_default_run_measures_a_handful_of_layers(monkeypatch, capsys, argv, error_layers, ppl_layers):
+def test_default_run_measures_a_handful_of_layers(monkeypatch, capsys, argv, error_layers, ppl_layers, tokens):
     import hyperattn.eval.model as model_mod
 
     seen = {}
@@ -155,9 +155,11 @@ def test_default_run_measures_a_handful_of_layers(monkeypatch, capsys, argv, err
 
     monkeypatch.setattr(eval_cli, "evaluate", fake_evaluate)
     monkeypatch.setattr(eval_cli, "format_table", lambda result: "table")
+    monkeypatch.setattr(eval_cli, "plot", lambda result, path: seen.update(plot=path))
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
     assert eval_cli.run(parser.parse_args(argv)) == 0
-    assert (seen["layers"], seen["perplexity_layers"]) == (error_layers, ppl_layers)
+    assert (seen["layers"], seen["perplexity_layers"], seen["tokens"]) == (error_layers, ppl_layers, tokens)
+    assert seen["plot"] == eval_cli.DEFAULT_PLOT  # the table and a plot at the end
     assert model.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert eval_cli.default_layers(30) == [0, 6, 12, 18, 24, 29] and eval_cli.default_layers(1) == [0]

@@ -1,11 +1,12 @@
 """``hyperattn eval``: attention error per layer and perplexity on the embedded SmolLM2.
 
-With no arguments: the embedded SmolLM2-135M on the first 8,192 tokens of the
+With no arguments: the embedded SmolLM2-135M on the first 4,096 tokens of the
 standard-library ``argparse`` source, exact attention against the package default
 (``method="structured"``), on a representative handful of layers (every 6th and the
 last: 0, 6, 12, 18, 24, 29), for both the error table and the perplexity pass, which
-keeps a first run on a 2-core CPU to about two minutes. ``--all-layers`` measures all 30
-(the committed tables; about a minute on a GPU with ``--device cuda``).
+keeps a first run on a 2-core CPU within a few minutes. ``--all-layers`` is the full
+measurement of the committed tables: all 30 layers on 8,192 tokens (about a minute on a
+GPU, ``--device cuda``; several times the default on a CPU).
 
 1. One exact forward pass records every layer's post-RoPE Q/K/V
    (:mod:`hyperattn.eval.capture`) and gives the exact perplexity.
@@ -65,6 +66,13 @@ def default_layers(num_layers: int) -> list[int]:
         [0, 6, 12, 18, 24, 29]
     """
     return sorted(set(range(0, num_layers, 6)) | {num_layers - 1})
+
+#: Where ``hyperattn eval`` writes its plot unless told otherwise.
+DEFAULT_PLOT = "hyperattn-eval.png"
+#: Tokens of the default run (a first run in minutes on a 2-core CPU) and of ``--all-layers``
+#: and ``--passkey`` (the committed measurements).
+DEFAULT_TOKENS = 4096
+FULL_TOKENS = 8192
 
 _FIELD_TYPES = {"max_error": float, "sample_mix": float, "method": str}
 
@@ -351,10 +359,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 0.1,0.3,0.5,0.7)")
     parser.add_argument("--text", default=DEFAULT_TEXT,
                         help=f"standard-library module whose source is the text (default {DEFAULT_TEXT})")
-    parser.add_argument("--tokens", type=positive_int, default=8192, help="number of tokens (default 8192)")
+    parser.add_argument("--tokens", type=positive_int, default=None,
+                        help=f"number of tokens (default {DEFAULT_TOKENS}; {FULL_TOKENS} with --all-layers; "
+                             f"{FULL_TOKENS} with --passkey)")
     parser.add_argument("--all-layers", action="store_true",
-                        help="measure every layer (error table and perplexity), not the default handful "
-                             "(every 6th layer and the last: 0,6,12,18,24,29)")
+                        help=f"the full measurement: every layer (error table and perplexity) on {FULL_TOKENS} "
+                             "tokens, not the default handful (every 6th layer and the last: 0,6,12,18,24,29) "
+                             f"on {DEFAULT_TOKENS}")
     parser.add_argument("--error-layers", default=None,
                         help="layers whose error is measured: 'all', '0,3,8' or '0-5' (default: the handful, or "
                              "all with --all-layers)")
@@ -371,7 +382,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs: cpu or cuda[:N] (default cuda when available, else cpu)")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity passes")
     parser.add_argument("--json", metavar="PATH", type=writable_file, help="write the full result as JSON")
-    parser.add_argument("--plot", metavar="PNG", type=writable_file, help="write error by layer per method as a PNG")
+    parser.add_argument("--plot", metavar="PNG", type=writable_file, default=DEFAULT_PLOT,
+                        help=f"write error by layer per method as a PNG (default {DEFAULT_PLOT})")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
 
 
 def _parse_depths(text: str) -> list[float]:
@@ -424,7 +437,9 @@ def run(args: argparse.Namespace) -> int:
     from .capture import parse_layers
     from .model import EvalExtraMissing
 
-    if getattr(args, "passkey", False):
+    if args.tokens is None:
+        args.tokens = FULL_TOKENS if args.all_layers or args.passkey else DEFAULT_TOKENS
+    if args.passkey:
         return _run_passkey(args, args.methods or ["exact", "structured", "streaming"])
     methods = args.methods or ["structured"]
     methods = methods if isinstance(methods, list) else [methods]
@@ -451,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_table(result))
     _write_json(result, args.json)
-    if args.plot:
+    if not args.no_plot:
         plot(result, args.plot)
+        print(f"plot: {args.plot}")
     return 0
