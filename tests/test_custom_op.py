@@ -98,3 +98,15 @@ def test_opcheck():
     q.requires_grad_()
     args = (q, k, v, True, None, *(getattr(CFG, name) for name in _CONFIG_FIELDS))
     torch.library.opcheck(torch.ops.hyperattn.attention.default, args)
+
+
+def test_largest_seed_crosses_the_op_boundary():
+    # The op's seed argument is an int64: the whole accepted range [0, 2**63 - 1] must pass.
+    q, k, v = qkv(1, 2, 1, 300, 300, 16, seed=6)
+    cfg = CFG.replace(seed=2**63 - 1)
+    assert torch.equal(attention(q, k, v, True, None, cfg), ha.hyper_attention(q, k, v, True, None, cfg))
+    for method in ("structured", "hyper"):
+        q.requires_grad_()
+        attention(q, k, v, True, None, cfg.replace(method=method)).sum().backward()
+        assert bool(torch.isfinite(q.grad).all())
+        q = q.detach()

@@ -495,3 +495,18 @@ def test_compiled_model_calls_the_opaque_op_and_settles_on_dynamic_shapes():
     assert frames[2] == frames[1]
     targets = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     assert torch.ops.hyperattn.attention.default in targets or torch.ops.hyperattn.attention in targets
+
+
+def test_training_gradients_through_the_op_equal_sdpa():
+    # The integration calls the registered op, whose backward recomputes the forward: with a
+    # full budget the parameter gradients are SDPA's.
+    grads = {}
+    for name, policy in (("sdpa", None), ("hyper", hf.HyperPolicy(config=FULL_HYPER, min_query_len=1))):
+        model = _tiny_model(num_layers=2).train()
+        if policy is not None:
+            hf.enable(model, policy)
+        ids = _ids(2, 40)
+        model(ids, labels=ids).loss.backward()
+        grads[name] = [p.grad for p in model.parameters()]
+    for got, want in zip(grads["hyper"], grads["sdpa"]):
+        assert torch.allclose(got, want, atol=TINY_ATOL)
