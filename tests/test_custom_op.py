@@ -110,3 +110,15 @@ def test_largest_seed_crosses_the_op_boundary():
         attention(q, k, v, True, None, cfg.replace(method=method)).sum().backward()
         assert bool(torch.isfinite(q.grad).all())
         q = q.detach()
+
+
+@pytest.mark.parametrize("loss_of", ["out", "lse"])
+def test_gradient_when_the_loss_uses_one_output(loss_of):
+    q, k, v = qkv(1, 2, 1, 200, 200, 16, seed=7)
+    grads = []
+    for fn in (attention, ha.hyper_attention):
+        leaf = q.clone().requires_grad_()
+        out, lse = fn(leaf, k, v, True, None, CFG, return_lse=True)
+        (out if loss_of == "out" else lse).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.allclose(grads[0], grads[1], atol=FP32_ATOL)

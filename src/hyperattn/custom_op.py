@@ -23,7 +23,6 @@ Shape legend: ``B`` batch, ``Hq``/``Hkv`` query/key-value heads (``Hq % Hkv == 0
 ``Nq``/``Nk`` query/key lengths, ``D`` head dim.
 """
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -63,12 +62,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
                   max_error: Optional[float], check_finite: bool, query_block: int, key_blocks: int,
                   score_group: int, block_probes: int, lsh_block: int,
                   sample_mix: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out (B, Hq, Nq, D), lse (B, Hq, Nq) fp32, seed ()`` int64 on the CPU``)``."""
-    if seed is None:
+    """``out (B, Hq, Nq, D)``, ``lse (B, Hq, Nq)`` fp32 and the seed used, a ``()`` int64 CPU tensor."""
+    if seed is None:  # fresh randomness from torch's global generator, as hyper_attention draws it
         seed = int(torch.randint(0, 2**62, (1,)).item())
     cfg = _config(method, lsh_num_projs, block_size, sample_size, min_seq_len, seed, window, num_sinks,
                   heavy_columns, probe_rows, max_error, check_finite, query_block, key_blocks, score_group,
                   block_probes, lsh_block, sample_mix)
+    # Gradients come from the backward op; without grad mode the methods take their
+    # forward-only kernels on CUDA.
     with torch.no_grad():
         out, lse = hyper_attention(q, k, v, causal=causal, scale=scale, config=cfg, return_lse=True)
     return out, lse, torch.tensor(seed, dtype=torch.int64)
@@ -78,13 +79,13 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
 def _attention_fake(q, k, v, causal, scale, method, *config_args):
     # hyper_attention validates shapes and returns empty outputs for fake tensors
     # without computing (see ops._shape_only), so errors surface at trace time too.
-    cfg = _config(method, *config_args[:4], None, *config_args[5:])
+    cfg = _config(method, *config_args)
     out, lse = hyper_attention(q, k, v, causal=causal, scale=scale, config=cfg, return_lse=True)
     return out, lse, torch.empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("hyperattn::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+def _attention_backward_op(grad_out: Optional[Tensor], grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                            seed: Tensor, causal: bool, scale: Optional[float], method: str, lsh_num_projs: int,
                            block_size: int, sample_size: int, min_seq_len: Optional[int], window: int,
                            num_sinks: int, heavy_columns: int, probe_rows: int, max_error: Optional[float],
@@ -100,10 +101,9 @@ def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tens
             torch.enable_grad():
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
         out, lse = hyper_attention(*inputs, causal=causal, scale=scale, config=cfg, return_lse=True)
-        outputs, grads = (out, lse), (grad_out, grad_lse)
-        if grad_lse is None:
-            outputs, grads = (out,), (grad_out,)
-        return torch.autograd.grad(outputs, inputs, grads)
+        # Outputs no loss used come without a gradient.
+        pairs = [(y, g) for y, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
+        return torch.autograd.grad([y for y, _ in pairs], inputs, [g for _, g in pairs])
 
 
 @_attention_backward_op.register_fake
