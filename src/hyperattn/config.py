@@ -150,8 +150,9 @@ class HyperAttentionConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Seeds feed torch.Generator.manual_seed and int64 tensors; keeping them in int64's
-# non-negative range leaves room for the small offsets derived seeds add.
+# Seeds reach int64 arguments (the torch.library op's) and torch.Generator.manual_seed,
+# which takes up to 2**64 - 1: int64's non-negative range fits both, with room for the
+# small offsets that derived seeds add.
 _MAX_SEED = 2**63 - 1
 
 
