@@ -5,8 +5,8 @@ standard-library ``argparse`` source, exact attention against the package defaul
 (``method="structured"``), on a representative handful of layers (every 6th and the
 last: 0, 6, 12, 18, 24, 29), for both the error table and the perplexity pass, which
 keeps a first run on a 2-core CPU within a few minutes. ``--all-layers`` is the full
-measurement of the committed tables: all 30 layers on 8,192 tokens (about a minute on a
-GPU, ``--device cuda``; several times the default on a CPU).
+measurement of the committed tables: all 30 layers on 8,192 tokens (meant for a GPU,
+``--device cuda``, where it should take about a minute; 11 minutes on a 2-core CPU).
 
 1. One exact forward pass records every layer's post-RoPE Q/K/V
    (:mod:`hyperattn.eval.capture`) and gives the exact perplexity.
