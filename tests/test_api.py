@@ -227,3 +227,25 @@ def test_method_without_kernels_warns_on_long_cuda_inputs(monkeypatch):
     q, k, v = qkv(1, 2, 1, 256, 256, 32, device="cuda")
     with pytest.warns(UserWarning, match="no GPU kernel"):
         ha.hyper_attention(q, k, v, causal=True, config=ha.HyperAttentionConfig(method="streaming", seed=0))
+
+
+@pytest.mark.parametrize("method", ha.METHODS)
+def test_meta_tensors_give_shapes_without_computing(method):
+    # Issue 13: the finite check copied meta tensors to the host ("Cannot copy out of meta tensor").
+    q = torch.empty(2, 4, 300, 16, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 2, 280, 16, device="meta", dtype=torch.bfloat16)
+    out, lse, stats = ha.hyper_attention(q, k, k, causal=True, config=ha.HyperAttentionConfig(method=method),
+                                         return_lse=True, return_stats=True)
+    assert (out.shape, out.dtype, out.device.type) == ((2, 4, 300, 16), torch.bfloat16, "meta")
+    assert (lse.shape, lse.dtype, lse.device.type) == ((2, 4, 300), torch.float32, "meta")
+    assert stats.method == method and stats.est_error.shape == (2, 4) and stats.exact_heads.dtype == torch.bool
+    assert ha.exact_attention(q, k, k, causal=True).shape == (2, 4, 300, 16)
+
+
+def test_fake_tensors_trace_through_the_default_config():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        q, k = torch.empty(1, 4, 300, 16), torch.empty(1, 2, 300, 16)
+        out = ha.hyper_attention(q, k, k, causal=True)
+    assert isinstance(out, FakeTensor) and out.shape == (1, 4, 300, 16)

@@ -117,3 +117,49 @@ def test_tiny_eval_run(embedded, tmp_path):
     assert ppl["exact"]["perplexity"] > 1.0
     assert abs(ppl["structured"]["ratio"] - 1.0) < 0.05
     json.dumps(result)
+
+
+def test_every_preset_fixes_min_seq_len():
+    # The eval measures the approximation; a crossover default measured per device (and
+    # being retuned) must not change what it measures.
+    for name in eval_cli.PRESETS:
+        assert eval_cli.parse_method(name, seed=0)[1].min_seq_len is not None, name
+
+
+class _FakeModel:
+    class config:
+        num_hidden_layers = 30
+
+    def to(self, device):
+        self.device = device
+        return self
+
+
+@pytest.mark.parametrize("argv,error_layers,ppl_layers,tokens", [
+    ([], [0, 6, 12, 18, 24, 29], [0, 6, 12, 18, 24, 29], 4096),
+    (["--all-layers"], None, None, 8192),
+    (["--error-layers", "3,4"], [3, 4], [0, 6, 12, 18, 24, 29], 4096),
+    (["--all-layers", "--layers", "28-29", "--tokens", "2048"], None, [28, 29], 2048),
+    (["--layers", "all"], [0, 6, 12, 18, 24, 29], None, 4096),
+], ids=["default-handful", "all-layers", "error-layers", "all-but-ppl", "ppl-all"])
+def test_default_run_measures_a_handful_of_layers(monkeypatch, capsys, argv, error_layers, ppl_layers, tokens):
+    import hyperattn.eval.model as model_mod
+
+    seen = {}
+    model = _FakeModel()
+    monkeypatch.setattr(model_mod, "load_embedded_model", lambda: (model, None))
+
+    def fake_evaluate(methods, **kwargs):
+        seen.update(kwargs)
+        return {"setup": {"min_row": 1024}, "rows": [], "perplexity": []}
+
+    monkeypatch.setattr(eval_cli, "evaluate", fake_evaluate)
+    monkeypatch.setattr(eval_cli, "format_table", lambda result: "table")
+    monkeypatch.setattr(eval_cli, "plot", lambda result, path: seen.update(plot=path))
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    assert eval_cli.run(parser.parse_args(argv)) == 0
+    assert (seen["layers"], seen["perplexity_layers"], seen["tokens"]) == (error_layers, ppl_layers, tokens)
+    assert seen["plot"] == eval_cli.DEFAULT_PLOT  # the table and a plot at the end
+    assert model.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert eval_cli.default_layers(30) == [0, 6, 12, 18, 24, 29] and eval_cli.default_layers(1) == [0]

@@ -79,7 +79,7 @@ def _logits(model, ids, policy=None, **kwargs):
 
 
 class _Spy:
-    """Records the (Nq, Nk, Hkv, seed) and the config of every hyper_attention call the integration makes."""
+    """Records the (Nq, Nk, Hkv, seed) and the config of every attention call the integration makes."""
 
     def __init__(self):
         self.calls = []
@@ -88,15 +88,15 @@ class _Spy:
     def __call__(self, q, k, v, causal=False, scale=None, config=None):
         self.calls.append((q.shape[2], k.shape[2], k.shape[1], config.seed))
         self.configs.append(config)
-        from hyperattn import hyper_attention
+        from hyperattn.custom_op import attention
 
-        return hyper_attention(q, k, v, causal=causal, scale=scale, config=config)
+        return attention(q, k, v, causal=causal, scale=scale, config=config)
 
 
 @pytest.fixture
 def spy(monkeypatch):
     recorder = _Spy()
-    monkeypatch.setattr(hf, "hyper_attention", recorder)
+    monkeypatch.setattr(hf, "attention", recorder)
     return recorder
 
 
@@ -271,6 +271,21 @@ def test_decode_steps_through_hyper_equal_sdpa(tiny, spy):
     out = tiny.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, ref)
     assert {call[0] for call in spy.calls} == {24, 1}
+
+
+def test_left_padded_decode_steps_through_hyper_equal_sdpa(tiny, spy):
+    # Issue 13: a one-token decode step with a padding mask was taken as non-causal and its
+    # mask refused ("takes masks only for causal attention").
+    ids = _ids(2, 24)
+    mask = _padding([24, 17], 24, "left")
+    hf.disable(tiny)
+    ref = tiny.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    hf.enable(tiny, hf.HyperPolicy(config=FULL_HYPER, min_query_len=1))
+    out = tiny.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    assert 1 in {call[0] for call in spy.calls}  # the decode steps went through hyper
+    # the padded sequence's decode steps saw its 17 + t real keys only
+    assert {(call[0], call[1]) for call in spy.calls} >= {(1, 17 + 1), (1, 24 + 1)}
 
 
 def test_static_cache_prefill_equals_sdpa(tiny):
@@ -452,3 +467,46 @@ def test_prefill_bench_writes_every_row_and_a_plot(tmp_path):
     assert {"device", "torch", "model", "rows"} <= saved.keys()
     plot_prefill(saved, str(tmp_path / "cpu-prefill.png"))
     assert (tmp_path / "cpu-prefill.png").stat().st_size > 0
+
+
+def test_compiled_model_calls_the_opaque_op_and_settles_on_dynamic_shapes():
+    # Issue 13: torch.compile traced into the method's selection and recompiled until the
+    # recompile limit. Through the registered op the attention is one node of the graph.
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _tiny_model(num_layers=1)
+    hf.enable(model, hf.HyperPolicy(config=HyperAttentionConfig(min_seq_len=64, seed=0), min_query_len=1))
+    graphs = []
+
+    class Recorder(CompileCounter):
+        def __call__(self, gm, example_inputs):
+            graphs.append(gm)
+            return super().__call__(gm, example_inputs)
+
+    counter = Recorder()
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    with torch.no_grad():
+        for n in (300, 400, 500):
+            ids = _ids(1, n)
+            assert torch.equal(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+            frames.append(counter.frame_count)
+    assert frames[2] == frames[1]
+    targets = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert torch.ops.hyperattn.attention.default in targets or torch.ops.hyperattn.attention in targets
+
+
+def test_training_gradients_through_the_op_equal_sdpa():
+    # The integration calls the registered op, whose backward recomputes the forward: with a
+    # full budget the parameter gradients are SDPA's.
+    grads = {}
+    for name, policy in (("sdpa", None), ("hyper", hf.HyperPolicy(config=FULL_HYPER, min_query_len=1))):
+        model = _tiny_model(num_layers=2).train()
+        if policy is not None:
+            hf.enable(model, policy)
+        ids = _ids(2, 40)
+        model(ids, labels=ids).loss.backward()
+        grads[name] = [p.grad for p in model.parameters()]
+    for got, want in zip(grads["hyper"], grads["sdpa"]):
+        assert torch.allclose(got, want, atol=TINY_ATOL)

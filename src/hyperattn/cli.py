@@ -66,8 +66,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``hyperattn bench: argument --lengths: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        # The same form as the subcommands' own refusals; the usage is one --help away.
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hyperattn", description="Long-context attention in near-linear time.")
+    parser = _Parser(prog="hyperattn", description="Long-context attention in near-linear time.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in _COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

@@ -53,8 +53,8 @@ class HyperAttentionConfig:
             and 1024 elsewhere; 1024
             for the peers.
         seed: ``None`` draws fresh randomness from torch's global generator on every
-            call (so ``torch.manual_seed`` makes runs repeatable); an int fixes hashes
-            and samples.
+            call (so ``torch.manual_seed`` makes runs repeatable); an int in
+            ``[0, 2**63 - 1]`` fixes hashes and samples.
         method: one of :data:`METHODS`. Default ``"structured"``.
         window: keys before each query block that it attends exactly, as whole key blocks
             (structured; streaming: the window itself). Default 128.
@@ -114,7 +114,7 @@ class HyperAttentionConfig:
         if self.min_seq_len is not None:
             _check_int("min_seq_len", self.min_seq_len, low=0)
         if self.seed is not None:
-            _check_int("seed", self.seed, low=0)
+            _check_seed(self.seed)
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         _check_int("window", self.window, low=0)
@@ -126,6 +126,12 @@ class HyperAttentionConfig:
                 raise TypeError(f"max_error: expected a float or None, got {type(self.max_error).__name__}")
             if not (math.isfinite(self.max_error) and self.max_error > 0):
                 raise ValueError(f"max_error: expected a finite float > 0 or None, got {self.max_error!r}")
+            if self.probe_rows == 0 and self.method == "structured":
+                # The guard's estimate comes from the probe rows: with none it would report
+                # 0 for every head and never fall back, whatever the true error.
+                raise ValueError("probe_rows: expected an int >= 1 when max_error is set (the guard estimates "
+                                 "each head's error from the probe rows), got 0; pass max_error=None to run "
+                                 "without the guard")
         _check_int("query_block", self.query_block, low=1)
         _check_int("key_blocks", self.key_blocks, low=0)
         _check_int("score_group", self.score_group, low=1)
@@ -136,9 +142,6 @@ class HyperAttentionConfig:
         if self.chunk % self.query_block:
             raise ValueError(f"chunk: expected a multiple of query_block = {self.query_block}, got {self.chunk}")
         _check_int("probe_blocks", self.probe_blocks, low=1)
-        if self.max_error is not None and self.probe_rows == 0:
-            raise ValueError("probe_rows: expected > 0 when max_error is set (no probe rows would blind the "
-                             "error guard); pass max_error=None to run without the guard")
         _check_int("lsh_block", self.lsh_block, low=0)
         if isinstance(self.sample_mix, bool) or not isinstance(self.sample_mix, (int, float)):
             raise TypeError(f"sample_mix: expected a float in (0, 1], got {type(self.sample_mix).__name__}")
@@ -157,6 +160,19 @@ class HyperAttentionConfig:
     def replace(self, **changes) -> HyperAttentionConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# Seeds reach int64 arguments (the torch.library op's) and torch.Generator.manual_seed,
+# which takes up to 2**64 - 1: int64's non-negative range fits both, with room for the
+# small offsets that derived seeds add.
+_MAX_SEED = 2**63 - 1
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected None or an int, got {type(seed).__name__} ({seed!r})")
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed: expected None or an int in [0, 2**63 - 1], got {seed}")
 
 
 def _check_int(name: str, value, *, low: int, high: int | None = None) -> None:

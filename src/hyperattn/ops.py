@@ -30,6 +30,21 @@ def _shape(x: Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
+def _shape_only(x: Tensor) -> bool:
+    """Meta or fake tensors (shape propagation, tracing): no values to check or compute with."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.is_meta or is_fake(x)
+
+
+def _shape_only_result(q: Tensor, v: Tensor, method: str):
+    """Outputs of the right shapes, dtypes and device for :func:`_shape_only` inputs, nothing computed."""
+    bsz, hq, nq, _ = q.shape
+    heads = q.new_empty((bsz, hq), dtype=torch.float32)
+    stats = AttentionStats(method, float("nan"), heads, heads.to(torch.bool))
+    return q.new_empty((bsz, hq, nq, v.shape[-1])), q.new_empty((bsz, hq, nq), dtype=torch.float32), stats
+
+
 def _check_inputs(q, k, v, causal, scale, config, check_finite: bool) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
@@ -66,7 +81,7 @@ def _check_inputs(q, k, v, causal, scale, config, check_finite: bool) -> None:
             raise ValueError(f"scale: expected a finite float > 0 or None, got {scale!r}")
     if config is not None and not isinstance(config, HyperAttentionConfig):
         raise TypeError(f"config: expected a HyperAttentionConfig or None, got {type(config).__name__}")
-    if check_finite:
+    if check_finite and not _shape_only(q):
         # One max-abs reduction per tensor (NaN propagates, Inf stays Inf) and a single host
         # sync for all three, instead of an elementwise isfinite pass and a sync per tensor.
         peaks = torch.stack([torch.linalg.vector_norm(x, ord=float("inf")).float() for x in (q, k, v)])
@@ -180,7 +195,10 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         k: ``(B, Hkv, Nk, D)`` keys, same dtype and device; ``Hq % Hkv == 0``.
         v: ``(B, Hkv, Nk, D)`` values.
         causal: causal mask aligned to the last key (query ``i`` sees keys
-            ``j <= i + Nk - Nq``), like flash-attn. Default False.
+            ``j <= i + Nk - Nq``), like flash-attn. With ``Nq > Nk`` the first
+            ``Nq - Nk`` rows see no key and return 0 (lse ``-inf``) for every method, as
+            flash-attn does; ``scaled_dot_product_attention(is_causal=True)`` aligns to the
+            first key instead. Default False.
         scale: logit scale; default ``D ** -0.5``.
         config: method and budget (:class:`HyperAttentionConfig`); default
             ``HyperAttentionConfig()``, the structured method with its error guard.
@@ -196,7 +214,9 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         reference on CUDA too when autograd needs a gradient); the peer patterns run their
         PyTorch reference on every device (no kernels: on CUDA past 16k keys this warns once
         per call site). Differentiable: the gradient is the exact gradient of the approximate
-        function for the drawn hashes and samples.
+        function for the drawn hashes and samples. Meta and fake tensors (shape
+        propagation, tracing) get outputs of the right shapes and dtypes without any
+        computation (``stats.keys_per_query`` NaN, ``est_error``/``exact_heads`` empty).
 
     Raises:
         TypeError, ValueError: on invalid inputs, naming the argument.
@@ -213,6 +233,8 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     cfg = _DEFAULT_CONFIG if config is None else config
     _check_inputs(q, k, v, causal, scale, config, cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _shape_only(q):
+        return _pack(*_shape_only_result(q, v, cfg.method), return_lse, return_stats)
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
     if q.is_cuda and cfg.method not in ("hyper", "exact", "structured") and k.shape[2] > _SLOW_ON_CUDA:
         warnings.warn(f"hyper_attention: method={cfg.method!r} has no GPU kernel yet and runs its PyTorch "
@@ -226,7 +248,10 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         out, lse, stats = _run_exact(q, k, v, scale, causal, cfg, seed, need_lse=return_lse)
     else:
         out, lse, stats = _method(cfg.method)(q, k, v, scale, causal, cfg, seed)
-    out = out.to(q.dtype)
+    return _pack(out.to(q.dtype), lse, stats, return_lse, return_stats)
+
+
+def _pack(out: Tensor, lse: Tensor, stats: AttentionStats, return_lse: bool, return_stats: bool):
     result = (out,)
     if return_lse:
         result += (lse.float(),)
@@ -237,7 +262,7 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
 
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None, *,
                     return_lse: bool = False, check_finite: bool = True):
-    """Exact attention with the same contract as :func:`hyper_attention`.
+    """Exact attention with the same contract as :func:`hyper_attention` (causal rows that see no key give 0).
 
     Without ``return_lse`` it runs ``torch.nn.functional.scaled_dot_product_attention``
     (its fastest backend) where the masks agree; otherwise the fp32 reference.

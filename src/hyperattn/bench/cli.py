@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from ..cli_args import positive_float, positive_int, writable_file
 from .forward import IMPLS
 
 __all__ = ["add_arguments", "run", "format_table"]
@@ -24,28 +26,29 @@ _DEFAULT_MAX_N = {"hyper-reference": 131072, "structured": 262144, "sdpa-efficie
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 4096..1048576 "
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="sequence lengths (default: 4096..1048576 "
                         "on CUDA, 1024 2048 4096 on CPU)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (default: all on CUDA "
                         "except sdpa-math; hyper and sdpa-math on CPU)")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="masking (default both)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, help="query heads (default 32 on CUDA, 8 on CPU)")
-    parser.add_argument("--kv-heads", type=int, help="key/value heads (default 8 on CUDA, 2 on CPU)")
-    parser.add_argument("--head-dim", type=int, help="head dim (default 128 on CUDA, 64 on CPU)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, help="query heads (default 32 on CUDA, 8 on CPU)")
+    parser.add_argument("--kv-heads", type=positive_int, help="key/value heads, a divisor of --heads (default 8 "
+                        "on CUDA, 2 on CPU)")
+    parser.add_argument("--head-dim", type=positive_int, help="head dim (default 128 on CUDA, 64 on CPU)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="input dtype (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--max-n", nargs="*", default=[], metavar="IMPL=N",
                         help="skip an implementation above N (defaults: " +
                              ", ".join(f"{k}={v}" for k, v in _DEFAULT_MAX_N.items()) + ")")
-    parser.add_argument("--flex-lengths", type=int, nargs="*", default=[32768, 131072, 1048576],
+    parser.add_argument("--flex-lengths", type=positive_int, nargs="*", default=[32768, 131072, 1048576],
                         help="lengths at which flex-sink-window runs (each compiles once; default 32768 131072 "
                              "1048576)")
-    parser.add_argument("--budget-ms", type=float, default=400.0, help="timing budget per row (default 400)")
-    parser.add_argument("--profile", type=int, nargs="*", metavar="N",
+    parser.add_argument("--budget-ms", type=positive_float, default=400.0, help="timing budget per row (default 400)")
+    parser.add_argument("--profile", type=positive_int, nargs="*", metavar="N",
                         help="also profile the CUDA path of method='hyper' at these lengths (stage breakdown)")
-    parser.add_argument("--json", metavar="PATH", help="write the results file here")
-    parser.add_argument("--plot", metavar="PNG", help="write a log-log plot here")
+    parser.add_argument("--json", metavar="PATH", type=writable_file, help="write the results file here")
+    parser.add_argument("--plot", metavar="PNG", type=writable_file, help="write a log-log plot here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -87,6 +90,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _refuse(message: str) -> int:
+    print(f"hyperattn bench: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -102,11 +110,13 @@ def run(args: argparse.Namespace) -> int:
     if not cuda:
         impls = [i for i in impls if i in ("hyper", "hyper-reference", "structured", "structured-fixed", "sdpa-math")]
     modes = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
+    if shape.heads % shape.kv_heads:
+        return _refuse(f"--kv-heads: expected a divisor of --heads = {shape.heads}, got {shape.kv_heads}")
     max_n = dict(_DEFAULT_MAX_N)
     for item in args.max_n:
         name, _, value = item.partition("=")
         if name not in IMPLS or not value.isdigit():
-            raise SystemExit(f"--max-n: expected IMPL=N with IMPL in {IMPLS}, got {item!r}")
+            return _refuse(f"--max-n: expected IMPL=N with IMPL in {IMPLS}, got {item!r}")
         max_n[name] = int(value)
     def save(partial: dict) -> None:
         if args.json:

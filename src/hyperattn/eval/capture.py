@@ -127,13 +127,14 @@ def load_capture(path: str | Path) -> Capture:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli_args import positive_int, writable_file
     from .text import DEFAULT_TEXT
 
-    parser.add_argument("output", help="file to write (torch.save format; read it with hyperattn.eval.capture."
+    parser.add_argument("output", type=writable_file, help="file to write (torch.save format; read it with hyperattn.eval.capture."
                                        "load_capture)")
     parser.add_argument("--text", default=DEFAULT_TEXT,
                         help=f"standard-library module whose source is the input text (default {DEFAULT_TEXT})")
-    parser.add_argument("--tokens", type=int, default=8192, help="number of tokens (default 8192)")
+    parser.add_argument("--tokens", type=positive_int, default=8192, help="number of tokens (default 8192)")
     parser.add_argument("--layers", default="all", help="layers to capture: 'all' (default), '0,3,8' or '0-5'")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="storage dtype (default float32)")
@@ -143,9 +144,6 @@ def run(args: argparse.Namespace) -> int:
     from .model import EvalExtraMissing, load_embedded_model
     from .text import tokenize_text
 
-    if args.tokens < 1:
-        print(f"hyperattn capture: --tokens: expected an int >= 1, got {args.tokens}", file=sys.stderr)
-        return 2
     try:
         model, tokenizer = load_embedded_model()
         layers = parse_layers(args.layers, model.config.num_hidden_layers)

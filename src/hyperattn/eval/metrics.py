@@ -44,7 +44,8 @@ def exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, rows
     scores = (q_rows.reshape(bsz, hkv, -1, dim) @ k.float().transpose(-1, -2)).reshape(bsz, hq, len(rows), nk)
     scores = scores * scale
     if causal:
-        scores = scores.masked_fill(torch.arange(nk) > (rows + nk - nq).unsqueeze(-1), float("-inf"))
+        keys = torch.arange(nk, device=scores.device)
+        scores = scores.masked_fill(keys > (rows.to(scores.device) + nk - nq).unsqueeze(-1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs.reshape(bsz, hkv, -1, nk) @ v.float()).reshape(bsz, hq, len(rows), v.shape[-1])
 

@@ -153,7 +153,8 @@ def score_prompt(model, tokenizer, prompt: PasskeyPrompt, max_new_tokens: int = 
 
 def evaluate_passkey(methods: list[str], *, text: str, tokens: int, depths: list[float], seed: int = 0,
                      max_new_tokens: int = 8, progress: bool = True, model=None, tokenizer=None,
-                     configs: dict | None = None, prompts: list[PasskeyPrompt] | None = None) -> dict:
+                     configs: dict | None = None, prompts: list[PasskeyPrompt] | None = None,
+                     device: torch.device | str = "cpu") -> dict:
     """Passkey retrieval per method and depth; the JSON-ready result.
 
     Args:
@@ -170,6 +171,7 @@ def evaluate_passkey(methods: list[str], *, text: str, tokens: int, depths: list
         configs: ``{label: HyperAttentionConfig}`` used instead of parsing these labels.
         prompts: prompts built beforehand (e.g. on another machine, whose standard library
             differs); default: built here from ``text``, ``tokens``, ``depths`` and ``seed``.
+        device: where the model loaded here runs (not used with ``model``). Default ``"cpu"``.
 
     Returns:
         ``{"device", "versions", "setup", "rows": [per (method, depth)]}``; each row has
@@ -196,6 +198,7 @@ def evaluate_passkey(methods: list[str], *, text: str, tokens: int, depths: list
         from .model import load_embedded_model
 
         model, tokenizer = load_embedded_model()
+        model = model.to(device)
     if prompts is None:
         prompts = [build_prompt(tokenizer, text, tokens, depth, make_passkey(seed, i))
                    for i, depth in enumerate(depths)]

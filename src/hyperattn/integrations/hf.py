@@ -21,7 +21,10 @@ What the attention function does with what transformers passes (``q: (B, Hq, Nq,
 - layers outside the policy and queries shorter than ``min_query_len`` (decode steps,
   speculative verification, short chunks) run transformers' own SDPA path over the KV
   cache, unchanged;
-- a causal prefill with ``attention_mask=None`` runs ``hyper_attention(causal=True)``;
+- a causal prefill with ``attention_mask=None`` runs ``hyper_attention(causal=True)``
+  through the registered op :func:`hyperattn.custom_op.attention`, so ``torch.compile``
+  on the model sees one opaque node per attention call (a padding mask's analysis reads
+  the mask's values: a graph break, but no recompiles per length);
   continuation over a KV cache (``Nq < Nk``) aligns the last query with the last key;
 - a 4-D bool mask (or an additive float mask of 0 and the dtype minimum) is analysed per
   sequence: causal masks with left and/or right padding run exactly as that sequence
@@ -44,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..config import HyperAttentionConfig
-from ..ops import hyper_attention
+from ..custom_op import attention
 
 __all__ = ["ATTN_IMPLEMENTATION", "HyperPolicy", "register", "enable", "disable", "hyper_attention_forward"]
 
@@ -297,16 +300,19 @@ def hyper_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
         raise ValueError(f"dropout: attn_implementation='hyper' has no attention dropout, got {dropout} "
                          "(call model.eval() or set the model's attention_dropout to 0)")
     nq, nk = query.shape[2], key.shape[2]
-    # As in transformers' SDPA path: a single query row (a decode step) sees every key.
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and nq > 1
+    causal_module = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    # As in transformers' SDPA path: without a mask a single query row (a decode step) sees
+    # every key. With a mask it is a causal row like any other: the padding analysis below
+    # finds its keys (a left-padded batch's decode step sees all but the padding).
+    causal = causal_module and nq > 1
     if attention_mask is None:
         if causal and nk > nq:
             # transformers passes no mask with Nk > Nq only for the first chunk of a static
             # cache, where SDPA's top-left causal alignment means: keys [0, Nq).
             key, value = key[:, :, :nq], value[:, :, :nq]
-        out = hyper_attention(query, key, value, causal=causal, scale=scaling, config=config)
+        out = attention(query, key, value, causal=causal, scale=scaling, config=config)
         return out.transpose(1, 2).contiguous(), None
-    if not causal:
+    if not causal_module:
         raise ValueError("attention_mask: attn_implementation='hyper' takes masks only for causal attention; "
                          "bidirectional attention must come with attention_mask=None")
     segments = _padded_causal_segments(attention_mask, query.shape[0], nq, nk)
@@ -374,7 +380,7 @@ def _segmented_attention(q: Tensor, k: Tensor, v: Tensor, segments, scale, confi
     """``(B, Hq, Nq, D)``: each group of sequences with the same segment in one causal call; zeros elsewhere."""
     nq, nk = q.shape[2], k.shape[2]
     if all(s == (0, nq, 0, nk) for s in segments):
-        return hyper_attention(q, k, v, causal=True, scale=scale, config=config)
+        return attention(q, k, v, causal=True, scale=scale, config=config)
     out = q.new_zeros(q.shape[:3] + (v.shape[-1],))
     groups: dict[tuple[int, int, int, int], list[int]] = {}
     for b, segment in enumerate(segments):
@@ -382,8 +388,8 @@ def _segmented_attention(q: Tensor, k: Tensor, v: Tensor, segments, scale, confi
             groups.setdefault(segment, []).append(b)
     for (q0, q1, k0, k1), members in groups.items():
         index = torch.tensor(members, device=q.device)
-        part = hyper_attention(q[index, :, q0:q1], k[index, :, k0:k1], v[index, :, k0:k1], causal=True,
-                               scale=scale, config=config)
+        part = attention(q[index, :, q0:q1], k[index, :, k0:k1], v[index, :, k0:k1], causal=True,
+                         scale=scale, config=config)
         out[index, :, q0:q1] = part
     return out
 

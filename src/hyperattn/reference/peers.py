@@ -82,14 +82,18 @@ def _prepare(name: str, q: Tensor, k: Tensor, scale: float, causal: bool, config
         vert = torch.zeros_like(vertical, dtype=torch.bool)
         count = min(nk, config.num_sinks + config.heavy_columns)
         state["vertical"] = vert.scatter(-1, torch.topk(vertical, count, dim=-1).indices, True)
-        # Diagonal d holds keys (row + offset) - d; d in [-(Nk-1), Nk-1] stored at index d + Nk - 1.
+        # Diagonal d holds keys (row + offset) - d. Aligned positions run from offset = Nk - Nq
+        # to Nk - 1, so d lies in [1 - Nq, Nk - 1] (below 1 - Nk only when Nq > Nk) and is
+        # stored at index d + shift, shift = max(Nq, Nk) - 1.
+        shift = max(nq, nk) - 1
         diag = (probe + offset).unsqueeze(-1) - keys  # (P, Nk)
-        slash = torch.zeros(bsz, hq, 2 * nk - 1, device=q.device)
-        slash = slash.index_add(-1, (diag + nk - 1).reshape(-1), p.reshape(bsz, hq, -1))
-        near = torch.arange(2 * nk - 1, device=q.device) - (nk - 1)
+        slash = torch.zeros(bsz, hq, shift + nk, device=q.device)
+        slash = slash.index_add(-1, (diag + shift).reshape(-1), p.reshape(bsz, hq, -1))
+        near = torch.arange(shift + nk, device=q.device) - shift
         slash = slash.masked_fill((near >= 0) & (near < _BLOCK), float("inf"))
         sl = torch.zeros_like(slash, dtype=torch.bool)
-        state["slash"] = sl.scatter(-1, torch.topk(slash, min(config.window, 2 * nk - 1), dim=-1).indices, True)
+        state["slash"] = sl.scatter(-1, torch.topk(slash, min(config.window, shift + nk), dim=-1).indices, True)
+        state["shift"] = shift
         state["pairs"] = float((probe + offset + 1).clamp(min=0, max=nk).sum()) if causal else len(probe) * nk
     elif name == "block_topk":
         nqb, nkb = math.ceil(nq / _BLOCK), math.ceil(nk / _BLOCK)
@@ -119,7 +123,7 @@ def _row_mask(name: str, state: dict, rows: Tensor, nq: int, nk: int, causal: bo
     if name == "streaming":
         return ((keys < config.num_sinks) | ((keys > pos - config.window) & (keys <= pos)))[None, None]
     if name == "vertical_slash":
-        diag = (pos - keys + nk - 1).clamp(0, 2 * nk - 2)  # (R, Nk)
+        diag = pos - keys + state["shift"]  # (R, Nk), within the stored range for every row
         slash = state["slash"]
         on_slash = slash.gather(-1, diag.reshape(1, 1, -1).expand(*slash.shape[:2], -1)).reshape(
             *slash.shape[:2], *diag.shape)
