@@ -2,16 +2,16 @@
 
 Mirrors :mod:`hyperattn.reference.structured` function for function: :func:`attend` and
 :func:`attend_rows` take the same arguments and compute the same function (up to float
-rounding). :func:`attend` runs two FlexAttention passes over ``BlockMask``s built from
+rounding). :func:`attend` runs three FlexAttention passes over ``BlockMask``s built from
 the selection (torch's block-sparse engine; measured side by side with our own Triton
 kernels in ``benchmarks/NOTES.md``):
 
-1. **block-sparse pass**: each query block over its exact blocks (window and top blocks,
-   causal mask on the diagonal) and over its chunk's gathered columns (sinks, heavy
-   columns, residual samples), which are copied once per KV head behind the keys, with
-   their log-weights added as a score bias and masked outside the block's complement and
-   inside the row's LSH block;
-2. **LSH pass**: queries and keys in bucket-sorted order, each sorted query block over the
+1. **block-sparse pass**: each query block over its exact blocks (window and top blocks),
+   causal mask on the diagonal only;
+2. **gathered pass**: each query block over its chunk's gathered columns (sinks, heavy
+   columns, residual samples), copied once per (KV head, chunk), with their log-weights as
+   a score bias, masked outside the block's complement and inside the row's LSH block;
+3. **LSH pass**: queries and keys in bucket-sorted order, each sorted query block over the
    sorted key tiles its rows' ranges span, masked to each row's range minus its exact blocks;
 
 then one log-sum-exp merge. :func:`attend_rows` (the guard's trials on a few probe rows)
@@ -118,62 +118,65 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     bits.scatter_(-1, torch.where(exact_blocks >= 0, exact_blocks, words * 32).long(), True)
     bits = (bits[..., :-1].reshape(bsz, hq, nqb, words, 32).int()
             << torch.arange(32, device=device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
-    win_lo, win_hi = plan.win_lo.to(device).int(), plan.win_hi.to(device).int()
-
-    # 1. One pass over the keys and, appended behind them, every chunk's gathered columns
-    #    (per KV head: a copy of nc * S keys, not one per query block). Exact blocks the
-    #    diagonal or the keys' end cut are partial (mask evaluated), the others full; the
-    #    gathered tiles are partial. The mask is the whole definition (FlexAttention's eager
-    #    path applies it to every score).
-    width = sel.gather_idx.shape[-1]
-    tiles = max(1, math.ceil(width / _TILE))
-    s_pad = tiles * _TILE
-    nc = sel.gather_idx.shape[2]
-    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width)).reshape(bsz, hkv, nc * s_pad)
-    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf"))
-    g_logw = g_logw.reshape(bsz, hkv, nc * s_pad).contiguous()
-    keys_end = nkb * _TILE
-    pad_keys = keys_end - nk
-    rows = g_idx.unsqueeze(-1).expand(-1, -1, -1, dim)
-    k_ext = torch.cat([torch.nn.functional.pad(k, (0, 0, 0, pad_keys)), k.gather(2, rows)], dim=2)
-    v_ext = torch.cat([torch.nn.functional.pad(v, (0, 0, 0, pad_keys)), v.gather(2, rows)], dim=2)
-    b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
-    g_slot = lsh.slot[b_ix, torch.arange(hkv, device=device).view(1, -1, 1), g_idx].int()
-    g_blk = (g_idx // _TILE).int()
-
-    chunk_of = torch.arange(nqb, device=device) // plan.chunk_blocks
-    g_tiles = nkb + (chunk_of * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
-    g_tiles = torch.where(active.unsqueeze(-1), g_tiles, -1)
-    # Every block is partial (mask evaluated): with the uncut exact blocks passed as full
-    # blocks, compiled FlexAttention (torch 2.11) gave wrong rows for this mask while its
-    # eager path agreed with the reference (benchmarks/NOTES.md).
-    num, idx = _packed(torch.cat([exact_blocks, g_tiles], dim=-1))
 
     def bit(b, h, j, kb):
         return ((bits[b, h, j, kb >> 5] >> (kb & 31)) & 1) == 1
 
+    # 1. Exact blocks: the blocks the diagonal or the keys' end cut are partial (mask
+    #    evaluated), the others full (no mask). The mask is the whole definition, as
+    #    FlexAttention's eager path applies it to every score.
+    q_start = torch.arange(nqb, device=device).view(1, 1, nqb, 1) * _TILE
+    block_end = (exact_blocks + 1) * _TILE - 1  # last key of each block
+    cut = (block_end >= nk) | ((block_end > q_start + offset) if causal else False)
+    num, idx = _packed(torch.where(cut, exact_blocks, -1))
+    full_num, full_idx = _packed(torch.where(cut, -1, exact_blocks))
+
+    def exact_mask(b, h, q_idx, kv_idx):
+        keep = (kv_idx < nk) & bit(b, h, q_idx // _TILE, kv_idx // _TILE)
+        return keep & (q_idx + offset >= kv_idx) if causal else keep
+
+    out1, lse1 = _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx),
+                      gqa=hq != hkv)
+
+    # 2. Gathered columns: each chunk's list, copied once per KV head (nc * S keys, not one
+    #    list per query block); query block j takes its chunk's tiles. Which columns block
+    #    j may use (in C_j) is one table lookup; the row's LSH range is masked per row.
+    width = sel.gather_idx.shape[-1]
+    tiles = max(1, math.ceil(width / _TILE))
+    s_pad = tiles * _TILE
+    nc = sel.gather_idx.shape[2]
+    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width))  # (B, Hkv, C, S_pad)
+    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf"))
+    rows = g_idx.reshape(bsz, hkv, nc * s_pad).unsqueeze(-1).expand(-1, -1, -1, dim)
+    k_g, v_g = k.gather(2, rows), v.gather(2, rows)
+    b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
+    g_slot = lsh.slot[b_ix, torch.arange(hkv, device=device).view(1, -1, 1), g_idx.reshape(bsz, hkv, -1)].int()
+    chunk_of = torch.arange(nqb, device=device) // plan.chunk_blocks
+    kv_of = (torch.arange(hq, device=device) // group).view(1, hq, 1)
+    own = g_idx[b_ix, kv_of, chunk_of.view(1, 1, nqb)]  # (B, Hq, nqb, S_pad): block j's chunk list
+    own_blk = own // _TILE
+    cand = plan.candidates(torch.arange(nqb, device=device)).expand(bsz, hq, -1, -1).gather(-1, own_blk)
+    in_e = (own_blk.unsqueeze(-1) == exact_blocks.unsqueeze(-2)).any(-1)
+    usable = cand & ~in_e & active.unsqueeze(-1) & torch.isfinite(g_logw[b_ix, kv_of, chunk_of.view(1, 1, nqb)])
+    usable = usable.reshape(bsz, hq, nqb * s_pad)
+    g_logw = g_logw.reshape(bsz, hkv, nc * s_pad).contiguous()
+    g_num = torch.where(active, tiles, 0)
+    g_ind = (chunk_of * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
+
     def weight(score, b, h, q_idx, kv_idx):
-        g = torch.clamp(kv_idx - keys_end, min=0)
-        return score + torch.where(kv_idx >= keys_end, g_logw[b, h // group, g], 0.0)
+        return score + g_logw[b, h // group, kv_idx]
 
-    def mask(b, h, q_idx, kv_idx):
+    def listed(b, h, q_idx, kv_idx):
         j = q_idx // _TILE
-        kb = kv_idx // _TILE
-        exact_part = (kv_idx < nk) & bit(b, h, j, torch.clamp(kb, max=nkb - 1))
-        if causal:
-            exact_part = exact_part & (q_idx + offset >= kv_idx)
-        g = torch.clamp(kv_idx - keys_end, min=0)
-        cb = g_blk[b, h // group, g]
-        cand = (cb < win_lo[j]) if causal else ((cb < win_lo[j]) | (cb > win_hi[j]))
-        s = g_slot[b, h // group, g]
-        listed = (g // s_pad == chunk_of[j]) & (g_logw[b, h // group, g] > float("-inf")) & cand
-        listed = listed & ~bit(b, h, j, cb) & active[b, h, j] & ((s < lo[b, h, q_idx]) | (s >= hi[b, h, q_idx]))
-        return torch.where(kv_idx < keys_end, exact_part, listed)
+        s = g_slot[b, h // group, kv_idx]
+        mine = kv_idx // s_pad == chunk_of[j]
+        ok = usable[b, h, j * s_pad + kv_idx % s_pad]
+        return mine & ok & ((s < lo[b, h, q_idx]) | (s >= hi[b, h, q_idx]))
 
-    block_mask = _block_mask(num, idx, nq, k_ext.shape[2], mask)
-    out1, lse1 = _run("blocks", q, k_ext, v_ext, scale, block_mask, score_mod=weight, gqa=hq != hkv)
+    mask = _block_mask(g_num, g_ind.expand(bsz, hq, -1, -1), nq, nc * s_pad, listed)
+    out2, lse2 = _run("gathered", q, k_g, v_g, scale, mask, score_mod=weight, gqa=hq != hkv)
 
-    # 2. LSH pass in bucket-sorted order, each sorted block over the key tiles its rows span.
+    # 3. LSH pass in bucket-sorted order, each sorted block over the key tiles its rows span.
     q_order = lsh.q_order
     q_sorted = q.gather(2, q_order.unsqueeze(-1).expand(-1, -1, -1, dim))
     k_sorted = k.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
@@ -202,7 +205,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     out3 = o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim))
     lse3 = l3.gather(2, inverse)
 
-    out, lse = merge_lse(out1.float(), lse1, out3.float(), lse3)
+    out, lse = merge_lse(out1.float(), lse1, out2.float(), lse2)
+    out, lse = merge_lse(out, lse, out3.float(), lse3)
     rows0 = first * plan.block
     return out[:, :, rows0:], lse[:, :, rows0:]
 
