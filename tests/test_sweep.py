@@ -121,25 +121,12 @@ ISSUE_CASE = dict(index=len(CASES), hq=9, hkv=3, nq=1899, nk=1899, dim=128, dtyp
                   causal=True, min_seq_len=64, block_size=32, seed=2)
 CASES.append(ISSUE_CASE)
 
-# Structured cases that fail today (issue 13 item 1: the full budget is not honoured for
-# some seeds, and the guard reports a small error where the true one is large); the
-# structured method is being rewritten. Found by running this sweep on the current method.
-# Cases 10 and 22 (causal, logits x10, 1638 and 2323 keys): true errors 0.14-0.40 are
-# estimated at 0.015-0.037 from the probe rows, in fp32 as in bf16.
-_STRUCTURED_NOT_EXACT = {ISSUE_CASE["index"]}
-_STRUCTURED_GUARD_HIDES = {ISSUE_CASE["index"], 10, 22}
-_REWRITE = "being fixed with the structured rewrite"
-
-
-def _params(known_failures: set[int] = frozenset(), reason: str = "", methods=ha.METHODS):
+def _params(methods=ha.METHODS):
     for method in methods:
         for c in CASES:
             if c is ISSUE_CASE and method != "structured":
                 continue
-            marks = []
-            if method == "structured" and c["index"] in known_failures:
-                marks.append(pytest.mark.xfail(strict=False, reason=f"{reason}: {_REWRITE}"))
-            yield pytest.param(method, c["index"], id=f"{method}-{_case_id(c)}", marks=marks)
+            yield pytest.param(method, c["index"], id=f"{method}-{_case_id(c)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +144,7 @@ def test_sweep_output_is_finite(method, index):
     assert bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("method,index", list(_params(_STRUCTURED_NOT_EXACT, "structured full-budget exactness")))
+@pytest.mark.parametrize("method,index", list(_params()))
 def test_sweep_full_budget_is_exact(method, index):
     c = CASES[index]
     if method == "streaming" and not c["causal"]:
@@ -168,8 +155,7 @@ def test_sweep_full_budget_is_exact(method, index):
     assert rel_err(full.float(), ref) <= _tolerance(c, lp_err)
 
 
-@pytest.mark.parametrize("method,index", list(_params(_STRUCTURED_GUARD_HIDES, "structured guard honesty",
-                                                      methods=("structured",))))
+@pytest.mark.parametrize("method,index", list(_params(methods=("structured",))))
 def test_sweep_guard_is_honest(method, index):
     """A head whose true error exceeds 2 * max_error is never reported below max_error."""
     c = CASES[index]

@@ -60,9 +60,9 @@ class HyperAttentionConfig:
             (structured; streaming: the window itself). Default 128.
         num_sinks: leading "sink" columns always attended exactly. Default 16.
         heavy_columns: heavy columns per chunk found by the probe rows (structured). Default 48.
-        probe_rows: query rows per chunk scored against every key they see; they find the
-            chunk's heavy columns and estimate its error (structured). Default 16. With
-            ``max_error`` set it must be > 0 (no probe rows would blind the guard).
+        probe_rows: query rows per chunk scored against every key they see; half find the
+            chunk's heavy columns, the other half estimate its error (structured). Default 32.
+            With ``max_error`` set it must be >= 2 (no estimating row would blind the guard).
         max_error: relative error target per (head, chunk) (structured). Each chunk runs at
             the cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and samples)
             whose estimate on its probe rows is at most ``max_error``, else exactly (through
@@ -96,7 +96,7 @@ class HyperAttentionConfig:
     window: int = 128
     num_sinks: int = 16
     heavy_columns: int = 48
-    probe_rows: int = 16
+    probe_rows: int = 32
     max_error: float | None = 0.05
     check_finite: bool = True
     query_block: int = 128
@@ -126,12 +126,12 @@ class HyperAttentionConfig:
                 raise TypeError(f"max_error: expected a float or None, got {type(self.max_error).__name__}")
             if not (math.isfinite(self.max_error) and self.max_error > 0):
                 raise ValueError(f"max_error: expected a finite float > 0 or None, got {self.max_error!r}")
-            if self.probe_rows == 0 and self.method == "structured":
+            if self.probe_rows < 2 and self.method == "structured":
                 # The guard's estimate comes from the probe rows: with none it would report
                 # 0 for every head and never fall back, whatever the true error.
-                raise ValueError("probe_rows: expected an int >= 1 when max_error is set (the guard estimates "
-                                 "each head's error from the probe rows), got 0; pass max_error=None to run "
-                                 "without the guard")
+                raise ValueError("probe_rows: expected an int >= 2 when max_error is set (the guard estimates "
+                                 f"each chunk's error from every other probe row), got {self.probe_rows}; pass "
+                                 "max_error=None to run without the guard")
         _check_int("query_block", self.query_block, low=1)
         _check_int("key_blocks", self.key_blocks, low=0)
         _check_int("score_group", self.score_group, low=1)

@@ -133,6 +133,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
     chunk_ok = probe[..., 0] >= 0  # (B, Hq, C): chunks with approximate rows
+    estimating = sel_ref.estimating_rows(probe)
     p_blocks = (probe.reshape(bsz, hq, nc, pb, rpb)[..., 0].clamp(min=0) // t).reshape(bsz, hq, nc * pb)
     p_rows = probe.reshape(bsz, hq, nc * pb, rpb)
     p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))
@@ -153,7 +154,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
                                 torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
         approx, _ = attend_ref.attend_rows(qc, kc, vc, scale, plan, sel, lsh, p_rows)
-        err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, probe >= 0)
+        err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
         pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
         cheaper = per_row.double() * chunk_rows < exact_cost

@@ -238,6 +238,16 @@ def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0
     return s.masked_fill(cols > limit.unsqueeze(-1), float("-inf"))
 
 
+def _finder(p: int, device) -> Tensor:
+    """``(p,)`` float: 1 for the probe rows that find heavy columns (even), 0 for the others."""
+    return (torch.arange(p, device=device) % 2 == 0).float()
+
+
+def estimating_rows(rows: Tensor) -> Tensor:
+    """``(B, Hq, C, P)`` bool: the probe rows that estimate the error (odd, and present)."""
+    return (rows >= 0) & (torch.arange(rows.shape[-1], device=rows.device) % 2 == 1)
+
+
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
                 num_sinks: int) -> tuple[Tensor, Tensor, Tensor, float]:
     """Exact attention of the probe rows and each chunk's heavy columns.
@@ -245,9 +255,11 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
     ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
     the scores computed per head. A chunk's heavy columns are the ``heavy`` keys outside
-    the sinks with the largest summed softmax weight over the chunk's probe rows of the KV
-    head's query heads: its vertical lines (delimiters, sinks past ``num_sinks``), found
-    from rows of the chunk alone. Keys are streamed in pieces: two passes (log-sum-exp, then weights).
+    the sinks with the largest summed softmax weight over the chunk's *even* probe rows of
+    the KV head's query heads: its vertical lines (delimiters, sinks past ``num_sinks``),
+    found from rows of the chunk alone. The odd probe rows estimate the error
+    (:func:`estimating_rows`): rows that chose the heavy columns would find their own keys
+    there and report a smaller error than the other rows see. Keys are streamed in pieces: two passes (log-sum-exp, then weights).
     """
     bsz, hq, nc, p = rows.shape
     hkv = k.shape[1]
@@ -266,7 +278,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
         if count:
             # Heavy columns are per KV head: the mass of all its query heads' probe rows.
-            mass = w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0).sum((2, 4))
+            mass = (w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0) * _finder(p, q.device).view(-1, 1)).sum((2, 4))
             mass[..., :max(0, num_sinks - k0)] = 0.0
             values = torch.cat([best, mass], dim=-1)
             index = torch.cat([best_idx, torch.arange(k0, k1, device=q.device).expand_as(mass)], dim=-1)
