@@ -224,3 +224,52 @@ def test_estimator_and_guard_fields_validated():
     with pytest.raises(ValueError, match="key_blocks"):
         ha.HyperAttentionConfig(key_blocks=-1)
     assert math.isclose(ha.HyperAttentionConfig().sample_mix, 0.3)
+
+
+@pytest.mark.parametrize("max_error", [None, 0.05], ids=["fixed", "guarded"])
+@pytest.mark.parametrize("part", ["q", "k", "v"])
+def test_chunk_causal(part, max_error):
+    # Rows before a multiple t of the chunk never depend on q, k or v at positions >= t:
+    # selection, heavy columns, probe rows and the guard's tier are all decided per chunk.
+    q, k, v = qkv(1, 4, 2, 900, 900, 16, seed=4)
+    cfg = _cfg(chunk=128, max_error=max_error, probe_rows=8)
+    base = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    for t in (256, 512):
+        x = {"q": q, "k": k, "v": v}
+        changed = x[part].clone()
+        changed[:, :, t:] = torch.randn_like(changed[:, :, t:]) * 3
+        x[part] = changed
+        out = ha.hyper_attention(x["q"], x["k"], x["v"], causal=True, config=cfg)
+        assert torch.equal(out[:, :, :t], base[:, :, :t]), (part, t)
+        assert not torch.equal(out[:, :, t:], base[:, :, t:])
+
+
+@pytest.mark.parametrize("max_error", [None, 0.05], ids=["fixed", "guarded"])
+def test_chunked_prefill_reproduces_full_prefill(max_error):
+    q, k, v = qkv(1, 4, 2, 900, 900, 16, seed=6)
+    cfg = _cfg(chunk=128, max_error=max_error, probe_rows=8)
+    full = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    for t in (256, 640):
+        prefix = ha.hyper_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], causal=True, config=cfg)
+        assert torch.allclose(prefix, full[:, :, :t], atol=FP32_ATOL)
+
+
+@pytest.mark.model
+def test_chunk_causal_on_a_real_head_with_the_guard(embedded):
+    # A real captured head (sinks, delimiters, local mass), the default guard on: changing q,
+    # k or v after t = 2 chunks leaves every earlier row bit-identical.
+    from hyperattn.eval.capture import capture_qkv
+    from hyperattn.eval.text import tokenize_text
+
+    model, tokenizer = embedded
+    cap = capture_qkv(model, tokenize_text(tokenizer, "argparse", 1536), layers=[14])
+    q, k, v = cap.layers[14]
+    cfg = ha.HyperAttentionConfig(seed=0, min_seq_len=256, chunk=512)
+    base, stats = ha.hyper_attention(q, k, v, causal=True, scale=cap.scale, config=cfg, return_stats=True)
+    t = 1024
+    for part in range(3):
+        x = [q, k, v]
+        x[part] = x[part].clone()
+        x[part][:, :, t:] = x[part][:, :, t:].flip(2)
+        out = ha.hyper_attention(*x, causal=True, scale=cap.scale, config=cfg)
+        assert torch.equal(out[:, :, :t], base[:, :, :t]), part
