@@ -4,6 +4,8 @@
 - :mod:`~hyperattn.kernels.attention`: range and gathered-column attention with an
   online softmax and in-place LSE merges;
 - :mod:`~hyperattn.kernels.hyper`: the paper's method as a few launches;
-- :mod:`~hyperattn.kernels.structured`: the structured method's attention and block scores;
-- :mod:`~hyperattn.kernels.dispatch`: the entry point, fallbacks and autograd.
+- :mod:`~hyperattn.kernels.selection`: the structured method's probe rows (FlexAttention and a
+  Triton column-mass kernel);
+- :mod:`~hyperattn.kernels.structured`: its attention step, three FlexAttention passes;
+- :mod:`~hyperattn.kernels.dispatch`: the paper's method's entry point, fallbacks and autograd.
 """

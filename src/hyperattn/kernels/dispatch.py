@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import HyperAttentionConfig
 from ..reference.hyper import hyper_attention_reference
 
-__all__ = ["hyper_attention_cuda", "kernel_supported", "structured_kernel_supported"]
+__all__ = ["hyper_attention_cuda", "kernel_supported"]
 
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -50,12 +50,6 @@ def kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
     pieces = q.shape[2] // max(1, config.effective_min_seq_len) + 2
     return _supported(q, (pieces.bit_length() + config.lsh_num_projs > 31,
                           "too many pieces per launch for 32-bit sort keys"))
-
-
-def structured_kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
-    """``None`` when the structured method's kernels can run this call, else the reason they cannot."""
-    return _supported(q, (config.query_block not in (16, 32, 64, 128),
-                          f"query_block {config.query_block} is not one of (16, 32, 64, 128)"))
 
 
 class _HyperAttention(torch.autograd.Function):
