@@ -36,26 +36,38 @@ _FALLBACK_MIN_SEQ_LEN = 1024
 class HyperAttentionConfig:
     """Budget and randomness of one approximate attention call.
 
+    The user's knobs (what a call asks for):
+
     Args:
-        lsh_num_projs: hash bits ``r``; keys and queries fall in ``2**r`` angular buckets
-            ordered by Gray code (adjacent buckets differ in one hyperplane). Default 7.
-        block_size: ``"hyper"``: ``b``, keys per block of the sorted order that each
-            query block attends exactly; ``"oracle_topk"``: top keys per row. Unused by the
-            structured method (its block is ``query_block``). Default 256.
-        sample_size: ``m``, residual columns sampled: per (batch, KV head, sub-problem) for
-            ``"hyper"``; per query block for ``"structured"`` (at the 1x tier). ``m`` at least
-            the residual's size takes every column, which makes the result exact. Default 256.
+        method: one of :data:`METHODS`. Default ``"structured"``.
+        max_error: relative error target per (head, chunk) (structured). Each chunk runs at
+            the cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and samples)
+            whose estimate on its probe rows is at most ``max_error``, else exactly (through
+            SDPA on CUDA). ``None`` disables the guard (every chunk at 1x). Default 0.05.
         min_seq_len: at or below this many keys (per level of the causal recursion for
             ``"hyper"``; per row for ``"structured"``, rounded up to a query block) attention
             is exact. ``None`` (default) means the method's own default: 4096 for
             ``"hyper"`` (the paper's); for ``"structured"`` the measured crossover on CUDA
-            (131072: at and below it SDPA is faster than the current pipeline, benchmarks/NOTES.md)
-            and 1024 elsewhere; 1024
-            for the peers.
+            (131072: at and below it SDPA is faster than the current pipeline,
+            benchmarks/NOTES.md) and 1024 elsewhere; 1024 for the peers.
         seed: ``None`` draws fresh randomness from torch's global generator on every
             call (so ``torch.manual_seed`` makes runs repeatable); an int in
             ``[0, 2**63 - 1]`` fixes hashes and samples.
-        method: one of :data:`METHODS`. Default ``"structured"``.
+        sample_size: ``m``, residual columns sampled: per (batch, KV head, sub-problem) for
+            ``"hyper"``; per (batch, KV head, chunk) for ``"structured"`` (at the 1x tier). ``m`` at least
+            the residual's size takes every column, which makes the result exact. Default 256.
+        block_size: ``"hyper"``: ``b``, keys per block of the sorted order that each
+            query block attends exactly; ``"oracle_topk"``: top keys per row. Unused by the
+            structured method (its block is ``query_block``). Default 256.
+        check_finite: check inputs for NaN/Inf (one reduction per tensor). Default True.
+
+
+    Expert tuning of the structured method and the peers (defaults measured on the
+    tuning text, docs/QUALITY.md; change them to study the method, not to use it):
+
+    Args:
+        lsh_num_projs: hash bits ``r``; keys and queries fall in ``2**r`` angular buckets
+            ordered by Gray code (adjacent buckets differ in one hyperplane). Default 7.
         window: keys before each query block that it attends exactly, as whole key blocks
             (structured; streaming: the window itself). Default 128.
         num_sinks: leading "sink" columns always attended exactly. Default 16.
@@ -63,10 +75,6 @@ class HyperAttentionConfig:
         probe_rows: query rows per chunk scored against every key they see; half find the
             chunk's heavy columns, the other half estimate its error (structured). Default 32.
             With ``max_error`` set it must be >= 2 (no estimating row would blind the guard).
-        max_error: relative error target per (head, chunk) (structured). Each chunk runs at
-            the cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and samples)
-            whose estimate on its probe rows is at most ``max_error``, else exactly (through
-            SDPA on CUDA). ``None`` disables the guard (every chunk at 1x). Default 0.05.
         query_block: rows per query block and keys per key block (structured): the unit of
             selection and of the block-sparse pass. Default 128.
         key_blocks: key blocks each query block attends exactly beyond its window, the best
@@ -84,7 +92,6 @@ class HyperAttentionConfig:
         sample_mix: share of uniform sampling in the residual proposal; the rest follows
             the block scores (structured). 1.0 is plain uniform sampling; the uniform share
             bounds every weight by |complement| / (sample_size * sample_mix). Default 0.3.
-        check_finite: check inputs for NaN/Inf (one reduction per tensor). Default True.
     """
 
     lsh_num_projs: int = 7
@@ -93,6 +100,8 @@ class HyperAttentionConfig:
     min_seq_len: int | None = None
     seed: int | None = None
     method: str = "structured"
+    # Expert tuning from here on (except max_error and check_finite, kept in their place so
+    # positional construction stays as it was).
     window: int = 128
     num_sinks: int = 16
     heavy_columns: int = 48
@@ -152,7 +161,11 @@ class HyperAttentionConfig:
 
     @property
     def effective_min_seq_len(self) -> int:
-        """``min_seq_len`` with ``None`` resolved to the method's default."""
+        """``min_seq_len`` with ``None`` resolved to the method's default off CUDA.
+
+        The structured method on CUDA resolves ``None`` to its measured crossover instead
+        (:func:`hyperattn.methods.structured.default_min_seq_len`).
+        """
         if self.min_seq_len is not None:
             return self.min_seq_len
         return _DEFAULT_MIN_SEQ_LEN.get(self.method, _FALLBACK_MIN_SEQ_LEN)
