@@ -72,8 +72,9 @@ class HyperAttentionConfig:
             (structured; streaming: the window itself). Default 128.
         num_sinks: leading "sink" columns always attended exactly. Default 16.
         heavy_columns: heavy columns per chunk found by the probe rows (structured). Default 48.
-        probe_rows: query rows per chunk scored against every key they see; half find the
-            chunk's heavy columns, the other half estimate its error (structured). Default 32.
+        probe_rows: query rows per chunk scored against every key they see, spread over
+            ``probe_blocks`` blocks; half find the chunk's heavy columns, the other half
+            estimate its error (structured). Default 32.
             With ``max_error`` set it must be >= 2 (no estimating row would blind the guard).
         query_block: rows per query block and keys per key block (structured): the unit of
             selection and of the block-sparse pass. Default 128.
@@ -85,7 +86,9 @@ class HyperAttentionConfig:
         score_group: consecutive query rows whose mean query scores the key blocks'
             mean keys for the block scores (structured); must divide ``query_block``.
             Default 16.
-        probe_blocks: query blocks per chunk holding its probe rows (structured). Default 2.
+        probe_blocks: query blocks per chunk holding its probe rows (structured), an even
+            number: the rows of the first half find the heavy columns, those of the second
+            half estimate the error (blocks that chose the columns would flatter it). Default 4.
         lsh_block: keys of each query's own LSH bucket attended exactly (structured); 0
             turns the LSH block off. Default 32: it finds a key wanted by one query row alone
             (a needle no block score sees; tested).
@@ -112,7 +115,7 @@ class HyperAttentionConfig:
     key_blocks: int = 4
     chunk: int = 4096
     score_group: int = 16
-    probe_blocks: int = 2
+    probe_blocks: int = 4
     lsh_block: int = 32
     sample_mix: float = 0.3
 
@@ -150,7 +153,10 @@ class HyperAttentionConfig:
         _check_int("chunk", self.chunk, low=1)
         if self.chunk % self.query_block:
             raise ValueError(f"chunk: expected a multiple of query_block = {self.query_block}, got {self.chunk}")
-        _check_int("probe_blocks", self.probe_blocks, low=1)
+        _check_int("probe_blocks", self.probe_blocks, low=2)
+        if self.probe_blocks % 2:
+            raise ValueError(f"probe_blocks: expected an even int (half find heavy columns, half estimate the "
+                             f"error), got {self.probe_blocks}")
         _check_int("lsh_block", self.lsh_block, low=0)
         if isinstance(self.sample_mix, bool) or not isinstance(self.sample_mix, (int, float)):
             raise TypeError(f"sample_mix: expected a float in (0, 1], got {type(self.sample_mix).__name__}")

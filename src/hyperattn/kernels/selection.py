@@ -100,8 +100,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count and p >= 16 and p & (p - 1) == 0:
         qc, kc = q.contiguous(), k.contiguous()
-        # Only the even probe rows find heavy columns (reference: _finder).
-        rows_c = torch.where(torch.arange(p, device=q.device) % 2 == 0, rows, -1).contiguous()
+        # Only the first half of the probe rows finds heavy columns (reference: _finder).
+        rows_c = torch.where(torch.arange(p, device=q.device) < p // 2, rows, -1).contiguous()
         lse_c = lse.reshape(bsz, hq, nc, p).contiguous()
         step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * nk))
         block_n = 128

@@ -206,7 +206,7 @@ def probe_rows(plan: Plan, seed: int, batch: int, heads: Tensor, probe_blocks: i
     """Probe rows of every chunk, ``(B, Hq, num_chunks, probe_blocks * rows_per_block)`` long, ``-1`` where none.
 
     Each chunk's probe rows lie in ``probe_blocks`` random approximate query blocks of the
-    chunk, ``rows_per_block`` random rows in each (rows of one block share its selection,
+    chunk, one in each of ``probe_blocks`` equal strata, ``rows_per_block`` random rows in each (rows of one block share its selection,
     so the guard's trials gather each block's keys once). ``heads: (Hq,)`` global head ids.
     """
     device = heads.device
@@ -219,7 +219,10 @@ def probe_rows(plan: Plan, seed: int, batch: int, heads: Tensor, probe_blocks: i
     lo = torch.clamp(c * cb, min=plan.first)
     hi = torch.clamp((c + 1) * cb, max=plan.nqb)
     span = (hi - lo).clamp(min=0)
-    blk = lo + (uniforms(seed, 1, b, h, c, p) * span).long()
+    # Block p lies in the p-th of probe_blocks equal strata of the chunk: distinct blocks
+    # (when the chunk has that many), so the blocks that find heavy columns are never the
+    # ones that estimate the error.
+    blk = lo + ((p + uniforms(seed, 1, b, h, c, p)) * span / probe_blocks).long()
     start = blk * plan.block
     rows = start + (uniforms(seed, 2, b, h, c, p, r) * torch.clamp(plan.nq - start, max=plan.block)).long()
     rows = torch.where(span > 0, rows, -1)
@@ -239,13 +242,15 @@ def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0
 
 
 def _finder(p: int, device) -> Tensor:
-    """``(p,)`` float: 1 for the probe rows that find heavy columns (even), 0 for the others."""
-    return (torch.arange(p, device=device) % 2 == 0).float()
+    """``(p,)`` float: 1 for the probe rows that find heavy columns (the first half: the first
+    half of the probe blocks), 0 for the others."""
+    return (torch.arange(p, device=device) < p // 2).float()
 
 
 def estimating_rows(rows: Tensor) -> Tensor:
-    """``(B, Hq, C, P)`` bool: the probe rows that estimate the error (odd, and present)."""
-    return (rows >= 0) & (torch.arange(rows.shape[-1], device=rows.device) % 2 == 1)
+    """``(B, Hq, C, P)`` bool: the probe rows that estimate the error (the second half, present)."""
+    p = rows.shape[-1]
+    return (rows >= 0) & (torch.arange(p, device=rows.device) >= p // 2)
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
@@ -255,11 +260,12 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
     ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
     the scores computed per head. A chunk's heavy columns are the ``heavy`` keys outside
-    the sinks with the largest summed softmax weight over the chunk's *even* probe rows of
-    the KV head's query heads: its vertical lines (delimiters, sinks past ``num_sinks``),
-    found from rows of the chunk alone. The odd probe rows estimate the error
-    (:func:`estimating_rows`): rows that chose the heavy columns would find their own keys
-    there and report a smaller error than the other rows see. Keys are streamed in pieces: two passes (log-sum-exp, then weights).
+    the sinks with the largest summed softmax weight over the rows of the chunk's first half
+    of probe blocks, for all query heads of the KV head: its vertical lines (delimiters,
+    sinks past ``num_sinks``), found from rows of the chunk alone. The other probe blocks
+    estimate the error (:func:`estimating_rows`): rows, or blocks, that chose the heavy
+    columns find their own keys there and report a smaller error than the rest of the
+    chunk sees (measured: estimates of 0.01-0.04 for heads at 0.15-0.40). Keys are streamed in pieces: two passes (log-sum-exp, then weights).
     """
     bsz, hq, nc, p = rows.shape
     hkv = k.shape[1]
