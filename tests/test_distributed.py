@@ -82,6 +82,13 @@ def _run_case(case: Case, rank: int) -> dict:
     return result
 
 
+def _fresh_seed(rank: int) -> dict:
+    """``seed=None`` with a different global generator state per rank: every rank must use rank 0's draw."""
+    torch.manual_seed(100 + rank)
+    case = CASES["hyper-causal-hkv4"]
+    return _run_case(dataclasses.replace(case, config=dataclasses.replace(case.config, seed=None)), rank)
+
+
 def _errors(rank: int) -> dict:
     """Each invalid call, what this rank raised: ``(type name, message)``."""
     q, k, v = qkv(1, 4, 2, N // WORLD, N // WORLD, DIM)
@@ -112,6 +119,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
         results = {name: _run_case(case, rank) for name, case in CASES.items()}
+        results["fresh-seed"] = _fresh_seed(rank)
         results["errors"] = _errors(rank)
     except Exception:
         results = {"crash": traceback.format_exc()}
@@ -150,6 +158,16 @@ def test_each_rank_gets_its_slice_of_the_single_device_result(ranks, name):
         torch.testing.assert_close(res[name]["lse"], ref["lse"][:, :, rows], atol=SHARD_ATOL, rtol=0)
         for got, want in zip(res[name].get("grads", []), ref.get("grads", [])):
             torch.testing.assert_close(got, want[:, :, rows], atol=SHARD_ATOL, rtol=0)
+
+
+def test_without_a_seed_every_rank_uses_rank_0s(ranks):
+    torch.manual_seed(100)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # what rank 0 drew
+    case = CASES["hyper-causal-hkv4"]
+    ref = _single(dataclasses.replace(case, config=dataclasses.replace(case.config, seed=seed)))
+    for rank, res in enumerate(ranks):
+        rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        torch.testing.assert_close(res["fresh-seed"]["out"], ref["out"][:, :, rows], atol=SHARD_ATOL, rtol=0)
 
 
 def test_cases_really_approximate():
