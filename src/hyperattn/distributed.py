@@ -10,6 +10,12 @@ draws are keyed by global head, so the result is the single-device call on the w
 sequence, up to float rounding. Traffic per rank is the size of its own q, k, v and
 output slices, whatever ``W``.
 
+Why this layout rather than a ring over KV shards: the methods select keys from the whole
+sequence (LSH sorts, heavy columns, block scores, samples over the residual), which a ring
+would have to rebuild from pieces held by other ranks; after the all-to-all each rank runs
+the single-device pipeline unchanged, whichever it is. Its limit is the head count:
+``Hq`` (and for the structured method ``Hkv``) divisible by ``W``.
+
 Shape legend as in :mod:`hyperattn.ops`, with ``W`` the group's world size and
 ``N_local = N / W`` the positions each rank holds.
 """
