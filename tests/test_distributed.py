@@ -102,6 +102,7 @@ def _errors(rank: int) -> dict:
         "one-rank-bad-dtype": lambda: context_parallel_attention(q, k.double() if rank else k, v),
         "causal-differs": lambda: context_parallel_attention(q, k, v, causal=bool(rank)),
         "group-type": lambda: context_parallel_attention(q, k, v, group="world"),
+        "meta-tensors": lambda: context_parallel_attention(*(x.to("meta") for x in (q, k, v))),
     }
     raised = {}
     for name, call in cases.items():
@@ -193,6 +194,7 @@ ERRORS = {
     "unequal-lengths": ("ValueError", "q: expected the same shape (B, Hq, N_local, D) on every rank"),
     "causal-differs": ("ValueError", "causal: expected the same value on every rank"),
     "group-type": ("TypeError", "group: expected a torch.distributed.ProcessGroup or None"),
+    "meta-tensors": ("ValueError", "q: expected tensors with values"),
 }
 
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import HyperAttentionConfig
-from .ops import _DEFAULT_CONFIG, _attention, _check_inputs
+from .ops import _DEFAULT_CONFIG, _attention, _check_inputs, _shape_only
 
 __all__ = ["context_parallel_attention"]
 
@@ -87,6 +87,9 @@ def _group_size(group) -> tuple[int, int]:
 def _check_local(q, k, v, causal, scale, config, cfg, world: int) -> None:
     """This rank's inputs, before any collective: :func:`hyperattn.ops._check_inputs` and the sharding constraints."""
     _check_inputs(q, k, v, causal, scale, config, cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True)
+    if _shape_only(q):
+        raise ValueError("q: expected tensors with values, got a meta or fake tensor (collectives move data; "
+                         "context_parallel_attention does not trace)")
     if cfg.method not in _METHODS:
         raise ValueError(f"config: expected method in {_METHODS} for context parallelism, got {cfg.method!r} (the "
                          "peer patterns draw their randomness per call, not per global head, so a head-sharded "
@@ -102,7 +105,7 @@ def _check_local(q, k, v, causal, scale, config, cfg, world: int) -> None:
 
 
 def _collective_device(q, group) -> torch.device:
-    if isinstance(q, Tensor) and not q.is_meta:
+    if isinstance(q, Tensor) and not _shape_only(q):
         return q.device
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
         torch.device("cpu")
