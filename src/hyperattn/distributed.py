@@ -40,7 +40,7 @@ _METHODS = ("structured", "hyper", "exact")
 
 # What each rank tells the others before any data moves: whether its own inputs passed
 # validation, its shapes, and its call arguments that must agree.
-_FIELDS = ("failed", "B", "Hq", "Nq", "Dq", "Hkv", "Nk", "Dk", "Dv", "causal", "seed")
+_FIELDS = ("failed", "B", "Hq", "Nq", "D", "Hkv", "Nk", "causal", "seed")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -75,7 +75,7 @@ def _to_sequence(x: Tensor, world: int, group) -> Tensor:
     return got.transpose(0, 1).reshape(bsz, world * heads, n // world, *rest)
 
 
-def _group_size(group) -> tuple[int, int]:
+def _world_and_rank(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized; call torch.distributed.init_process_group "
                          "first (torchrun sets up its environment)")
@@ -111,14 +111,14 @@ def _collective_device(q, group) -> torch.device:
         torch.device("cpu")
 
 
-def _agree(q, k, v, causal, seed: int, error: Exception | None, world: int, group) -> int:
+def _agree(q, k, causal, seed: int, error: Exception | None, world: int, group) -> int:
     """Exchange each rank's validation outcome, shapes, ``causal`` and seed; raise the same way on every rank.
 
     Every rank raises when any rank's inputs fail, so no rank is left waiting in the
     all-to-all. Returns the seed of the group's rank 0.
     """
     row = [int(error is not None)]
-    row += [*q.shape, k.shape[1], k.shape[2], k.shape[3], v.shape[3], int(causal)] if error is None else \
+    row += [*q.shape, k.shape[1], k.shape[2], int(causal)] if error is None else \
         [0] * (len(_FIELDS) - 2)
     row.append(seed)
     mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(q, group))
@@ -132,9 +132,9 @@ def _agree(q, k, v, causal, seed: int, error: Exception | None, world: int, grou
         raise ValueError(f"context_parallel_attention: the inputs of rank(s) {failed} of the group are invalid "
                          "(the error is raised there)")
     names = {name: i for i, name in enumerate(_FIELDS)}
-    for arg, fields, layout in (("q", ("B", "Hq", "Nq", "Dq"), "(B, Hq, N_local, D)"),
-                                ("k", ("B", "Hkv", "Nk", "Dk"), "(B, Hkv, N_local, D)"),
-                                ("v", ("B", "Hkv", "Nk", "Dv"), "(B, Hkv, N_local, Dv)")):
+    # Each rank checked that v has k's shape and k has q's B and D: q and k's shapes say it all.
+    for arg, fields, layout in (("q", ("B", "Hq", "Nq", "D"), "(B, Hq, N_local, D)"),
+                                ("k", ("B", "Hkv", "Nk", "D"), "(B, Hkv, N_local, D)")):
         cols = [names[f] for f in fields]
         for r in range(world):
             if not torch.equal(table[r, cols], table[0, cols]):
@@ -163,7 +163,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = F
     Args:
         q: ``(B, Hq, N_local, D)`` this rank's queries; ``Hq`` divisible by ``W``.
         k: ``(B, Hkv, N_local, D)`` this rank's keys; ``Hq % Hkv == 0``.
-        v: ``(B, Hkv, N_local, Dv)`` this rank's values.
+        v: ``(B, Hkv, N_local, D)`` this rank's values.
         causal: causal mask over the whole sequence (key ``j`` seen by query ``i`` iff
             ``j <= i``, counted globally). Default False.
         scale: logit scale; default ``D ** -0.5``.
@@ -188,7 +188,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = F
     An invalid input on any rank raises on every rank, before any data moves.
 
     Returns:
-        ``out: (B, Hq, N_local, Dv)`` in the input dtype, this rank's rows; then ``lse`` if
+        ``out: (B, Hq, N_local, D)`` in the input dtype, this rank's rows; then ``lse`` if
         ``return_lse``.
 
     Raises:
@@ -208,7 +208,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = F
         >>> out.shape
         torch.Size([1, 32, 524288, 128])
     """
-    world, rank = _group_size(group)
+    world, rank = _world_and_rank(group)
     cfg = _DEFAULT_CONFIG if config is None else config
     error = None
     try:
@@ -216,7 +216,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = F
     except (TypeError, ValueError) as exc:
         error = exc
     seed = cfg.seed if error is None and cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    seed = _agree(q, k, v, causal, seed, error, world, group)
+    seed = _agree(q, k, causal, seed, error, world, group)
     cfg = dataclasses.replace(cfg, seed=seed)
 
     hq, hkv = q.shape[1], k.shape[1]
