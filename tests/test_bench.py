@@ -73,3 +73,21 @@ def test_cli_writes_json(tmp_path):
                               "--causal", "yes", "--budget-ms", "1", "--json", str(path), "--no-progress"])
     assert cli.run(args) == 0
     assert '"impl": "hyper"' in path.read_text()
+
+
+def test_context_parallel_script_parses_its_arguments():
+    # The script runs under torchrun on GPUs; here only its import and argument parsing.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "context_parallel.py"
+    spec = importlib.util.spec_from_file_location("context_parallel", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args([])
+    assert args.lengths == [1 << 20, 1 << 21] and args.impls == ["structured-fixed", "hyper"] and not args.noncausal
+    assert script.parse_args(["--lengths", "8192", "--impls", "hyper", "--reps", "2"]).reps == 2
+    with pytest.raises(SystemExit):
+        script.parse_args(["--reps", "0"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--impls", "streaming"])

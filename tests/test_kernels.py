@@ -162,6 +162,21 @@ def test_gqa_equals_repeated_kv(causal):
 
 
 @needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_a_slice_of_the_heads_matches_the_reference_on_all_heads(causal):
+    # Context parallelism runs each rank's heads alone: the kernels draw per global head too.
+    from hyperattn.kernels.hyper import hyper_forward
+
+    q, k, v = qkv(1, 8, 4, 1025, 1025, 64, device="cuda", seed=1)
+    cfg = _config(32, 16, 128, seed=3)
+    ref_out, ref_lse = _reference(q, k, v, causal, cfg)
+    out, lse = hyper_forward(q[:, 4:], k[:, 2:], v[:, 2:], scale=64 ** -0.5, causal=causal, block_size=32,
+                             sample_size=16, num_projs=5, min_seq_len=128, seed=3, head_offset=4, total_heads=8)
+    assert rel_err(out, ref_out[:, 4:]) < FP32_RTOL
+    assert rel_err(lse, ref_lse[:, 4:]) < FP32_RTOL
+
+
+@needs_cuda
 def test_causal_rows_never_see_later_keys():
     n, cut = 1500, 777
     q, k, v = qkv(1, 4, 2, n, n, 64, device="cuda", seed=13)

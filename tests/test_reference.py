@@ -156,3 +156,18 @@ def test_planted_matches_are_found_by_lsh():
     assert float(row_err.median()) < 0.05
     blind, _ = _hyper(q, k, v, False, block=1, samples=128, min_len=0, projs=6)
     assert float(((blind - ref).norm(dim=-1) / ref.norm(dim=-1)).median()) > 0.5
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_a_slice_of_the_heads_is_that_slice_of_the_call_on_all_heads(causal):
+    # Context parallelism runs each rank's heads alone: the draws are per global head.
+    q, k, v = qkv(2, 8, 4, 300, 300, 16)
+    full_out, full_lse = _hyper(q, k, v, causal, samples=16)
+    out, lse = hyper_attention_reference(q[:, 4:], k[:, 2:], v[:, 2:], scale=0.25, causal=causal, block_size=32,
+                                         sample_size=16, num_projs=5, min_seq_len=40, seed=0, head_offset=4,
+                                         total_heads=8)
+    assert torch.allclose(out, full_out[:, 4:], atol=FP32_ATOL)
+    assert torch.allclose(lse, full_lse[:, 4:], atol=FP32_ATOL)
+    unsliced, _ = hyper_attention_reference(q[:, 4:], k[:, 2:], v[:, 2:], scale=0.25, causal=causal, block_size=32,
+                                            sample_size=16, num_projs=5, min_seq_len=40, seed=0)
+    assert not torch.allclose(unsliced, full_out[:, 4:], atol=1e-3)  # heads 0-3's draws: another answer

@@ -108,17 +108,18 @@ def _run_exact(q, k, v, scale, causal, config, seed, need_lse=True):
     return out, lse, stats
 
 
-def _run_hyper(q, k, v, scale, causal, config, seed):
+def _run_hyper(q, k, v, scale, causal, config, seed, head_offset=0, total_heads=None):
     nq, nk = q.shape[2], k.shape[2]
     min_len = config.effective_min_seq_len
     if q.is_cuda:
         from .kernels import dispatch as kernel_dispatch  # imported lazily: needs triton
         out, lse = kernel_dispatch.hyper_attention_cuda(q, k, v, scale=scale, causal=causal, config=config,
-                                                        seed=seed)
+                                                        seed=seed, head_offset=head_offset, total_heads=total_heads)
     else:
         out, lse = hyper_attention_reference(q, k, v, scale=scale, causal=causal, block_size=config.block_size,
                                              sample_size=config.sample_size, num_projs=config.lsh_num_projs,
-                                             min_seq_len=min_len, seed=seed)
+                                             min_seq_len=min_len, seed=seed, head_offset=head_offset,
+                                             total_heads=total_heads)
     plan = causal_plan(nq, nk, min_len) if causal else noncausal_plan(nq, nk, min_len)
     pairs = scored_pairs(plan, config.block_size, config.sample_size, nq, nk)
     nan = torch.full((q.shape[0], q.shape[1]), float("nan"), device=q.device)
@@ -175,12 +176,8 @@ def _in_head_chunks(runner: Callable) -> Callable:
     return run
 
 
-def _method(name: str) -> Callable:
-    if name == "exact":
-        return _run_exact
-    if name == "hyper":
-        return _run_hyper
-    from .reference import peers  # the peer patterns
+def _peer(name: str) -> Callable:
+    from .reference import peers
 
     return _in_head_chunks(peers.RUNNERS[name])
 
@@ -232,6 +229,18 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     """
     cfg = _DEFAULT_CONFIG if config is None else config
     _check_inputs(q, k, v, causal, scale, config, cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True)
+    return _attention(q, k, v, causal, scale, cfg, return_lse=return_lse, return_stats=return_stats)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, cfg: HyperAttentionConfig, *,
+               return_lse: bool, return_stats: bool = False, head_offset: int = 0, total_heads: int | None = None):
+    """:func:`hyper_attention` on validated inputs; q's heads are global heads ``head_offset + [0, Hq)``.
+
+    ``total_heads``: the global query head count (default Hq). The random draws of
+    ``"structured"`` and ``"hyper"`` are keyed by global head, so a call on a slice of the
+    heads returns that slice of the call on all of them (:mod:`hyperattn.distributed`); the
+    peers draw per call, and callers pass them all heads.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _shape_only(q):
         return _pack(*_shape_only_result(q, v, cfg.method), return_lse, return_stats)
@@ -239,15 +248,18 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     if q.is_cuda and cfg.method not in ("hyper", "exact", "structured") and k.shape[2] > _SLOW_ON_CUDA:
         warnings.warn(f"hyper_attention: method={cfg.method!r} has no GPU kernel yet and runs its PyTorch "
                       f"reference ({k.shape[2]} keys: seconds per call); method='hyper' runs Triton kernels",
-                      stacklevel=2)
+                      stacklevel=3)
     if cfg.method == "structured":
         from .methods import structured
 
-        out, lse, stats = structured.run(q, k, v, scale, causal, cfg, seed, need_lse=return_lse)
+        out, lse, stats = structured.run(q, k, v, scale, causal, cfg, seed, need_lse=return_lse,
+                                         head_offset=head_offset)
     elif cfg.method == "exact":
         out, lse, stats = _run_exact(q, k, v, scale, causal, cfg, seed, need_lse=return_lse)
+    elif cfg.method == "hyper":
+        out, lse, stats = _run_hyper(q, k, v, scale, causal, cfg, seed, head_offset, total_heads)
     else:
-        out, lse, stats = _method(cfg.method)(q, k, v, scale, causal, cfg, seed)
+        out, lse, stats = _peer(cfg.method)(q, k, v, scale, causal, cfg, seed)
     return _pack(out.to(q.dtype), lse, stats, return_lse, return_stats)
 
 

@@ -22,10 +22,11 @@ __all__ = ["hyper_attention_cuda", "kernel_supported"]
 _HEAD_DIMS = (16, 32, 64, 128)
 
 
-def _reference(q, k, v, scale, causal, config, seed):
+def _reference(q, k, v, scale, causal, config, seed, head_offset, total_heads):
     return hyper_attention_reference(q, k, v, scale=scale, causal=causal, block_size=config.block_size,
                                      sample_size=config.sample_size, num_projs=config.lsh_num_projs,
-                                     min_seq_len=config.effective_min_seq_len, seed=seed)
+                                     min_seq_len=config.effective_min_seq_len, seed=seed, head_offset=head_offset,
+                                     total_heads=total_heads)
 
 
 def _supported(q: Tensor, *checks: tuple[bool, str]) -> str | None:
@@ -56,14 +57,15 @@ class _HyperAttention(torch.autograd.Function):
     """Forward through the kernels; backward recomputes the reference with the same seed."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, config, seed):
+    def forward(ctx, q, k, v, scale, causal, config, seed, head_offset, total_heads):
         from .hyper import hyper_forward  # imported here: needs triton
 
         out, lse = hyper_forward(q, k, v, scale=scale, causal=causal, block_size=config.block_size,
                                  sample_size=config.sample_size, num_projs=config.lsh_num_projs,
-                                 min_seq_len=config.effective_min_seq_len, seed=seed)
+                                 min_seq_len=config.effective_min_seq_len, seed=seed, head_offset=head_offset,
+                                 total_heads=total_heads)
         ctx.save_for_backward(q, k, v)
-        ctx.args = (scale, causal, config, seed)
+        ctx.args = (scale, causal, config, seed, head_offset, total_heads)
         return out, lse
 
     @staticmethod
@@ -76,17 +78,20 @@ class _HyperAttention(torch.autograd.Function):
         wanted = [x for x in inputs if x.requires_grad]
         grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
         dq, dk, dv = (next(grads) if x.requires_grad else None for x in inputs)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def hyper_attention_cuda(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,
-                         config: HyperAttentionConfig, seed: int) -> tuple[Tensor, Tensor]:
+                         config: HyperAttentionConfig, seed: int, head_offset: int = 0,
+                         total_heads: int | None = None) -> tuple[Tensor, Tensor]:
     """The paper's method on validated CUDA inputs: ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32.
 
     Same function as :func:`hyperattn.reference.hyper.hyper_attention_reference` for the
     same ``seed`` (same plan, hyperplanes and samples), up to float rounding; a hash can
-    differ only where a projection is within rounding of 0. Head dims other than 16, 32,
-    64, 128 fall back to the reference with a warning. Differentiable.
+    differ only where a projection is within rounding of 0. ``head_offset``,
+    ``total_heads``: q's heads are global heads ``[head_offset, head_offset + Hq)`` of
+    ``total_heads`` (default: all of them). Head dims other than 16, 32, 64, 128 fall back
+    to the reference with a warning. Differentiable.
 
     Examples::
 
@@ -100,6 +105,6 @@ def hyper_attention_cuda(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causa
     reason = kernel_supported(q, config)
     if reason is not None:
         warnings.warn(f"hyper_attention: {reason}; running the PyTorch reference", stacklevel=3)
-        return _reference(q, k, v, scale, causal, config, seed)
+        return _reference(q, k, v, scale, causal, config, seed, head_offset, total_heads)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _HyperAttention.apply(q, k, v, scale, causal, config, seed)
+    return _HyperAttention.apply(q, k, v, scale, causal, config, seed, head_offset, total_heads)

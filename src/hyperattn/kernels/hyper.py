@@ -210,12 +210,15 @@ def _to_device(x: Tensor, device: torch.device) -> Tensor:
 
 
 def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
-                  sample_size: int, num_projs: int, min_seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
+                  sample_size: int, num_projs: int, min_seq_len: int, seed: int, head_offset: int = 0,
+                  total_heads: int | None = None) -> tuple[Tensor, Tensor]:
     """The paper's method with Triton kernels; same draws as ``hyper_attention_reference``.
 
     ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)`` CUDA tensors (last dim contiguous, D a
-    power of two in [16, 128]). Returns ``out: (B, Hq, Nq, D)`` in q's dtype (accumulated
-    and merged in fp32) and ``lse: (B, Hq, Nq)`` fp32.
+    power of two in [16, 128]). ``head_offset``, ``total_heads``: q's heads are global heads
+    ``[head_offset, head_offset + Hq)`` of ``total_heads`` (default: all of them). Returns
+    ``out: (B, Hq, Nq, D)`` in q's dtype (accumulated and merged in fp32) and
+    ``lse: (B, Hq, Nq)`` fp32.
 
     Examples::
 
@@ -234,7 +237,8 @@ def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
     acc = out if launches == 1 or q.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
     done = 0
     if plan.groups:
-        draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, min(sample_size, nk))
+        draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, min(sample_size, nk),
+                                head_offset=head_offset, total_heads=total_heads)
         proj, u = _to_device(draws.proj, q.device), _to_device(draws.u, q.device)
         q_perm = torch.argsort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True)
         k_perm = torch.argsort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True)

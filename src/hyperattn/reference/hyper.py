@@ -106,15 +106,20 @@ class Draws:
 
 
 def draw_randomness(seed: int, head_dim: int, num_projs: int, num_pieces: int, batch: int, heads: int,
-                    sample_size: int) -> Draws:
+                    sample_size: int, *, head_offset: int = 0, total_heads: int | None = None) -> Draws:
     """Hyperplanes and sample offsets for ``num_pieces`` approximate pieces, from a CPU generator.
 
     Callers pass ``sample_size = min(config.sample_size, Nk)``: no piece has more columns.
+    A call on ``heads`` query heads starting at global head ``head_offset`` of
+    ``total_heads`` (default ``heads``: all of them) gets those heads' offsets from the
+    draw for all heads, so a head-sharded call (context parallelism) sees the draws of
+    the unsharded one.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     proj = draw_projections(head_dim, num_projs, gen)
-    u = torch.rand(num_pieces, batch, heads, sample_size, generator=gen)
-    return Draws(proj=proj, u=u)
+    total = heads if total_heads is None else total_heads
+    u = torch.rand(num_pieces, batch, total, sample_size, generator=gen)[:, :, head_offset:head_offset + heads]
+    return Draws(proj=proj, u=u.contiguous())
 
 
 def stratified_samples(u: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -190,14 +195,19 @@ def hyper_block_sample(q: Tensor, k: Tensor, v: Tensor, scale: float, proj: Tens
 
 
 def hyper_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
-                              sample_size: int, num_projs: int, min_seq_len: int, seed: int
-                              ) -> tuple[Tensor, Tensor]:
-    """The paper's method on validated inputs; ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``, both fp32."""
+                              sample_size: int, num_projs: int, min_seq_len: int, seed: int, head_offset: int = 0,
+                              total_heads: int | None = None) -> tuple[Tensor, Tensor]:
+    """The paper's method on validated inputs; ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``, both fp32.
+
+    ``head_offset``, ``total_heads``: q's heads are global heads ``[head_offset,
+    head_offset + Hq)`` of ``total_heads`` (default: all of them), as in :func:`draw_randomness`.
+    """
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
     plan = causal_plan(nq, nk, min_seq_len) if causal else noncausal_plan(nq, nk, min_seq_len)
     approx = [p for p in plan if p.approx]
-    draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hq, min(sample_size, nk))
+    draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hq, min(sample_size, nk), head_offset=head_offset,
+                            total_heads=total_heads)
 
     out = q.new_zeros(bsz, hq, nq, v.shape[-1], dtype=torch.float32)
     lse = q.new_full((bsz, hq, nq), float("-inf"), dtype=torch.float32)
