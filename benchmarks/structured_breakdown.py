@@ -48,8 +48,9 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     kv_heads = torch.arange(8, device="cuda")
     probe = S.probe_rows(plan, 0, 1, heads, cfg.probe_blocks, cfg.probe_rows // cfg.probe_blocks)
     row = {"n": n, "causal": causal, "impl": "structured-fixed"}
-    row["probe_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks))
-    heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks)[2]
+    row["probe_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks,
+                                                            cfg.probe_blocks))
+    heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, cfg.probe_blocks)[2]
     row["pool_ms"] = _ms(lambda: S.pool(q, k, plan, cfg.score_group))
     pooled = S.pool(q, k, plan, cfg.score_group)
     row["lsh_ms"] = _ms(lambda: S.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0))

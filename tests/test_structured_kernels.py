@@ -46,7 +46,7 @@ def _selection(q, k, v, causal, key_blocks=2, samples=96, lsh_block=32, seed=0):
     plan = S.make_plan(q.shape[2], k.shape[2], causal, 128, 128, 512, 256)
     heads = torch.arange(hq, device=q.device)
     probe = S.probe_rows(plan, seed, bsz, heads, 2, 4)
-    _, _, heavy, _ = S.probe_exact(q, k, v, scale, plan, probe, 16, 4)
+    _, _, heavy, _ = S.probe_exact(q, k, v, scale, plan, probe, 16, 4, 2)
     pooled = S.pool(q, k, plan, 16)
     lsh = S.lsh_ranges(q, k, plan, lsh_block, 7, seed)
     blocks = torch.arange(plan.first, plan.nqb, device=q.device).expand(bsz, hq, -1)
@@ -131,8 +131,8 @@ def test_probe_exact_matches_reference(causal):
     q, k, v = qkv(1, 4, 2, 1500, 1300, 64, device="cuda")
     plan = S.make_plan(1500, 1300, causal, 128, 128, 512, 256)
     probe = S.probe_rows(plan, 0, 1, torch.arange(4, device="cuda"), 2, 8)
-    out_r, lse_r, heavy_r, pairs_r = S.probe_exact(q, k, v, 0.125, plan, probe, 16, 4)
-    out_k, lse_k, heavy_k, pairs_k = ker_sel.probe_exact(q, k, v, 0.125, plan, probe, 16, 4)
+    out_r, lse_r, heavy_r, pairs_r = S.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2)
+    out_k, lse_k, heavy_k, pairs_k = ker_sel.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2)
     assert rel_err(out_k, out_r) < FP32_RTOL and pairs_k == pairs_r
     finite = torch.isfinite(lse_r)
     assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4

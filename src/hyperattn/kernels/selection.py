@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.selection import Plan
+from ..reference.selection import Plan, finders
 
 __all__ = ["probe_exact"]
 
@@ -90,7 +90,7 @@ def _flex_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: 
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int) -> tuple[Tensor, Tensor, Tensor, float]:
+                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, float]:
     """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract)."""
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -100,8 +100,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count and p >= 16 and p & (p - 1) == 0:
         qc, kc = q.contiguous(), k.contiguous()
-        # Only the first half of the probe rows finds heavy columns (reference: _finder).
-        rows_c = torch.where(torch.arange(p, device=q.device) < p // 2, rows, -1).contiguous()
+        # Only the finding probe rows count (reference: finders).
+        rows_c = torch.where(finders(p, probe_blocks, q.device), rows, -1).contiguous()
         lse_c = lse.reshape(bsz, hq, nc, p).contiguous()
         step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * nk))
         block_n = 128
@@ -120,7 +120,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     elif count:
         from ..reference.selection import probe_exact as reference
 
-        return reference(q, k, v, scale, plan, rows, heavy, num_sinks)
+        return reference(q, k, v, scale, plan, rows, heavy, num_sinks, probe_blocks)
     seen = (flat + plan.offset + 1).clamp(0, nk) if plan.causal else torch.where(flat >= 0, nk, 0)
     pairs = float(seen.sum()) / (bsz * hq)
     return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs

@@ -116,7 +116,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     #    (ranked per query block, summed per chunk for the residual proposal), LSH blocks.
     probe = sel_ref.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
     probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qc, kc, vc, scale, plan, probe, config.heavy_columns,
-                                                               config.num_sinks)
+                                                               config.num_sinks, pb)
     pooled = sel_ref.pool(qc, kc, plan, config.score_group)
     ranked = torch.full((bsz, hq, plan.nqb, min(kmax, plan.nkb)), -1, dtype=torch.long, device=device)
     c_scores = torch.zeros(bsz, hkv, nc, plan.nkb, device=device)
@@ -133,7 +133,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
     chunk_ok = probe[..., 0] >= 0  # (B, Hq, C): chunks with approximate rows
-    estimating = sel_ref.estimating_rows(probe)
+    estimating = sel_ref.estimating_rows(probe, pb)
     p_blocks = (probe.reshape(bsz, hq, nc, pb, rpb)[..., 0].clamp(min=0) // t).reshape(bsz, hq, nc * pb)
     p_rows = probe.reshape(bsz, hq, nc * pb, rpb)
     p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))

@@ -41,7 +41,7 @@ from torch import Tensor
 from .lsh import draw_projections, lsh_buckets
 
 __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "make_plan", "pool",
-           "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "lsh_ranges", "exact_blocks",
+           "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders", "estimating_rows", "lsh_ranges", "exact_blocks",
            "chunk_candidates", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
@@ -241,27 +241,30 @@ def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0
     return s.masked_fill(cols > limit.unsqueeze(-1), float("-inf"))
 
 
-def _finder(p: int, device) -> Tensor:
-    """``(p,)`` float: 1 for the probe rows that find heavy columns (the first half: the first
-    half of the probe blocks), 0 for the others."""
-    return (torch.arange(p, device=device) < p // 2).float()
+def finders(p: int, probe_blocks: int, device) -> Tensor:
+    """``(p,)`` bool: the probe rows that find heavy columns, those of the even probe blocks.
+
+    Probe block ``i`` lies in stratum ``i`` of the chunk (:func:`probe_rows`), so the finding
+    and the estimating blocks alternate along the chunk.
+    """
+    rows_per_block = max(1, p // probe_blocks)
+    return (torch.arange(p, device=device) // rows_per_block) % 2 == 0
 
 
-def estimating_rows(rows: Tensor) -> Tensor:
-    """``(B, Hq, C, P)`` bool: the probe rows that estimate the error (the second half, present)."""
-    p = rows.shape[-1]
-    return (rows >= 0) & (torch.arange(p, device=rows.device) >= p // 2)
+def estimating_rows(rows: Tensor, probe_blocks: int) -> Tensor:
+    """``(B, Hq, C, P)`` bool: the probe rows that estimate the error (odd probe blocks, present)."""
+    return (rows >= 0) & ~finders(rows.shape[-1], probe_blocks, rows.device)
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int) -> tuple[Tensor, Tensor, Tensor, float]:
+                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, float]:
     """Exact attention of the probe rows and each chunk's heavy columns.
 
     ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
     ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
     the scores computed per head. A chunk's heavy columns are the ``heavy`` keys outside
-    the sinks with the largest summed softmax weight over the rows of the chunk's first half
-    of probe blocks, for all query heads of the KV head: its vertical lines (delimiters,
+    the sinks with the largest summed softmax weight over the rows of the chunk's even
+    probe blocks (:func:`finders`), for all query heads of the KV head: its vertical lines (delimiters,
     sinks past ``num_sinks``), found from rows of the chunk alone. The other probe blocks
     estimate the error (:func:`estimating_rows`): rows, or blocks, that chose the heavy
     columns find their own keys there and report a smaller error than the rest of the
@@ -284,7 +287,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
         if count:
             # Heavy columns are per KV head: the mass of all its query heads' probe rows.
-            mass = (w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0) * _finder(p, q.device).view(-1, 1)).sum((2, 4))
+            mass = (w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0) * finders(p, probe_blocks, q.device).float().view(-1, 1)).sum((2, 4))
             mass[..., :max(0, num_sinks - k0)] = 0.0
             values = torch.cat([best, mass], dim=-1)
             index = torch.cat([best_idx, torch.arange(k0, k1, device=q.device).expand_as(mass)], dim=-1)
