@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .config import HyperAttentionConfig
 from .stats import AttentionStats
-from .reference.exact import attention_lse
+from .reference.exact import attention_lse, exact_pairs
 from .reference.hyper import causal_plan, hyper_attention_reference, noncausal_plan, scored_pairs
 
 __all__ = ["hyper_attention", "exact_attention", "AttentionStats"]
@@ -92,18 +92,12 @@ def _check_inputs(q, k, v, causal, scale, config, check_finite: bool) -> None:
                                  "(pass config=HyperAttentionConfig(check_finite=False) to skip this check)")
 
 
-def _exact_pairs(nq: int, nk: int, causal: bool) -> int:
-    if not causal:
-        return nq * nk
-    return sum(max(0, min(nk, i + 1 + nk - nq)) for i in range(nq)) if nq != nk else nq * (nq + 1) // 2
-
-
 def _run_exact(q, k, v, scale, causal, config, seed, need_lse=True):
     from .methods.exact import exact
 
     out, lse = exact(q, k, v, scale, causal, need_lse)
     zeros = torch.zeros(q.shape[0], q.shape[1], device=q.device)
-    stats = AttentionStats("exact", _exact_pairs(q.shape[2], k.shape[2], causal) / q.shape[2], zeros,
+    stats = AttentionStats("exact", exact_pairs(0, q.shape[2], q.shape[2], k.shape[2], causal) / q.shape[2], zeros,
                            torch.ones_like(zeros, dtype=torch.bool))
     return out, lse, stats
 

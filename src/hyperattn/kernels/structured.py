@@ -152,13 +152,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
     g_slot = lsh.slot[b_ix, torch.arange(hkv, device=device).view(1, -1, 1), g_idx.reshape(bsz, hkv, -1)].int()
     chunk_of = torch.arange(nqb, device=device) // plan.chunk_blocks
-    kv_of = (torch.arange(hq, device=device) // group).view(1, hq, 1)
-    own = g_idx[b_ix, kv_of, chunk_of.view(1, 1, nqb)]  # (B, Hq, nqb, S_pad): block j's chunk list
-    own_blk = own // _TILE
-    cand = plan.candidates(torch.arange(nqb, device=device)).expand(bsz, hq, -1, -1).gather(-1, own_blk)
-    in_e = (own_blk.unsqueeze(-1) == exact_blocks.unsqueeze(-2)).any(-1)
-    usable = cand & ~in_e & active.unsqueeze(-1) & torch.isfinite(g_logw[b_ix, kv_of, chunk_of.view(1, 1, nqb)])
-    usable = usable.reshape(bsz, hq, nqb * s_pad)
+    # Which of its chunk's columns each block may use: the reference's own table, padded to
+    # every query block (those before plan.first use none) and to whole tiles.
+    _, own_logw = _ref.block_columns(plan, sel)
+    own_logw = torch.nn.functional.pad(own_logw, (0, s_pad - width, first, 0), value=float("-inf"))
+    usable = torch.isfinite(own_logw).reshape(bsz, hq, nqb * s_pad)
     g_logw = g_logw.reshape(bsz, hkv, nc * s_pad).contiguous()
     g_num = torch.where(active, tiles, 0)
     g_ind = (chunk_of * tiles).view(nqb, 1) + torch.arange(tiles, device=device)

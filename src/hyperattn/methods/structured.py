@@ -8,9 +8,10 @@ A call runs, per (batch, head):
 3. the guard: each chunk takes the cheapest tier of :data:`~hyperattn.reference.selection.TIERS`
    whose estimated error on the chunk's probe rows is at most ``max_error`` (trials run
    on the probe rows only), else exact; without ``max_error`` every chunk runs at 1x;
-4. the selection of every query block (:func:`~hyperattn.reference.selection.select`), in
-   pieces of blocks, then one attention step: the block-sparse, LSH and gathered passes
-   merged by LSE (:func:`hyperattn.kernels.structured.attend` on CUDA,
+4. the selection of every query block (its exact blocks,
+   :func:`~hyperattn.reference.selection.exact_blocks`, and each chunk's gathered columns,
+   :func:`~hyperattn.reference.selection.gather_columns`), then one attention step: the
+   block-sparse, gathered and LSH passes merged by LSE (:func:`hyperattn.kernels.structured.attend` on CUDA,
    :func:`hyperattn.reference.structured.attend` elsewhere);
 5. chunks the guard sent to exact attention: SDPA, all heads of a chunk in one call.
 """
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from ..reference import selection as sel_ref
 from ..reference import structured as attend_ref
+from ..reference.exact import exact_pairs
 from ..reference.selection import TIERS
 from ..stats import AttentionStats
 from .exact import exact
@@ -53,21 +55,6 @@ def _kernels_ok(q: Tensor) -> bool:
     return supported(q)
 
 
-def _exact_pairs(r0: int, r1: int, nq: int, nk: int, causal: bool) -> float:
-    """Scores exact attention computes for rows ``[r0, r1)`` of one head (closed form)."""
-    if r1 <= r0:
-        return 0.0
-    if not causal:
-        return float((r1 - r0) * nk)
-    # Row i sees clamp(i + 1 + Nk - Nq, 0, Nk) keys: a clamped arithmetic series.
-    def seen_sum(a: int, b: int) -> int:  # sum of clamp(x, 0, nk) for x in [a, b]
-        lo, hi = max(a, 1), min(b, nk)
-        ramp = (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
-        return ramp + nk * max(0, b - max(a, nk + 1) + 1)
-
-    return float(seen_sum(r0 + nk - nq + 1, r1 + nk - nq))
-
-
 def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
     """``||approx - ref|| / ||ref||`` over the valid rows of each chunk: inputs ``(B, Hq, C, P, D)``."""
     mask = valid.unsqueeze(-1).float()
@@ -92,7 +79,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     first_row = min(nq, plan.first * plan.block)
     if first_row >= nq:
         out, lse = exact(q, k, v, scale, causal, need_lse)
-        return out, lse, AttentionStats("structured", _exact_pairs(0, nq, nq, nk, causal) / nq, zeros,
+        return out, lse, AttentionStats("structured", exact_pairs(0, nq, nq, nk, causal) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device))
     kernels = _kernels_ok(q)
     if kernels:
@@ -128,7 +115,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         ranked[:, :, j0:j0 + step] = sel_ref.rank_blocks(scores, kmax)
         c_scores += sel_ref.chunk_scores(scores, blocks, plan, hkv)
     lsh = sel_ref.lsh_ranges(qc, kc, plan, config.lsh_block, config.lsh_num_projs, seed)
-    pairs = torch.full((bsz, hq), _exact_pairs(0, first_row, nq, nk, causal) + probe_pairs, dtype=torch.float64,
+    pairs = torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal) + probe_pairs, dtype=torch.float64,
                        device=device)
 
     # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
@@ -141,7 +128,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     est = torch.zeros(bsz, hq, nc, device=device)
     c_start = torch.arange(nc, device=device) * config.chunk
     chunk_rows = (torch.clamp(c_start + config.chunk, max=nq) - torch.clamp(c_start, min=first_row)).clamp(min=0)
-    exact_cost = torch.tensor([_exact_pairs(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq),
+    exact_cost = torch.tensor([exact_pairs(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq),
                                             nq, nk, causal) for c in range(nc)], device=device, dtype=torch.float64)
     for i, factor in enumerate(tiers):
         pending = (level == len(tiers)) & chunk_ok
@@ -174,7 +161,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     approx_chunk = (level < len(tiers)) & chunk_ok
     if not bool(approx_chunk.any()):  # every chunk exact: one SDPA call, as if the guard were not there
         out, lse = exact(q, k, v, scale, causal, need_lse)
-        pairs = pairs + _exact_pairs(first_row, nq, nq, nk, causal)
+        pairs = pairs + exact_pairs(first_row, nq, nq, nk, causal)
         return out, lse, AttentionStats("structured", float(pairs.mean()) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device),
                                         exact_chunks=chunk_ok)
@@ -187,8 +174,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # any of them needs (more samples only lower a head's error).
     m_chunk = (factors.reshape(bsz, hkv, group, nc).amax(2) * config.sample_size).round().long().clamp(max=nk)
     g_idx, g_logw = sel_ref.gather_columns(plan, c_scores, heavy, m_chunk, min(round(config.sample_size * tiers[-1]),
-                                           nk) if config.max_error is not None else min(config.sample_size, nk),
-                                           config.num_sinks, config.sample_mix, seed, kv_heads)
+                                           nk), config.num_sinks, config.sample_mix, seed, kv_heads)
     sel = sel_ref.Selection(blocks, torch.where(active.unsqueeze(-1), sel_ref.exact_blocks(
         plan, blocks, ranked[:, :, plan.first:], kj_all), -1), active, g_idx, g_logw)
     row_block = torch.arange(nq, device=device) // t
@@ -222,15 +208,13 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
             k_end = r1 + plan.offset if causal else nk
             b_i, h_i = pick[:, 0].to(device), pick[:, 1].to(device)
             qs = q[b_i, h_i, r0:r1].unsqueeze(0)
-            ks, vs = k[b_i, h_i // (hq // hkv), :k_end].unsqueeze(0), v[b_i, h_i // (hq // hkv), :k_end].unsqueeze(0)
+            ks, vs = k[b_i, h_i // group, :k_end].unsqueeze(0), v[b_i, h_i // group, :k_end].unsqueeze(0)
             o, l = exact(qs, ks, vs, scale, causal, need_lse)
             out[b_i, h_i, r0:r1] = o[0]
             if lse is not None and l is not None:
                 lse[b_i, h_i, r0:r1] = l[0]
             pairs[b_i, h_i] += exact_cost[c]
             est[b_i, h_i, c] = 0.0
-    if lse is not None and not need_lse and kernels:
-        lse = None
     weight = chunk_ok.double()
     est_head = torch.sqrt((est.double() ** 2 * weight).sum(-1) / weight.sum(-1).clamp(min=1)).float()
     stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),

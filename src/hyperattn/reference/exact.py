@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["attention_lse", "softmax_lse", "merge_lse"]
+__all__ = ["attention_lse", "softmax_lse", "merge_lse", "exact_pairs"]
 
 # Score elements materialised at once per (batch, KV head); bounds memory of long rows.
 _CHUNK_ELEMENTS = 1 << 24
@@ -64,3 +64,19 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = 
     out = torch.cat(outs, dim=3).reshape(bsz, hq, nq, v.shape[-1])
     lse = torch.cat(lses, dim=3).reshape(bsz, hq, nq)
     return out, lse
+
+
+def exact_pairs(r0: int, r1: int, nq: int, nk: int, causal: bool) -> float:
+    """Scores exact attention computes for query rows ``[r0, r1)`` of one head (closed form)."""
+    if r1 <= r0:
+        return 0.0
+    if not causal:
+        return float((r1 - r0) * nk)
+
+    # Row i sees clamp(i + 1 + Nk - Nq, 0, Nk) keys: a clamped arithmetic series.
+    def seen_sum(a: int, b: int) -> int:  # sum of clamp(x, 0, nk) for x in [a, b]
+        lo, hi = max(a, 1), min(b, nk)
+        ramp = (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
+        return ramp + nk * max(0, b - max(a, nk + 1) + 1)
+
+    return float(seen_sum(r0 + nk - nq + 1, r1 + nk - nq))

@@ -8,14 +8,15 @@ For query block ``j`` of head ``(b, h)`` (shape legend of :mod:`hyperattn.ops`):
   ``window`` keys before the block's first row, up to its last row (the diagonal), and the
   ``k_j`` *top blocks* among the *candidates* (key blocks wholly before the window, or
   outside it when not causal), ranked by pooled block scores (:func:`block_scores`).
-- **Gathered columns**: the ``num_sinks`` first keys, the ``heavy_columns`` heavy columns
-  of the block's chunk (:func:`heavy_columns`), each exact with weight 1 where its key
-  block is a candidate not in ``E_j``; and ``m_j`` *residual samples* of the complement
-  ``C_j`` (candidates not in ``E_j``), drawn by stratified sampling of a proposal that
-  mixes uniform over ``C_j`` (``sample_mix``) with the block scores, each with log-weight
-  ``log(1 / (m_j pi(c)))`` (Hansen-Hurwitz: unbiased). A sample that is a sink or heavy
-  column is masked (already exact). With ``m_j >= |C_j|`` every column of ``C_j`` is taken
-  once with weight 1, which makes the result exact.
+- **Gathered columns**: one list per (KV head, chunk of ``chunk`` rows), shared by the KV
+  head's query heads (:func:`gather_columns`): the ``num_sinks`` first keys and the chunk's
+  ``heavy_columns`` heavy columns (:func:`probe_exact`) with weight 1, and ``m_c``
+  *residual samples* of the chunk's candidate keys, drawn by stratified sampling of a
+  proposal that mixes uniform (``sample_mix``) with the chunk's block scores, each with
+  log-weight ``log(1 / (m_c pi(c)))`` (Hansen-Hurwitz: unbiased). Block ``j`` uses the
+  columns that lie in its complement ``C_j`` (its candidates not in ``E_j``). A sample that
+  is a sink or heavy column is dropped (already exact). With ``m_c`` at least the chunk's
+  candidate keys every candidate is taken once with weight 1, which makes the result exact.
 - **LSH block** ``L_r`` of row ``r``: keys are sorted by (Gray-code bucket, position); the
   row takes the bucket-sorted slots ``[lsh_lo[r], lsh_hi[r])``, the ``lsh_block`` most
   recent keys of its own bucket before the window (causal; centred on the block when not
@@ -41,8 +42,8 @@ from torch import Tensor
 from .lsh import draw_projections, lsh_buckets
 
 __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "make_plan", "pool",
-           "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders", "estimating_rows", "lsh_ranges", "exact_blocks",
-           "chunk_candidates", "gather_columns"]
+           "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders", "estimating_rows",
+           "lsh_ranges", "exact_blocks", "chunk_candidates", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)

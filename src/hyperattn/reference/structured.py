@@ -22,7 +22,7 @@ from torch import Tensor
 from .exact import merge_lse, softmax_lse
 from .selection import Lsh, Plan, Selection
 
-__all__ = ["attend", "attend_rows"]
+__all__ = ["attend", "attend_rows", "block_columns"]
 
 # Scores materialised at once (rows x listed keys); bounds memory.
 _PIECE = 1 << 24
@@ -33,6 +33,27 @@ def _gather_rows(x: Tensor, idx: Tensor, group: int) -> Tensor:
     bsz, hkv, _, dim = x.shape
     flat = idx.reshape(bsz, hkv, -1)
     return x.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, dim)).reshape(*idx.shape, dim)
+
+
+def block_columns(plan: Plan, sel: Selection) -> tuple[Tensor, Tensor]:
+    """Each selected block's share of its chunk's gathered columns: ``idx, logw (B, Hq, c, S)``.
+
+    A column counts for block ``j`` where it lies in the block's complement ``C_j`` (its
+    key block is a candidate of ``j`` and not one of ``j``'s exact blocks) and the block is
+    active; elsewhere its log-weight is ``-inf``.
+    """
+    bsz, hq, _ = sel.blocks.shape
+    group = hq // sel.gather_idx.shape[1]
+    device = sel.blocks.device
+    kv_of = (torch.arange(hq, device=device) // group).view(1, hq, 1)
+    b_of = torch.arange(bsz, device=device).view(bsz, 1, 1)
+    chunk = sel.blocks // plan.chunk_blocks
+    idx = sel.gather_idx[b_of, kv_of, chunk]
+    blk = idx // plan.block
+    in_comp = plan.candidates(sel.blocks).gather(-1, blk)
+    in_comp &= ~(blk.unsqueeze(-1) == sel.exact_blocks.unsqueeze(-2)).any(-1)
+    logw = torch.where(in_comp & sel.active.unsqueeze(-1), sel.gather_logw[b_of, kv_of, chunk], float("-inf"))
+    return idx, logw
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
@@ -68,15 +89,9 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: 
     r = rows.shape[-1]
     exact_keys = (sel.exact_blocks.unsqueeze(-1) * t + torch.arange(t, device=device)).flatten(-2)
     exact_ok = (sel.exact_blocks >= 0).repeat_interleave(t, dim=-1) & (exact_keys < nk) & sel.active.unsqueeze(-1)
-    # Each block's share of its chunk's gathered columns: those in its complement C_j.
     kv_of = (torch.arange(hq, device=device) // group).view(1, hq, 1)
     b_of = torch.arange(bsz, device=device).view(bsz, 1, 1)
-    chunk = sel.blocks // plan.chunk_blocks
-    g_idx = sel.gather_idx[b_of, kv_of, chunk]  # (B, Hq, c, S)
-    g_blk = g_idx // t
-    in_comp = plan.candidates(sel.blocks).gather(-1, g_blk)
-    in_comp &= ~(g_blk.unsqueeze(-1) == sel.exact_blocks.unsqueeze(-2)).any(-1)
-    g_logw = torch.where(in_comp & sel.active.unsqueeze(-1), sel.gather_logw[b_of, kv_of, chunk], float("-inf"))
+    g_idx, g_logw = block_columns(plan, sel)
     keys = torch.cat([torch.where(exact_ok, exact_keys, 0), g_idx], dim=-1)  # (B, Hq, c, S)
     logw = torch.cat([torch.where(exact_ok, 0.0, float("-inf")), g_logw], dim=-1)
     n_exact = exact_keys.shape[-1]
@@ -97,9 +112,7 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: 
         s = (q_rows @ _gather_rows(k, key, group).float().transpose(-1, -2)) * scale + w.unsqueeze(-2)
         if plan.causal:
             s = s.masked_fill(key.unsqueeze(-2) > (row + plan.offset).unsqueeze(-1), float("-inf"))
-        kv_head = torch.arange(hq, device=device).view(1, hq, 1, 1) // group
-        b_ix = torch.arange(bsz, device=device).view(bsz, 1, 1, 1)
-        g_slot = lsh.slot[b_ix, kv_head, key[..., n_exact:]]  # (B, Hq, p, S_g)
+        g_slot = lsh.slot[b_of.unsqueeze(-1), kv_of.unsqueeze(-1), key[..., n_exact:]]  # (B, Hq, p, S_g)
         in_l = (g_slot.unsqueeze(-2) >= lo.unsqueeze(-1)) & (g_slot.unsqueeze(-2) < hi.unsqueeze(-1))
         s[..., n_exact:] = s[..., n_exact:].masked_fill(in_l, float("-inf"))
         s = s.masked_fill((row < 0).unsqueeze(-1), float("-inf"))
@@ -110,7 +123,7 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: 
         if lsh_len:
             i = torch.arange(lsh_len, device=device)
             l_slot = (lo.unsqueeze(-1) + i).clamp(max=nk - 1)
-            l_key = lsh.order[b_ix.unsqueeze(-1), kv_head.unsqueeze(-1), l_slot]  # (B, Hq, p, R, L)
+            l_key = lsh.order[b_of.view(bsz, 1, 1, 1, 1), kv_of.view(1, hq, 1, 1, 1), l_slot]  # (B, Hq, p, R, L)
             in_e = ((l_key // t).unsqueeze(-1) == sel.exact_blocks[:, :, c0:c1].unsqueeze(3).unsqueeze(3)).any(-1)
             l_ok = (lo.unsqueeze(-1) + i < hi.unsqueeze(-1)) & ~in_e
             sl = (_gather_rows(k, l_key, group).float() @ q_rows.unsqueeze(-1)).squeeze(-1) * scale
