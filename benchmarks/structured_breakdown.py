@@ -73,6 +73,16 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     row["select_ms"] = _ms(select)
     sel = select()
     row["attend_ms"] = _ms(lambda: ker.attend(q, k, v, scale, plan, sel, lsh))
+    # Each pass of the attention step alone, and the merge.
+    bits = ker._exact_bits(plan, sel)
+    row["bits_ms"] = _ms(lambda: ker._exact_bits(plan, sel))
+    row["block_pass_ms"] = _ms(lambda: ker.block_pass(q, k, v, scale, plan, sel, bits))
+    row["gathered_pass_ms"] = _ms(lambda: ker.gathered_pass(q, k, v, scale, plan, sel, lsh))
+    row["lsh_pass_ms"] = _ms(lambda: ker.lsh_pass(q, k, v, scale, plan, lsh, bits))
+    o1, l1 = ker.block_pass(q, k, v, scale, plan, sel, bits)
+    o2, l2 = ker.gathered_pass(q, k, v, scale, plan, sel, lsh)
+    from hyperattn.reference.exact import merge_lse
+    row["merge_ms"] = _ms(lambda: merge_lse(o1.float(), l1, o2.float(), l2))
     row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg))
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile

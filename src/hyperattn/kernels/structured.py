@@ -100,47 +100,59 @@ def _packed(indices: Tensor) -> tuple[Tensor, Tensor]:
     return (indices >= 0).sum(-1), torch.where(ordered == big, 0, ordered)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
-           ) -> tuple[Tensor, Tensor]:
-    """:func:`hyperattn.reference.structured.attend` on FlexAttention (same contract)."""
-    if plan.block != _TILE:
-        return _ref.attend(q, k, v, scale, plan, sel, lsh)
-    bsz, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    device = q.device
-    first, nqb, nkb = plan.first, plan.nqb, plan.nkb
-    offset, causal, group = plan.offset, plan.causal, hq // hkv
-    lo, hi = lsh.lo.int(), lsh.hi.int()
+def _exact_bits(plan: Plan, sel: Selection) -> Tensor:
+    """Each query block's exact blocks as a bit set, ``(B, Hq, nqb, ceil(nkb / 32))`` int32."""
+    bsz, hq = sel.blocks.shape[:2]
+    nqb, nkb, first = plan.nqb, plan.nkb, plan.first
     exact_blocks = torch.nn.functional.pad(sel.exact_blocks, (0, 0, first, 0), value=-1)  # (B, Hq, nqb, E)
-    active = torch.nn.functional.pad(sel.active, (first, 0), value=False)  # (B, Hq, nqb)
     words = math.ceil(nkb / 32)
-    bits = torch.zeros(bsz, hq, nqb, words * 32 + 1, dtype=torch.bool, device=device)
+    bits = torch.zeros(bsz, hq, nqb, words * 32 + 1, dtype=torch.bool, device=exact_blocks.device)
     bits.scatter_(-1, torch.where(exact_blocks >= 0, exact_blocks, words * 32).long(), True)
-    bits = (bits[..., :-1].reshape(bsz, hq, nqb, words, 32).int()
-            << torch.arange(32, device=device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+    return (bits[..., :-1].reshape(bsz, hq, nqb, words, 32).int()
+            << torch.arange(32, device=bits.device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
 
+
+def _in_bits(bits: Tensor):
     def bit(b, h, j, kb):
         return ((bits[b, h, j, kb >> 5] >> (kb & 31)) & 1) == 1
+    return bit
 
-    # 1. Exact blocks: the blocks the diagonal or the keys' end cut are partial (mask
-    #    evaluated), the others full (no mask). The mask is the whole definition, as
-    #    FlexAttention's eager path applies it to every score.
-    q_start = torch.arange(nqb, device=device).view(1, 1, nqb, 1) * _TILE
+
+def block_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, bits: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """Every query block over its exact blocks: full blocks unmasked, the diagonal's and the keys' end masked."""
+    nq, nk = q.shape[2], k.shape[2]
+    device = q.device
+    offset, causal = plan.offset, plan.causal
+    bit = _in_bits(bits)
+    exact_blocks = torch.nn.functional.pad(sel.exact_blocks, (0, 0, plan.first, 0), value=-1)
+    q_start = torch.arange(plan.nqb, device=device).view(1, 1, plan.nqb, 1) * _TILE
     block_end = (exact_blocks + 1) * _TILE - 1  # last key of each block
     cut = (block_end >= nk) | ((block_end > q_start + offset) if causal else False)
     num, idx = _packed(torch.where(cut, exact_blocks, -1))
     full_num, full_idx = _packed(torch.where(cut, -1, exact_blocks))
 
+    # The mask is the whole definition, as FlexAttention's eager path applies it to every score.
     def exact_mask(b, h, q_idx, kv_idx):
         keep = (kv_idx < nk) & bit(b, h, q_idx // _TILE, kv_idx // _TILE)
         return keep & (q_idx + offset >= kv_idx) if causal else keep
 
-    out1, lse1 = _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx),
-                      gqa=hq != hkv)
+    return _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx),
+                gqa=q.shape[1] != k.shape[1])
 
-    # 2. Gathered columns: each chunk's list, copied once per KV head (nc * S keys, not one
-    #    list per query block); query block j takes its chunk's tiles. Which columns block
-    #    j may use (in C_j) is one table lookup; the row's LSH range is masked per row.
+
+def gathered_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
+                  ) -> tuple[Tensor, Tensor]:
+    """Every query block over its chunk's gathered columns, copied once per (KV head, chunk).
+
+    Query block ``j`` takes its chunk's tiles; which columns it may use (in ``C_j``) is one
+    table lookup; the row's LSH range is masked per row; log-weights are a score bias.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv = k.shape[1]
+    device = q.device
+    nqb, first, group = plan.nqb, plan.first, hq // hkv
+    lo, hi = lsh.lo.int(), lsh.hi.int()
     width = sel.gather_idx.shape[-1]
     tiles = max(1, math.ceil(width / _TILE))
     s_pad = tiles * _TILE
@@ -158,6 +170,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     own_logw = torch.nn.functional.pad(own_logw, (0, s_pad - width, first, 0), value=float("-inf"))
     usable = torch.isfinite(own_logw).reshape(bsz, hq, nqb * s_pad)
     g_logw = g_logw.reshape(bsz, hkv, nc * s_pad).contiguous()
+    active = torch.nn.functional.pad(sel.active, (first, 0), value=False)  # (B, Hq, nqb)
     g_num = torch.where(active, tiles, 0)
     g_ind = (chunk_of * tiles).view(nqb, 1) + torch.arange(tiles, device=device)
 
@@ -172,9 +185,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
         return mine & ok & ((s < lo[b, h, q_idx]) | (s >= hi[b, h, q_idx]))
 
     mask = _block_mask(g_num, g_ind.expand(bsz, hq, -1, -1), nq, nc * s_pad, listed)
-    out2, lse2 = _run("gathered", q, k_g, v_g, scale, mask, score_mod=weight, gqa=hq != hkv)
+    return _run("gathered", q, k_g, v_g, scale, mask, score_mod=weight, gqa=hq != hkv)
 
-    # 3. LSH pass in bucket-sorted order, each sorted block over the key tiles its rows span.
+
+def lsh_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, lsh: Lsh, bits: Tensor
+             ) -> tuple[Tensor, Tensor]:
+    """Queries and keys in bucket-sorted order, each sorted block over the key tiles its rows span.
+
+    Rows are masked to their range minus their block's exact blocks; returns rows in the
+    original order.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    device = q.device
+    nqb, nkb, group = plan.nqb, plan.nkb, hq // hkv
+    bit = _in_bits(bits)
+    lo, hi = lsh.lo.int(), lsh.hi.int()
     q_order = lsh.q_order
     q_sorted = q.gather(2, q_order.unsqueeze(-1).expand(-1, -1, -1, dim))
     k_sorted = k.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
@@ -200,12 +226,34 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, _block_mask(span, l_ind, nq, nk, in_range),
                   gqa=hq != hkv)
     inverse = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=device).expand_as(q_order))
-    out3 = o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim))
-    lse3 = l3.gather(2, inverse)
+    return o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim)), l3.gather(2, inverse)
 
+
+def attend_flex(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
+                ) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.structured.attend` on FlexAttention's passes (differentiable)."""
+    bits = _exact_bits(plan, sel)
+    out1, lse1 = block_pass(q, k, v, scale, plan, sel, bits)
+    out2, lse2 = gathered_pass(q, k, v, scale, plan, sel, lsh)
+    out3, lse3 = lsh_pass(q, k, v, scale, plan, lsh, bits)
     out, lse = merge_lse(out1.float(), lse1, out2.float(), lse2)
     out, lse = merge_lse(out, lse, out3.float(), lse3)
-    rows0 = first * plan.block
+    rows0 = plan.first * plan.block
     return out[:, :, rows0:], lse[:, :, rows0:]
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
+           ) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.structured.attend` on CUDA (same contract; ``out`` in q's dtype).
+
+    Without autograd: the Triton engine (:func:`hyperattn.kernels.sparse.attend_triton`, measured faster than
+    FlexAttention, ``benchmarks/NOTES.md``); when a gradient is needed: FlexAttention's
+    differentiable block-sparse passes (:func:`attend_flex`).
+    """
+    if plan.block != _TILE:
+        return _ref.attend(q, k, v, scale, plan, sel, lsh)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return attend_flex(q, k, v, scale, plan, sel, lsh)
+    from .sparse import attend_triton
+
+    return attend_triton(q, k, v, scale, plan, sel, lsh)

@@ -1,0 +1,257 @@
+"""Triton engine of the structured method's attention step: two launches, no copies of q, k, v.
+
+:func:`attend_triton` computes :func:`hyperattn.reference.structured.attend` (forward only):
+
+1. ``_sparse_kernel``: every selected query block of every head over its exact blocks
+   (tiles wholly visible to the block unmasked) and then its chunk's gathered columns
+   (log-weights as a bias, masked outside the block's complement and inside each row's
+   LSH range), one online softmax; fp32 result and LSE;
+2. ``_lsh_kernel``: every tile of bucket-sorted rows over the sorted key slots its rows'
+   ranges span, keys read through the sort order, masked to each row's range minus its
+   exact blocks; LSE-merged with (1) and stored in the inputs' dtype at the rows' original
+   positions.
+
+FlexAttention runs the same function as three passes plus merges
+(:func:`hyperattn.kernels.structured.attend_flex`); ``benchmarks/NOTES.md`` has both timed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference.selection import Lsh, Plan, Selection
+from .attention import _tile_update
+
+__all__ = ["attend_triton"]
+
+
+
+@triton.jit
+def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   num_heads, group, kv_heads, nq, nk, offset, first, c_blocks, num_e, chunk_blocks, num_chunks,
+                   s_pad, qk_scale,
+                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # One query block of one head: its exact blocks, then its chunk's gathered columns, in
+    # one online softmax (the block-sparse and the gathered pass of attend_flex, fused).
+    jj = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    j = first + jj
+    rows = j * T + tl.arange(0, T)
+    row_ok = rows < nq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    qk_scale = qk_scale * 1.4426950408889634
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    acc = tl.zeros([T, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([T], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([T], dtype=tl.float32)
+    sel = bh * c_blocks + jj
+    if tl.load(ACTIVE + sel) != 0:
+        last_row = tl.minimum(j * T + T, nq) - 1
+        for e in range(num_e):
+            kb = tl.load(EB + sel * num_e + e)
+            if kb >= 0:
+                for n0 in range(0, T, BLOCK_N):
+                    c0 = kb * T + n0
+                    cols = c0 + offs_n
+                    k_ok = cols < nk
+                    k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None],
+                                other=0.0)
+                    v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None],
+                                other=0.0)
+                    # Tiles wholly visible to every row of the block skip the mask.
+                    full = c0 + BLOCK_N <= nk
+                    if CAUSAL:
+                        full = full & (c0 + BLOCK_N - 1 <= j * T + offset)
+                    if full:
+                        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, None, qk_scale, False, PRECISION)
+                    else:
+                        valid = k_ok[None, :]
+                        if CAUSAL:
+                            valid = valid & (cols[None, :] <= rows[:, None] + offset)
+                        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        # The chunk's gathered columns that lie in this block's complement, minus each
+        # row's LSH range (those keys are exact in the LSH pass).
+        wlo = tl.load(WLO + j)
+        whi = tl.load(WHI + j)
+        lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+        hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+        g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
+        for s0 in range(0, s_pad, BLOCK_N):
+            sj = g_base + s0 + offs_n
+            idx = tl.load(GIDX + sj)
+            logw = tl.load(GLOGW + sj)
+            slot = tl.load(GSLOT + sj)
+            blk = idx // T
+            ok = logw > float("-inf")
+            if CAUSAL:
+                ok = ok & (blk < wlo)
+            else:
+                ok = ok & ((blk < wlo) | (blk > whi))
+            for e in range(num_e):
+                ok = ok & (blk != tl.load(EB + sel * num_e + e))
+            k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+            v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+            valid = ok[None, :] & ((slot[None, :] < lo[:, None]) | (slot[None, :] >= hi[:, None]))
+            bias = tl.where(ok, logw, 0.0) * 1.4426950408889634
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias[None, :], valid, qk_scale, True, PRECISION)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    flat = bh * nq + rows
+    tl.store(OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+    tl.store(LSE + flat, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634), mask=row_ok)
+
+
+@triton.jit
+def _lsh_kernel(Q, K, V, PRIOR_OUT, PRIOR_LSE, OUT, LSE, QORDER, KORDER, LO, HI, EB,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                num_heads, group, kv_heads, nq, nk, row0, first, c_blocks, num_e, qk_scale,
+                HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
+    # A tile of bucket-sorted rows over the sorted key slots their ranges span (keys read
+    # through the sort order), minus each row's exact blocks; then the LSE-merge with the
+    # sparse kernel's result for those rows, stored at the rows' original positions.
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_ok = slots < nq
+    rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
+    row_ok = s_ok & (rows >= row0)
+    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+    busy = row_ok & (lo < hi)
+    start = tl.min(tl.where(busy, lo, 2147483647), 0)
+    end = tl.max(tl.where(busy, hi, 0), 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    qk_scale = qk_scale * 1.4426950408889634
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        ks = n0 + offs_n
+        k_ok = ks < end
+        cols = tl.load(KORDER + (b * kv_heads + kvh) * nk + ks, mask=k_ok, other=0)
+        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None])
+        kblk = cols // T
+        for e in range(num_e):
+            eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
+            valid = valid & (kblk[None, :] != eb[:, None])
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    flat = bh * nq + rows
+    prev_lse = tl.load(PRIOR_LSE + flat, mask=row_ok, other=float("-inf"))
+    prev = tl.load(PRIOR_OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    top = tl.maximum(prev_lse, lse)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w_prev = tl.exp(prev_lse - top)
+    w_new = tl.exp(lse - top)
+    total = w_prev + w_new
+    none = total == 0.0
+    total = tl.where(none, 1.0, total)
+    out = (prev * w_prev[:, None] + out * w_new[:, None]) / total[:, None]
+    tl.store(OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + flat, tl.where(none, float("-inf"), top + tl.log(total)), mask=row_ok)
+
+
+def _autotuned(kernel, configs, key, restore=()):
+    if triton.knobs.runtime.interpret:
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=key, restore_value=list(restore))(kernel)
+
+
+_SPARSE = _autotuned(_sparse_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                                      for n, w, s in ((64, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2))],
+                     ["HEAD_DIM", "CAUSAL", "T", "PRECISION"])
+_LSH = _autotuned(_lsh_kernel, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                                for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2))],
+                  ["HEAD_DIM", "T", "PRECISION"])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 products so the kernels match the fp32 reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
+                  ) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.structured.attend` in two Triton launches (forward only).
+
+    1. every selected query block over its exact blocks and its chunk's gathered columns
+       (one online softmax; fp32 result and LSE);
+    2. every tile of bucket-sorted rows over its LSH key slots, LSE-merged with (1) and
+       stored in the inputs' dtype at the rows' original positions.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    device = q.device
+    t = plan.block
+    c_blocks = sel.blocks.shape[2]
+    num_e = sel.exact_blocks.shape[-1]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    width = sel.gather_idx.shape[-1]
+    step = 128
+    s_pad = max(1, math.ceil(width / step)) * step
+    nc = sel.gather_idx.shape[2]
+    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width)).contiguous()  # (B, Hkv, C, S_pad)
+    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf")).float().contiguous()
+    flat_idx = g_idx.reshape(bsz, hkv, nc * s_pad)
+    rows = flat_idx.unsqueeze(-1).expand(-1, -1, -1, dim)
+    k_g, v_g = k.gather(2, rows).contiguous(), v.gather(2, rows).contiguous()
+    b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
+    g_slot = lsh.slot[b_ix, torch.arange(hkv, device=device).view(1, -1, 1), flat_idx].int().contiguous()
+    g_idx32 = g_idx.int()
+    eb = sel.exact_blocks.int().contiguous()
+    active = sel.active.to(torch.int8).contiguous()
+    lo, hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
+    win_lo, win_hi = plan.win_lo.to(device=device, dtype=torch.int32), plan.win_hi.to(device=device, dtype=torch.int32)
+    prior = torch.empty(bsz, hq, nq, dim, device=device, dtype=torch.float32)
+    prior_lse = torch.empty(bsz, hq, nq, device=device, dtype=torch.float32)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    precision = _precision(q.dtype)
+    if c_blocks:
+        _SPARSE[(c_blocks, bsz * hq)](q, k, v, k_g, v_g, prior, prior_lse, eb, active, win_lo, win_hi, g_idx32, g_logw,
+                                      g_slot, lo, hi, *strides, hq, hq // hkv, hkv, nq, nk, plan.offset, plan.first,
+                                      c_blocks, num_e, plan.chunk_blocks, nc, s_pad, scale, CAUSAL=plan.causal,
+                                      HEAD_DIM=dim, T=t, PRECISION=precision)
+    out = torch.empty(bsz, hq, nq, dim, device=device, dtype=q.dtype)
+    lse = torch.empty(bsz, hq, nq, device=device, dtype=torch.float32)
+    q_order = lsh.q_order.int().contiguous()
+    k_order = lsh.order.int().contiguous()
+    row0 = plan.first * t
+
+    def grid(meta):
+        return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
+
+    _LSH[grid](q, k, v, prior, prior_lse, out, lse, q_order, k_order, lo, hi, eb, *strides, hq, hq // hkv, hkv, nq, nk,
+               row0, plan.first, c_blocks, num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision)
+    return out[:, :, row0:], lse[:, :, row0:]
