@@ -58,7 +58,7 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     blocks = torch.arange(plan.first, plan.nqb, device="cuda").expand(1, 32, -1)
 
     def scores():
-        sc = S.block_scores(pooled, scale, plan, blocks)
+        sc = ker_sel.block_scores(pooled, scale, plan, blocks)
         return S.rank_blocks(sc, cfg.key_blocks), S.chunk_scores(sc, blocks, plan, 8)
 
     row["block_scores_ms"] = _ms(scores)
@@ -73,6 +73,7 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     row["select_ms"] = _ms(select)
     sel = select()
     row["attend_ms"] = _ms(lambda: ker.attend(q, k, v, scale, plan, sel, lsh))
+    row["attend_flex_ms"] = _ms(lambda: ker.attend_flex(q, k, v, scale, plan, sel, lsh))
     # Each pass of the attention step alone, and the merge.
     bits = ker._exact_bits(plan, sel)
     row["bits_ms"] = _ms(lambda: ker._exact_bits(plan, sel))

@@ -149,3 +149,33 @@ def test_probe_exact_matches_reference(causal):
     assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4
     # Same heavy columns as sets (ties in the mass may order them differently).
     assert torch.equal(heavy_k.sort(-1).values, heavy_r.sort(-1).values)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_block_scores_match_reference(causal):
+    from hyperattn.kernels import selection as ker_sel
+
+    q, k, _ = qkv(1, 4, 2, 1500, 1300, 64, device="cuda")
+    plan = S.make_plan(1500, 1300, causal, 128, 128, 512, 256)
+    pooled = S.pool(q, k, plan, 16)
+    blocks = torch.arange(plan.first, plan.nqb, device="cuda").expand(1, 4, -1)
+    ref_scores = S.block_scores(pooled, 0.125, plan, blocks)
+    ker_scores = ker_sel.block_scores(pooled, 0.125, plan, blocks)
+    assert torch.equal(ref_scores < -0.5, ker_scores < -0.5)  # the same candidates
+    # fp32 products (ieee) summed in another order; scores are softmax weights summed over
+    # 8 pooled rows (at most 8), so 1e-5 is ~100 ulps of the largest.
+    assert float((ref_scores - ker_scores).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_attend_rows_matches_reference(causal):
+    q, k, v = qkv(1, 4, 2, 1500, 1500, 64, device="cuda")
+    plan, sel, lsh = _selection(q, k, v, causal)
+    rows = torch.stack([sel.blocks * 128 + 5, sel.blocks * 128 + 77, torch.full_like(sel.blocks, -1)], dim=-1)
+    rows = torch.where(rows < 1500, rows, -1)
+    out_r, lse_r = ref.attend_rows(q, k, v, 0.125, plan, sel, lsh, rows)
+    out_k, lse_k = ker.attend_rows(q, k, v, 0.125, plan, sel, lsh, rows)
+    assert rel_err(out_k, out_r) < FP32_RTOL
+    finite = torch.isfinite(lse_r)
+    assert torch.equal(finite, torch.isfinite(lse_k))
+    assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4

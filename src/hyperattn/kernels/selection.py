@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.selection import Plan, finders
+from ..reference.selection import Plan, Pooled, finders
 
-__all__ = ["probe_exact"]
+__all__ = ["probe_exact", "block_scores"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
@@ -124,3 +124,72 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     seen = (flat + plan.offset + 1).clamp(0, nk) if plan.causal else torch.where(flat >= 0, nk, 0)
     pairs = float(seen.sum()) / (bsz * hq)
     return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs
+
+
+
+@triton.jit
+def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads, group, kv_heads, c_blocks, nqb, nkb,
+                         G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
+                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    # One selected query block of one head: the softmax of its pooled queries over the
+    # candidate key blocks' pooled keys (two passes: max and sum, then weights), summed
+    # over the block's pooled rows. No (pooled rows x key blocks) table leaves the chip.
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    j = tl.load(BLOCKS + bh * c_blocks + i).to(tl.int64)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_k = tl.arange(0, BLOCK_K)
+    g_ok = offs_g < G
+    qp = tl.load(QP + ((bh * nqb + j) * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], mask=g_ok[:, None],
+                 other=0.0)
+    g_w = tl.load(VALID + j * G + offs_g, mask=g_ok, other=0).to(tl.float32)
+    wlo = tl.load(WLO + j)
+    whi = tl.load(WHI + j)
+    k_base = (b * kv_heads + kvh) * nkb
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    for k0 in range(0, nkb, BLOCK_K):
+        kb = k0 + offs_k
+        kp = tl.load(KP + (k_base + kb)[:, None] * HEAD_DIM + offs_d[None, :], mask=(kb < nkb)[:, None], other=0.0)
+        cand = kb < wlo if CAUSAL else (kb < wlo) | ((kb > whi) & (kb < nkb))
+        s = tl.dot(qp, tl.trans(kp), input_precision=PRECISION).to(tl.float32) * scale
+        s = tl.where(cand[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m_i = m_new
+    w_row = tl.where(l_i > 0, g_w / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    out = OUT + (bh * c_blocks + i) * nkb
+    for k0 in range(0, nkb, BLOCK_K):
+        kb = k0 + offs_k
+        kp = tl.load(KP + (k_base + kb)[:, None] * HEAD_DIM + offs_d[None, :], mask=(kb < nkb)[:, None], other=0.0)
+        cand = kb < wlo if CAUSAL else (kb < wlo) | ((kb > whi) & (kb < nkb))
+        s = tl.dot(qp, tl.trans(kp), input_precision=PRECISION).to(tl.float32) * scale
+        p = tl.exp(tl.where(cand[None, :], s, float("-inf")) - m_safe[:, None]) * w_row[:, None]
+        tl.store(out + kb, tl.where(cand, tl.sum(p, 0), -1.0), mask=kb < nkb)
+
+
+def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Tensor:
+    """:func:`hyperattn.reference.selection.block_scores` on CUDA in one launch (same contract)."""
+    bsz, hq, c = blocks.shape
+    hkv, dim = pooled.k.shape[1], pooled.k.shape[-1]
+    groups = pooled.q.shape[3]
+    out = torch.empty(bsz, hq, c, plan.nkb, device=blocks.device, dtype=torch.float32)
+    if c == 0 or dim not in (16, 32, 64, 128, 256) or pooled.q.dtype == torch.float64:
+        from ..reference.selection import block_scores as reference
+
+        return reference(pooled, scale, plan, blocks)
+    device = blocks.device
+    _block_scores_kernel[(c, bsz * hq)](
+        pooled.q.contiguous(), pooled.valid.to(torch.int8).contiguous(), pooled.k.contiguous(),
+        blocks.int().contiguous(), plan.win_lo.to(device=device, dtype=torch.int32),
+        plan.win_hi.to(device=device, dtype=torch.int32), out, scale, hq, hq // hkv, hkv, c, plan.nqb, plan.nkb,
+        G=groups, GP=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK_K=64, CAUSAL=plan.causal,
+        # fp32 inputs: full-precision products, so the ranking matches the reference's.
+        PRECISION="ieee" if pooled.q.dtype == torch.float32 else "tf32", num_warps=4)
+    return out

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..reference.selection import Lsh, Plan, Selection
 from .attention import _tile_update
 
-__all__ = ["attend_triton"]
+__all__ = ["attend_triton", "attend_rows_triton"]
 
 
 
@@ -217,18 +217,8 @@ def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
     c_blocks = sel.blocks.shape[2]
     num_e = sel.exact_blocks.shape[-1]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    width = sel.gather_idx.shape[-1]
-    step = 128
-    s_pad = max(1, math.ceil(width / step)) * step
+    g_idx32, g_logw, g_slot, k_g, v_g, s_pad = _gathered(k, v, sel, lsh)
     nc = sel.gather_idx.shape[2]
-    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width)).contiguous()  # (B, Hkv, C, S_pad)
-    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf")).float().contiguous()
-    flat_idx = g_idx.reshape(bsz, hkv, nc * s_pad)
-    rows = flat_idx.unsqueeze(-1).expand(-1, -1, -1, dim)
-    k_g, v_g = k.gather(2, rows).contiguous(), v.gather(2, rows).contiguous()
-    b_ix = torch.arange(bsz, device=device).view(-1, 1, 1)
-    g_slot = lsh.slot[b_ix, torch.arange(hkv, device=device).view(1, -1, 1), flat_idx].int().contiguous()
-    g_idx32 = g_idx.int()
     eb = sel.exact_blocks.int().contiguous()
     active = sel.active.to(torch.int8).contiguous()
     lo, hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
@@ -255,3 +245,139 @@ def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
     _LSH[grid](q, k, v, prior, prior_lse, out, lse, q_order, k_order, lo, hi, eb, *strides, hq, hq // hkv, hkv, nq, nk,
                row0, plan.first, c_blocks, num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision)
     return out[:, :, row0:], lse[:, :, row0:]
+
+
+@triton.jit
+def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI, KORDER,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn,
+                 num_heads, group, kv_heads, nq, nk, offset, c_blocks, num_rows, num_e, chunk_blocks, num_chunks,
+                 s_pad, qk_scale,
+                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, RP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # A few rows of one selected block (the guard's probe rows): the block's exact blocks,
+    # its chunk's gathered columns and each row's LSH range, one online softmax.
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    sel = bh * c_blocks + i
+    j = tl.load(BLOCKS + sel)
+    offs_r = tl.arange(0, RP)
+    rows = tl.load(ROWS + sel * num_rows + offs_r, mask=offs_r < num_rows, other=-1)
+    row_ok = rows >= 0
+    rows_c = tl.where(row_ok, rows, 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_c[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    qk_scale = qk_scale * 1.4426950408889634
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    acc = tl.zeros([RP, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([RP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([RP], dtype=tl.float32)
+    for e in range(num_e):
+        kb = tl.load(EB + sel * num_e + e)
+        if kb >= 0:
+            for n0 in range(0, T, BLOCK_N):
+                cols = kb * T + n0 + offs_n
+                k_ok = cols < nk
+                k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+                v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+                valid = k_ok[None, :] & row_ok[:, None]
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= rows[:, None] + offset)
+                acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+    wlo = tl.load(WLO + j)
+    whi = tl.load(WHI + j)
+    lo = tl.load(LO + bh * nq + rows_c, mask=row_ok, other=0)
+    hi = tl.load(HI + bh * nq + rows_c, mask=row_ok, other=0)
+    g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
+    for s0 in range(0, s_pad, BLOCK_N):
+        sj = g_base + s0 + offs_n
+        idx = tl.load(GIDX + sj)
+        logw = tl.load(GLOGW + sj)
+        slot = tl.load(GSLOT + sj)
+        blk = idx // T
+        ok = logw > float("-inf")
+        if CAUSAL:
+            ok = ok & (blk < wlo)
+        else:
+            ok = ok & ((blk < wlo) | (blk > whi))
+        for e in range(num_e):
+            ok = ok & (blk != tl.load(EB + sel * num_e + e))
+        k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+        v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+        valid = ok[None, :] & row_ok[:, None] & ((slot[None, :] < lo[:, None]) | (slot[None, :] >= hi[:, None]))
+        bias = tl.where(ok, logw, 0.0) * 1.4426950408889634
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias[None, :], valid, qk_scale, True, PRECISION)
+    # Each row's own LSH range (rows of one block lie in different buckets).
+    for r in range(num_rows):
+        row = tl.load(ROWS + sel * num_rows + r)
+        r_lo = tl.load(LO + bh * nq + tl.maximum(row, 0))
+        r_hi = tl.where(row >= 0, tl.load(HI + bh * nq + tl.maximum(row, 0)), 0)
+        for n0 in range(r_lo, r_hi, BLOCK_N):
+            ks = n0 + offs_n
+            k_ok = ks < r_hi
+            cols = tl.load(KORDER + (b * kv_heads + kvh) * nk + ks, mask=k_ok, other=0)
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            kblk = cols // T
+            ok = k_ok
+            for e in range(num_e):
+                ok = ok & (kblk != tl.load(EB + sel * num_e + e))
+            valid = ok[None, :] & (offs_r == r)[:, None]
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    mask = offs_r < num_rows
+    tl.store(OUT + (sel * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+             mask=mask[:, None])
+    tl.store(LSE + sel * num_rows + offs_r, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634),
+             mask=mask)
+
+
+_ROWS = _autotuned(_rows_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                                  for n, w, s in ((64, 4, 2), (128, 4, 2))], ["HEAD_DIM", "CAUSAL", "T", "RP"])
+
+
+def _gathered(k: Tensor, v: Tensor, sel: Selection, lsh: Lsh):
+    """Each chunk's gathered columns padded to whole tiles: indices, log-weights, sorted slots and K/V copies."""
+    bsz, hkv, nc, width = sel.gather_idx.shape
+    dim = k.shape[-1]
+    s_pad = max(1, math.ceil(width / 128)) * 128
+    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width))  # (B, Hkv, C, S_pad)
+    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf")).float().contiguous()
+    flat_idx = g_idx.reshape(bsz, hkv, nc * s_pad)
+    rows = flat_idx.unsqueeze(-1).expand(-1, -1, -1, dim)
+    k_g, v_g = k.gather(2, rows).contiguous(), v.gather(2, rows).contiguous()
+    b_ix = torch.arange(bsz, device=k.device).view(-1, 1, 1)
+    g_slot = lsh.slot[b_ix, torch.arange(hkv, device=k.device).view(1, -1, 1), flat_idx].int().contiguous()
+    return g_idx.int().contiguous(), g_logw, g_slot, k_g, v_g, s_pad
+
+
+def attend_rows_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh,
+                       rows: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.structured.attend_rows` for given ``rows (B, Hq, c, R)`` (R <= 64), one launch."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    device = q.device
+    c, r = rows.shape[2], rows.shape[3]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    g_idx, g_logw, g_slot, k_g, v_g, s_pad = _gathered(k, v, sel, lsh)
+    out = torch.empty(bsz, hq, c, r, dim, device=device, dtype=torch.float32)
+    lse = torch.empty(bsz, hq, c, r, device=device, dtype=torch.float32)
+    if c == 0:
+        return out, lse
+    win_lo, win_hi = plan.win_lo.to(device=device, dtype=torch.int32), plan.win_hi.to(device=device, dtype=torch.int32)
+    _ROWS[(c, bsz * hq)](q, k, v, k_g, v_g, out, lse, rows.int().contiguous(), sel.blocks.int().contiguous(),
+                         sel.exact_blocks.int().contiguous(), win_lo, win_hi, g_idx, g_logw, g_slot,
+                         lsh.lo.int().contiguous(), lsh.hi.int().contiguous(), lsh.order.int().contiguous(),
+                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                         v.stride(0), v.stride(1), v.stride(2),
+                         hq, hq // hkv, hkv, nq, nk, plan.offset, c, r, sel.exact_blocks.shape[-1], plan.chunk_blocks,
+                         sel.gather_idx.shape[2], s_pad, scale, CAUSAL=plan.causal, HEAD_DIM=dim, T=plan.block,
+                         RP=max(16, triton.next_power_of_2(r)), PRECISION=_precision(q.dtype))
+    return out, lse

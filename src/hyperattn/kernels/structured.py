@@ -1,10 +1,11 @@
-"""The structured method's attention step on CUDA: FlexAttention block-sparse passes merged by LSE.
+"""The structured method's attention step on CUDA: Triton kernels, or FlexAttention block-sparse passes merged by LSE.
 
 Mirrors :mod:`hyperattn.reference.structured` function for function: :func:`attend` and
 :func:`attend_rows` take the same arguments and compute the same function (up to float
-rounding). :func:`attend` runs three FlexAttention passes over ``BlockMask``s built from
-the selection (torch's block-sparse engine; measured side by side with our own Triton
-kernels in ``benchmarks/NOTES.md``):
+rounding). Two engines, measured side by side in ``benchmarks/NOTES.md``: the Triton
+kernels of :mod:`hyperattn.kernels.sparse` (two launches; forward only) and
+:func:`attend_flex`, three FlexAttention passes over ``BlockMask``s built from the
+selection (torch's block-sparse engine, differentiable):
 
 1. **block-sparse pass**: each query block over its exact blocks (window and top blocks),
    causal mask on the diagonal only;
@@ -15,7 +16,7 @@ kernels in ``benchmarks/NOTES.md``):
    sorted key tiles its rows' ranges span, masked to each row's range minus its exact blocks;
 
 then one log-sum-exp merge. :func:`attend_rows` (the guard's trials on a few probe rows)
-is the reference's own gather code, which is cheap at that size.
+is one Triton launch as well.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from ..reference.selection import LSH_TILES, Lsh, Plan, Selection
 
 __all__ = ["attend", "attend_rows", "supported"]
 
-attend_rows = _ref.attend_rows
 
 # FlexAttention's tile: the BlockMask's block size on both sides.
 _TILE = 128
@@ -257,3 +257,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     from .sparse import attend_triton
 
     return attend_triton(q, k, v, scale, plan, sel, lsh)
+
+
+def attend_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh,
+                rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.structured.attend_rows` on CUDA (the guard's trials on probe rows).
+
+    Given rows without autograd: one Triton launch
+    (:func:`hyperattn.kernels.sparse.attend_rows_triton`); otherwise the reference's gather
+    code, which is differentiable.
+    """
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if rows is None or grad or plan.block != _TILE or rows.shape[-1] > 64:
+        return _ref.attend_rows(q, k, v, scale, plan, sel, lsh, rows)
+    from .sparse import attend_rows_triton
+
+    return attend_rows_triton(q, k, v, scale, plan, sel, lsh, rows)

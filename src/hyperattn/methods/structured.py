@@ -111,7 +111,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     step = max(1, _SELECT_ELEMENTS // max(1, bsz * hq * plan.nkb * (t // config.score_group)))
     for j0 in range(plan.first, plan.nqb, step):
         blocks = j_all[j0:j0 + step].expand(bsz, hq, -1)
-        scores = sel_ref.block_scores(pooled, scale, plan, blocks)
+        scores = select_impl.block_scores(pooled, scale, plan, blocks)
         ranked[:, :, j0:j0 + step] = sel_ref.rank_blocks(scores, kmax)
         c_scores += sel_ref.chunk_scores(scores, blocks, plan, hkv)
     lsh = sel_ref.lsh_ranges(qc, kc, plan, config.lsh_block, config.lsh_num_projs, seed)
@@ -140,7 +140,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
                                 torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
-        approx, _ = attend_ref.attend_rows(qc, kc, vc, scale, plan, sel, lsh, p_rows)
+        approx, _ = attend_impl.attend_rows(qc, kc, vc, scale, plan, sel, lsh, p_rows)
         err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
         pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
