@@ -85,6 +85,7 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     from hyperattn.reference.exact import merge_lse
     row["merge_ms"] = _ms(lambda: merge_lse(o1.float(), l1, o2.float(), l2))
     row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg))
+    print("flex fallbacks:", ker._WORKING)
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 

@@ -28,38 +28,40 @@ _MASS_ELEMENTS = 1 << 28
 def _column_mass(Q, K, LSE, ROWS, MASS, scale, nq, nk, offset, heads, group, chunks, chunk0, num_chunks,
                  P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  PRECISION: tl.constexpr):
-    # One program: one tile of BLOCK_N keys against the P probe rows of one (batch, head, chunk).
+    # One program: one tile of BLOCK_N keys against the P probe rows of every query head of
+    # one (batch, KV head, chunk), summed over the heads (heavy columns are per KV head).
     pid_n = tl.program_id(0)
-    pid = tl.program_id(1)  # ((b * heads + h) * num_chunks + c_local)
+    pid = tl.program_id(1)  # ((b * kv_heads + kvh) * num_chunks + c_local)
     c_local = pid % num_chunks
-    bh = pid // num_chunks
-    h = bh % heads
-    b = bh // heads
+    bkv = pid // num_chunks
+    kv_heads = heads // group
+    kvh = bkv % kv_heads
+    b = bkv // kv_heads
     c = chunk0 + c_local
-    rows = tl.load(ROWS + (bh * chunks + c) * P + tl.arange(0, P))  # [P], -1: none
-    ok_rows = rows >= 0
-    last = tl.max(tl.where(ok_rows, rows, -1), axis=0)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if CAUSAL:
-        limit = last + offset
-    else:
-        limit = tl.where(last >= 0, nk - 1, -1)
-    out_ptr = MASS + (bh * num_chunks + c_local) * nk + keys
-    if pid_n * BLOCK_N > limit:
-        tl.store(out_ptr, tl.zeros([BLOCK_N], dtype=tl.float32), mask=keys < nk)
-        return
     d = tl.arange(0, HEAD_DIM)
-    rows_c = tl.maximum(rows, 0)
-    q = tl.load(Q + ((b * heads + h) * nq + rows_c)[:, None] * HEAD_DIM + d[None, :])  # [P, D]
-    kv = b * (heads // group) + h // group
-    k = tl.load(K + (kv * nk + keys)[:, None] * HEAD_DIM + d[None, :], mask=(keys < nk)[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [P, BLOCK_N]
-    lse = tl.load(LSE + (bh * chunks + c) * P + tl.arange(0, P))
-    seen = ok_rows[:, None] & (keys[None, :] < nk)
-    if CAUSAL:
-        seen = seen & (keys[None, :] <= rows[:, None] + offset)
-    p = tl.where(seen, tl.exp(s - tl.where(ok_rows, lse, 0.0)[:, None]), 0.0)
-    tl.store(out_ptr, tl.sum(p, axis=0), mask=keys < nk)
+    k = tl.load(K + (bkv * nk + keys)[:, None] * HEAD_DIM + d[None, :], mask=(keys < nk)[:, None], other=0.0)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g in range(group):
+        bh = b * heads + kvh * group + g
+        rows = tl.load(ROWS + (bh * chunks + c) * P + tl.arange(0, P))  # [P], -1: none
+        ok_rows = rows >= 0
+        last = tl.max(tl.where(ok_rows, rows, -1), axis=0)
+        if CAUSAL:
+            limit = last + offset
+        else:
+            limit = tl.where(last >= 0, nk - 1, -1)
+        if pid_n * BLOCK_N <= limit:
+            rows_c = tl.maximum(rows, 0)
+            q = tl.load(Q + (bh * nq + rows_c)[:, None] * HEAD_DIM + d[None, :])  # [P, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [P, BLOCK_N]
+            lse = tl.load(LSE + (bh * chunks + c) * P + tl.arange(0, P))
+            seen = ok_rows[:, None] & (keys[None, :] < nk)
+            if CAUSAL:
+                seen = seen & (keys[None, :] <= rows[:, None] + offset)
+            p = tl.where(seen, tl.exp(s - tl.where(ok_rows, lse, 0.0)[:, None]), 0.0)
+            total += tl.sum(p, axis=0)
+    tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
 
 
 def _flex_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,17 +105,16 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         # Only the finding probe rows count (reference: finders).
         rows_c = torch.where(finders(p, probe_blocks, q.device), rows, -1).contiguous()
         lse_c = lse.reshape(bsz, hq, nc, p).contiguous()
-        step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * nk))
+        step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * nk))
         block_n = 128
         for c0 in range(0, nc, step):
             c1 = min(nc, c0 + step)
-            mass = torch.empty(bsz, hq, c1 - c0, nk, device=q.device, dtype=torch.float32)
-            grid = (triton.cdiv(nk, block_n), bsz * hq * (c1 - c0))
+            mass = torch.empty(bsz, hkv, c1 - c0, nk, device=q.device, dtype=torch.float32)
+            grid = (triton.cdiv(nk, block_n), bsz * hkv * (c1 - c0))
             _column_mass[grid](qc, kc, lse_c, rows_c, mass, scale, q.shape[2], nk, plan.offset, hq, hq // hkv, nc, c0,
                                c1 - c0, P=p, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal,
                                # fp32 inputs: full-precision products, so heavy columns match the reference's.
                                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-            mass = mass.reshape(bsz, hkv, hq // hkv, c1 - c0, nk).sum(2)  # per KV head
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
