@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="timed calls per row after one warm-up (default 5)")
     parser.add_argument("--no-single", action="store_true", help="skip the 1-GPU rows")
     parser.add_argument("--out", default="context-parallel.json", help="results JSON, written by rank 0")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="first compare each rank's slice with a single-device call at length N (exactness)")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps: expected an int >= 1, got {args.reps}")
@@ -154,6 +156,24 @@ def _parallel(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.
     return row
 
 
+def _check(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.device) -> dict:
+    """Each rank's slice of the ``W``-GPU result against a single-device call on the whole sequence, same seed."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = getattr(torch, shape.dtype)
+    q = torch.randn(shape.batch, shape.heads, n, shape.head_dim, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(shape.batch, shape.kv_heads, n, shape.head_dim, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(shape.batch, shape.kv_heads, n, shape.head_dim, device=device, dtype=dtype, generator=gen)
+    whole = ha.hyper_attention(q, k, v, causal=causal, config=CONFIGS[impl])
+    part = slice(rank * n // world, (rank + 1) * n // world)
+    mine = context_parallel_attention(q[:, :, part].contiguous(), k[:, :, part].contiguous(),
+                                      v[:, :, part].contiguous(), causal=causal, config=CONFIGS[impl])
+    ref = whole[:, :, part].float()
+    err = torch.tensor([float((mine.float() - ref).norm() / ref.norm())], dtype=torch.float64, device=device)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    return {"n": n, "impl": impl, "gpus": world, "causal": causal, "max_rel_error_vs_1gpu": float(err)}
+
+
 def _report(row: dict) -> None:
     keys = ("n", "impl", "gpus", "ms", "ratio_to_1gpu", "peak_gb_per_gpu", "error")
     print(json.dumps({key: row[key] for key in keys if key in row}), flush=True)
@@ -178,6 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     results = {**versions(), "world_size": world, "nccl": nccl,
                "layout": "head-parallel all-to-all (DeepSpeed-Ulysses)",
                "shape": asdict(shape), "rows": []}
+    results["exactness"] = []
+    if args.check:
+        for impl in args.impls:
+            found = _check(impl, args.check, causal, shape, device)
+            results["exactness"].append(found)
+            if rank == 0:
+                print(json.dumps(found), flush=True)
     for n in args.lengths:
         for impl in args.impls:
             single = None
