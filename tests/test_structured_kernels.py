@@ -179,3 +179,18 @@ def test_attend_rows_matches_reference(causal):
     finite = torch.isfinite(lse_r)
     assert torch.equal(finite, torch.isfinite(lse_k))
     assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4
+
+
+def test_pool_matches_reference_and_ignores_other_heads():
+    from hyperattn.kernels import selection as ker_sel
+
+    q, k, _ = qkv(1, 8, 4, 1500, 1300, 64, dtype=torch.bfloat16, device="cuda")
+    plan = S.make_plan(1500, 1300, True, 128, 128, 512, 256)
+    mine = ker_sel.pool(q, k, plan, 16)
+    ref_pool = S.pool(q.float(), k.float(), plan, 16)
+    # fp32 sums rounded once to bf16 (relative 2**-8) against fp32 means.
+    assert rel_err(mine.q.float(), ref_pool.q) < 4e-3 and rel_err(mine.k.float(), ref_pool.k) < 4e-3
+    # A head's means are the same bits whichever other heads are in the call (what makes a
+    # 2-GPU context-parallel call select exactly as a 1-GPU one).
+    half = ker_sel.pool(q[:, 4:], k[:, 2:], plan, 16)
+    assert torch.equal(half.q, mine.q[:, 4:]) and torch.equal(half.k, mine.k[:, 2:])

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..reference.selection import Plan, Pooled, finders
 
-__all__ = ["probe_exact", "block_scores"]
+__all__ = ["probe_exact", "block_scores", "pool"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
@@ -194,3 +194,47 @@ def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Te
         # fp32 inputs: full-precision products, so the ranking matches the reference's.
         PRECISION="ieee" if pooled.q.dtype == torch.float32 else "tf32", num_warps=4)
     return out
+
+
+@triton.jit
+def _mean_rows_kernel(X, OUT, n, size, num_out, stride_b, stride_h, stride_n, num_heads, HEAD_DIM: tl.constexpr):
+    # One mean of `size` consecutive rows, summed one row after another in fp32: the same
+    # bits whatever the tensor's shape (a reduction kernel's order depends on it, and a
+    # flipped last bit reorders near-tied block scores between, e.g., 1 and 2 GPUs).
+    p = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    d = tl.arange(0, HEAD_DIM)
+    base = X + b * stride_b + h * stride_h
+    total = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    start = p * size
+    end = tl.minimum(start + size, n)
+    for r in range(start, end):
+        total += tl.load(base + r * stride_n + d).to(tl.float32)
+    count = tl.maximum(end - start, 1)
+    tl.store(OUT + (bh * num_out + p) * HEAD_DIM + d, (total / count).to(OUT.dtype.element_ty))
+
+
+def _means(x: Tensor, size: int, num_out: int) -> Tensor:
+    bsz, heads, n, dim = x.shape
+    out = torch.empty(bsz, heads, num_out, dim, device=x.device, dtype=x.dtype)
+    _mean_rows_kernel[(num_out, bsz * heads)](x, out, n, size, num_out, x.stride(0), x.stride(1), x.stride(2), heads,
+                                              HEAD_DIM=dim, num_warps=1)
+    return out
+
+
+def pool(q: Tensor, k: Tensor, plan: Plan, score_group: int) -> Pooled:
+    """:func:`hyperattn.reference.selection.pool` on CUDA (same contract; fp32 sums in a fixed order)."""
+    dim = q.shape[-1]
+    if dim not in (16, 32, 64, 128, 256) or q.stride(-1) != 1 or k.stride(-1) != 1 or q.dtype == torch.float64:
+        from ..reference.selection import pool as reference
+
+        return reference(q, k, plan, score_group)
+    t, g = plan.block, score_group
+    groups = plan.nqb * t // g
+    q_pool = _means(q, g, groups)
+    k_pool = _means(k, t, plan.nkb)
+    rows_ok = torch.clamp(plan.nq - g * torch.arange(groups, device=q.device), 0, g)
+    return Pooled(q_pool.reshape(q.shape[0], q.shape[1], plan.nqb, t // g, dim), (rows_ok > 0).reshape(plan.nqb, t // g),
+                  k_pool)

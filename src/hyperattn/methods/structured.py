@@ -104,7 +104,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     probe = sel_ref.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
     probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qc, kc, vc, scale, plan, probe, config.heavy_columns,
                                                                config.num_sinks, pb)
-    pooled = sel_ref.pool(qc, kc, plan, config.score_group)
+    pooled = select_impl.pool(qc, kc, plan, config.score_group)
     ranked = torch.full((bsz, hq, plan.nqb, min(kmax, plan.nkb)), -1, dtype=torch.long, device=device)
     c_scores = torch.zeros(bsz, hkv, nc, plan.nkb, device=device)
     j_all = torch.arange(plan.nqb, device=device)
