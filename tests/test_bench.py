@@ -91,3 +91,39 @@ def test_context_parallel_script_parses_its_arguments():
         script.parse_args(["--reps", "0"])
     with pytest.raises(SystemExit):
         script.parse_args(["--impls", "streaming"])
+
+
+def test_backward_rows_time_forward_and_backward(tmp_path):
+    # The --backward plumbing on the CPU: rows flagged backward, gradients really computed
+    # (a backward row costs more than the forward row of the same call), ratios within a mode.
+    shape = BenchShape(heads=2, kv_heads=1, head_dim=16, dtype="float32")
+    kwargs = dict(budget_ms=5, min_reps=3, max_reps=3, progress=False)
+    fwd = run_forward_bench([256], ["hyper", "structured-fixed", "sdpa-math"], [True], shape, torch.device("cpu"),
+                            **kwargs)
+    bwd = run_forward_bench([256], ["hyper", "structured-fixed", "sdpa-math"], [True], shape, torch.device("cpu"),
+                            backward=True, **kwargs)
+    assert all(r["backward"] is True and r["ms"] > 0 for r in bwd["rows"])
+    assert all(r["backward"] is False for r in fwd["rows"])
+    assert bwd["rows"][2]["ms"] > fwd["rows"][2]["ms"]  # sdpa-math: autograd.grad ran
+    merged = {**fwd, "rows": fwd["rows"] + bwd["rows"]}
+    # Each row's speed-up is to the SDPA row of its own mode.
+    assert cli._fastest_sdpa(merged["rows"], 256, True, backward=True) == (bwd["rows"][2]["ms"], False)
+    assert cli._fastest_sdpa(merged["rows"], 256, True) == (fwd["rows"][2]["ms"], False)
+    table = cli.format_table(merged)
+    assert table.count("fwd+bwd") == 3 and table.count(" fwd ") == 3
+    plot_results(merged, str(tmp_path / "bwd.png"))
+    assert (tmp_path / "bwd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_backward_flag_writes_backward_rows(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    path = tmp_path / "r.json"
+    args = parser.parse_args(["--lengths", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+                              "--causal", "yes", "--budget-ms", "1", "--json", str(path), "--no-progress",
+                              "--backward"])
+    assert cli.run(args) == 0
+    import json
+
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(r["backward"] is True for r in rows) and all(r["ms"] is not None for r in rows)

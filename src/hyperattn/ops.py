@@ -22,7 +22,9 @@ from .reference.hyper import causal_plan, hyper_attention_reference, noncausal_p
 
 __all__ = ["hyper_attention", "exact_attention", "AttentionStats"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 runs the PyTorch reference on every device (no kernel takes it): it exists so that
+# torch.autograd.gradcheck can run on the function users call.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DEFAULT_CONFIG = HyperAttentionConfig()
 
 
@@ -37,12 +39,17 @@ def _shape_only(x: Tensor) -> bool:
     return x.is_meta or is_fake(x)
 
 
+def _lse_dtype(x: Tensor) -> torch.dtype:
+    """LSE is fp32, or float64 for float64 inputs (so gradcheck sees it at full precision)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _shape_only_result(q: Tensor, v: Tensor, method: str):
     """Outputs of the right shapes, dtypes and device for :func:`_shape_only` inputs, nothing computed."""
     bsz, hq, nq, _ = q.shape
     heads = q.new_empty((bsz, hq), dtype=torch.float32)
     stats = AttentionStats(method, float("nan"), heads, heads.to(torch.bool))
-    return q.new_empty((bsz, hq, nq, v.shape[-1])), q.new_empty((bsz, hq, nq), dtype=torch.float32), stats
+    return q.new_empty((bsz, hq, nq, v.shape[-1])), q.new_empty((bsz, hq, nq), dtype=_lse_dtype(q)), stats
 
 
 def _check_inputs(q, k, v, causal, scale, config, check_finite: bool) -> None:
@@ -57,7 +64,7 @@ def _check_inputs(q, k, v, causal, scale, config, check_finite: bool) -> None:
     if v.dim() != 4:
         raise ValueError(f"v: expected a 4-D tensor (B, Hkv, Nk, D), got shape {_shape(v)}")
     if q.dtype not in _DTYPES:
-        raise TypeError(f"q: expected dtype float32, bfloat16 or float16, got {q.dtype}")
+        raise TypeError(f"q: expected dtype float32, bfloat16, float16 or float64, got {q.dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (q's), got {x.dtype}")
@@ -105,7 +112,7 @@ def _run_exact(q, k, v, scale, causal, config, seed, need_lse=True):
 def _run_hyper(q, k, v, scale, causal, config, seed, head_offset=0, total_heads=None):
     nq, nk = q.shape[2], k.shape[2]
     min_len = config.effective_min_seq_len
-    if q.is_cuda:
+    if q.is_cuda and q.dtype != torch.float64:
         from .kernels import dispatch as kernel_dispatch  # imported lazily: needs triton
         out, lse = kernel_dispatch.hyper_attention_cuda(q, k, v, scale=scale, causal=causal, config=config,
                                                         seed=seed, head_offset=head_offset, total_heads=total_heads)
@@ -182,7 +189,9 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     """Approximate attention in near-linear time.
 
     Args:
-        q: ``(B, Hq, Nq, D)`` queries, float32/bfloat16/float16.
+        q: ``(B, Hq, Nq, D)`` queries, float32/bfloat16/float16, or float64 (computed by
+            the PyTorch reference in float64 on every device: slow, for
+            ``torch.autograd.gradcheck``).
         k: ``(B, Hkv, Nk, D)`` keys, same dtype and device; ``Hq % Hkv == 0``.
         v: ``(B, Hkv, Nk, D)`` values.
         causal: causal mask aligned to the last key (query ``i`` sees keys
@@ -193,7 +202,7 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         scale: logit scale; default ``D ** -0.5``.
         config: method and budget (:class:`HyperAttentionConfig`); default
             ``HyperAttentionConfig()``, the structured method with its error guard.
-        return_lse: also return ``lse: (B, Hq, Nq)`` fp32, the log-sum-exp of the
+        return_lse: also return ``lse: (B, Hq, Nq)`` fp32 (float64 for float64 inputs), the log-sum-exp of the
             (estimated) scaled logits of each row.
         return_stats: also return :class:`AttentionStats`.
 
@@ -260,7 +269,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | Non
 def _pack(out: Tensor, lse: Tensor, stats: AttentionStats, return_lse: bool, return_stats: bool):
     result = (out,)
     if return_lse:
-        result += (lse.float(),)
+        result += (lse.to(_lse_dtype(out)),)
     if return_stats:
         result += (stats,)
     return result[0] if len(result) == 1 else result
@@ -271,9 +280,10 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     """Exact attention with the same contract as :func:`hyper_attention` (causal rows that see no key give 0).
 
     Without ``return_lse`` it runs ``torch.nn.functional.scaled_dot_product_attention``
-    (its fastest backend) where the masks agree; otherwise the fp32 reference.
+    (its fastest backend) where the masks agree; otherwise the fp32 reference (float64 for
+    float64 inputs).
 
-    Returns ``out: (B, Hq, Nq, D)`` in the input dtype, and ``lse: (B, Hq, Nq)`` fp32 if
+    Returns ``out: (B, Hq, Nq, D)`` in the input dtype, and ``lse: (B, Hq, Nq)`` fp32 (float64 for float64) if
     ``return_lse``.
 
     Examples::

@@ -18,7 +18,8 @@ Results file (stable schema, one JSON object)::
          "ms": 12.3,                 # median of CUDA-event timings after warm-up; null if failed/skipped
          "peak_gb": 4.5,             # peak allocated GPU memory during the call, inputs included
          "pairs_per_head": 1.2e9,    # (query, key) scores one head computes (the mask's, not padding)
-         "tflops": 310.0,            # 4 * D * pairs * B * Hq / time: work actually done per second
+         "tflops": 310.0,            # 4 * D * pairs * B * Hq / time (x3.5 on backward rows: the backward's
+                                     # five matmuls over the forward's two): work actually done per second
          "error": "..."}             # only on failed or skipped rows
       ],
       "profile": [                   # only with --profile: GPU time per stage of method="hyper"
@@ -30,6 +31,7 @@ Results file (stable schema, one JSON object)::
     }
 
 Speed-ups are read off the file: ``ms`` of the fastest ``sdpa-*`` row of the same
-``(n, causal)`` over ``ms`` of the row. The effective rate of exact attention at the same
+``(n, causal, backward)`` over ``ms`` of the row (``hyperattn bench --backward`` writes
+forward+backward rows: the ratio is then to SDPA's fastest forward+backward). The effective rate of exact attention at the same
 size is ``4 * D * exact_pairs * B * Hq / time``, which the table prints.
 """

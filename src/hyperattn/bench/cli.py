@@ -1,4 +1,4 @@
-"""``hyperattn bench``: forward timings against SDPA's backends and FlexAttention; table, JSON, PNG.
+"""``hyperattn bench``: forward (``--backward``: forward+backward) timings against SDPA's backends and FlexAttention; table, JSON, PNG.
 
 On CUDA the defaults are the issue's protocol: lengths 4k to 1M, B1, Hq32/Hkv8, D128,
 bf16, causal and non-causal, every implementation. On a CPU: short lengths, small heads,
@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lengths at which flex-sink-window runs (each compiles once; default 32768 131072 "
                              "1048576)")
     parser.add_argument("--budget-ms", type=positive_float, default=400.0, help="timing budget per row (default 400)")
+    parser.add_argument("--backward", action="store_true",
+                        help="time forward+backward (gradients of q, k, v) instead of the forward; rows carry "
+                             "\"backward\": true and speed-ups are to SDPA's fastest forward+backward")
     parser.add_argument("--profile", type=positive_int, nargs="*", metavar="N",
                         help="also profile the CUDA path of method='hyper' at these lengths (stage breakdown)")
     parser.add_argument("--json", metavar="PATH", type=writable_file, help="write the results file here")
@@ -52,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _fastest_sdpa(rows: list[dict], n: int, causal: bool) -> tuple[float | None, bool]:
-    """Fastest SDPA time at ``n``: measured, or extrapolated quadratically from the longest measured length."""
-    sdpa = [r for r in rows if r["impl"].startswith("sdpa-") and r["causal"] == causal and r["ms"] is not None]
+def _fastest_sdpa(rows: list[dict], n: int, causal: bool, backward: bool = False) -> tuple[float | None, bool]:
+    """Fastest SDPA time at ``n`` (forward, or forward+backward): measured, or extrapolated quadratically from the longest measured length."""
+    sdpa = [r for r in rows if r["impl"].startswith("sdpa-") and r["causal"] == causal and r["ms"] is not None
+            and r.get("backward", False) == backward]
     here = [r["ms"] for r in sdpa if r["n"] == n]
     if here:
         return min(here), False
@@ -68,24 +72,27 @@ def _fastest_sdpa(rows: list[dict], n: int, causal: bool) -> tuple[float | None,
 
 def format_table(results: dict) -> str:
     """A text table: ms, speed-up over the fastest SDPA backend (``~``: extrapolated), rates, memory."""
-    from .forward import exact_pairs
+    from .forward import BACKWARD_WORK, exact_pairs
 
     shape = results["shape"]
     lines = [f"{results['device']} | torch {results['torch']} | triton {results['triton']} | B{shape['batch']} "
              f"Hq{shape['heads']} Hkv{shape['kv_heads']} D{shape['head_dim']} {shape['dtype']}",
-             f"{'causal':>6} {'n':>8} {'impl':<17} {'ms':>10} {'vs sdpa':>9} {'eff TF/s':>9} {'TF/s':>7} "
-             f"{'peak GB':>8}"]
+             f"{'causal':>6} {'n':>8} {'impl':<17} {'pass':>7} {'ms':>10} {'vs sdpa':>9} {'eff TF/s':>9} "
+             f"{'TF/s':>7} {'peak GB':>8}"]
     rows = results["rows"]
-    for row in sorted(rows, key=lambda r: (not r["causal"], r["n"], r["impl"])):
+    for row in sorted(rows, key=lambda r: (r.get("backward", False), not r["causal"], r["n"], r["impl"])):
+        backward = row.get("backward", False)
+        mode = "fwd+bwd" if backward else "fwd"
         if row["ms"] is None:
-            lines.append(f"{str(row['causal']):>6} {row['n']:>8} {row['impl']:<17} {row.get('error', '')}")
+            lines.append(f"{str(row['causal']):>6} {row['n']:>8} {row['impl']:<17} {mode:>7} {row.get('error', '')}")
             continue
-        sdpa, extrapolated = _fastest_sdpa(rows, row["n"], row["causal"])
+        sdpa, extrapolated = _fastest_sdpa(rows, row["n"], row["causal"], backward)
         speedup = "" if sdpa is None else f"{'~' if extrapolated else ''}{sdpa / row['ms']:.1f}x"
         eff = 4 * shape["head_dim"] * exact_pairs(row["n"], row["causal"]) * shape["batch"] * shape["heads"]
+        eff *= BACKWARD_WORK if backward else 1.0
         eff = eff / (row["ms"] * 1e-3) / 1e12
         peak = "" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}"
-        lines.append(f"{str(row['causal']):>6} {row['n']:>8} {row['impl']:<17} {row['ms']:>10.3f} {speedup:>9} "
+        lines.append(f"{str(row['causal']):>6} {row['n']:>8} {row['impl']:<17} {mode:>7} {row['ms']:>10.3f} {speedup:>9} "
                      f"{eff:>9.4g} {row.get('tflops', 0.0):>7.4g} {peak:>8}")
     return "\n".join(lines)
 
@@ -125,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_forward_bench(lengths, impls, modes, shape, device, max_n=max_n,
                                 only={"flex-sink-window": set(args.flex_lengths)}, budget_ms=args.budget_ms,
-                                progress=not args.no_progress, on_row=save)
+                                progress=not args.no_progress, on_row=save, backward=args.backward)
     if args.profile and cuda:
         results["profile"] = [profile_hyper(n, causal, shape, device) for n in args.profile for causal in modes]
     print(format_table(results))

@@ -1,9 +1,13 @@
-"""Forward-pass timings of HyperAttention and its baselines on one device, and a kernel-time profile.
+"""Forward (or forward+backward) timings of HyperAttention and its baselines on one device, and a kernel-time profile.
 
 Every implementation is timed on the same inputs in the same process: one warm-up call
 (compilation, autotuning), one call that records peak memory, then CUDA-event timings of
 repeated calls (at least ``min_reps``, more while under ``budget_ms``), median reported.
 On a CPU, wall-clock timings replace events and only the CPU implementations run.
+
+With ``backward=True`` a timed call is the forward and ``torch.autograd.grad`` of the
+output with respect to q, k and v for a fixed random output gradient (what one training
+step of the layer costs); rows carry ``"backward": true``.
 """
 
 from __future__ import annotations
@@ -194,9 +198,27 @@ def _time_ms(fn: Callable, cuda: bool, budget_ms: float, min_reps: int, max_reps
     return statistics.median(times)
 
 
+# Matmul work of forward+backward over the forward's: the backward recomputes the scores and
+# computes dP, dQ, dK, dV (flash-attention's 2.5x), so 3.5x the forward's 4 * D * pairs.
+BACKWARD_WORK = 3.5
+
+
+def _with_backward(fn: Callable, q: Tensor, k: Tensor, v: Tensor) -> Callable:
+    """``fn`` (a forward on q, k, v that require grad) followed by the gradients of its output."""
+    gen = torch.Generator(device=q.device).manual_seed(1)
+    grad = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype, generator=gen)
+
+    def step():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    return step
+
+
 def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.device, max_n: dict,
-             only: dict, budget_ms: float, min_reps: int, max_reps: int) -> dict:
-    row = {"n": n, "causal": causal, "backward": False, "impl": impl, "config": {}, "ms": None, "peak_gb": None}
+             only: dict, budget_ms: float, min_reps: int, max_reps: int, backward: bool = False) -> dict:
+    row = {"n": n, "causal": causal, "backward": backward, "impl": impl, "config": {}, "ms": None, "peak_gb": None}
     cuda = device.type == "cuda"
     try:
         if n > max_n.get(impl, math.inf):
@@ -204,7 +226,11 @@ def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.d
         if impl in only and n not in only[impl]:
             raise _Skip(f"skipped: {impl} runs only at n in {sorted(only[impl])}")
         q, k, v = _inputs(n, shape, device)
+        if backward:
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
         fn, config, pairs = _build(impl, q, k, v, causal)
+        if backward:
+            fn = _with_backward(fn, q, k, v)
         row["config"] = config
         row["pairs_per_head"] = pairs
         fn()  # warm-up: compilation, autotuning, plan caches
@@ -215,7 +241,8 @@ def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.d
             torch.cuda.synchronize()
             row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         row["ms"] = _time_ms(fn, cuda, budget_ms, min_reps, max_reps)
-        row["tflops"] = 4 * shape.head_dim * pairs * shape.batch * shape.heads / (row["ms"] * 1e-3) / 1e12
+        work = BACKWARD_WORK if backward else 1.0
+        row["tflops"] = work * 4 * shape.head_dim * pairs * shape.batch * shape.heads / (row["ms"] * 1e-3) / 1e12
     except _Skip as skip:
         row["error"] = str(skip)
     except torch.cuda.OutOfMemoryError:
@@ -231,8 +258,10 @@ def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.d
 def run_forward_bench(lengths: list[int], impls: list[str], causal_modes: list[bool], shape: BenchShape,
                       device: torch.device, max_n: dict | None = None, only: dict | None = None,
                       budget_ms: float = 400.0, min_reps: int = 3, max_reps: int = 20, progress: bool = True,
-                      on_row: Callable[[dict], None] | None = None) -> dict:
+                      on_row: Callable[[dict], None] | None = None, backward: bool = False) -> dict:
     """Time every ``(n, causal, impl)``; returns the results object (schema in :mod:`hyperattn.bench`).
+
+    ``backward``: time forward+backward (rows with ``"backward": true``) instead of the forward.
 
     ``max_n``: ``{impl: N}`` skips an implementation above ``N``; ``only``: ``{impl: lengths}``
     runs it only at those lengths (rows skipped with a reason). ``on_row`` receives the
@@ -254,7 +283,7 @@ def run_forward_bench(lengths: list[int], impls: list[str], causal_modes: list[b
     results = {**versions(), "shape": asdict(shape), "rows": []}
     for n, causal, impl in tqdm(jobs, desc="bench", disable=not progress):
         results["rows"].append(_run_row(impl, n, causal, shape, device, max_n or {}, only or {}, budget_ms,
-                                        min_reps, max_reps))
+                                        min_reps, max_reps, backward))
         if on_row is not None:
             on_row(results)
     return results

@@ -18,10 +18,14 @@ def plot_results(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({row["causal"] for row in results["rows"]}, reverse=True)
+    # One panel per (pass, masking): forward and forward+backward times are never on one axis.
+    modes = sorted({(row.get("backward", False), row["causal"]) for row in results["rows"]},
+                   key=lambda m: (m[0], not m[1]))
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), squeeze=False)
-    for ax, causal in zip(axes[0], modes):
-        rows = [r for r in results["rows"] if r["causal"] == causal and r.get("ms") is not None]
+    for ax, (backward, causal) in zip(axes[0], modes):
+        rows = [r for r in results["rows"] if r["causal"] == causal and r.get("backward", False) == backward
+                and r.get("ms") is not None]
+        label = "forward+backward" if backward else "forward"
         for impl in dict.fromkeys(r["impl"] for r in rows):
             points = sorted((r["n"], r["ms"]) for r in rows if r["impl"] == impl)
             style = "-o" if impl.startswith("hyper") else "--s" if impl.startswith("sdpa") else ":^"
@@ -29,8 +33,8 @@ def plot_results(results: dict, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length n")
-        ax.set_ylabel("forward time (ms)")
-        ax.set_title(("causal" if causal else "non-causal") + " forward")
+        ax.set_ylabel(f"{label} time (ms)")
+        ax.set_title(("causal" if causal else "non-causal") + " " + label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     shape = results.get("shape", {})

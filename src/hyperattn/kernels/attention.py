@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["range_attention", "gathered_attention", "TILE_ROWS"]
+__all__ = ["range_attention", "gathered_attention", "range_attention_bwd", "gathered_attention_bwd", "TILE_ROWS"]
 
 #: Most rows in one tile of :func:`gathered_attention` (the largest BLOCK_M it tunes over).
 TILE_ROWS = 128
@@ -235,6 +235,160 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
         _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, bh * nq + rows, row_ok, offs_d, HEAD_DIM, HAS_PRIOR)
 
 
+# --- backward -------------------------------------------------------------------------------------
+#
+# The forward's launches cover disjoint sets of (row, column) entries of one softmax per
+# row, so the gradient splits the same way: with the final (merged) ``lse`` and
+# ``delta = rowsum(dO * O) - dlse``, every scored entry ``z = scale * q.k + logw`` has
+# ``P = exp(z - lse)`` and ``dz = P * (dO.v - delta)``, whichever launch scored it. Each
+# backward launch recomputes its own entries (nothing of size N x N or N x budget is
+# saved), adds ``scale * dz @ k`` into its rows' dq (every row belongs to one program per
+# launch: a plain read-modify-write) and atomically adds ``scale * dz^T @ q`` and
+# ``P^T @ dO`` into dk, dv (fp32), which also sums the query heads of a KV head (GQA).
+# Sample log-weights are constants of the function: they enter P only.
+
+
+@triton.jit
+def _tile_grad(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
+               PRECISION: tl.constexpr):
+    # Gradients of one key tile: dq (unscaled) accumulated, dk (unscaled) and dv returned.
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
+    if MASKED:
+        s = tl.where(valid, s + s_bias, float("-inf"))
+    # lse2 is +inf on rows that see no key, so their P is 0 (not exp2(-inf - -inf) = NaN).
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)  # [BLOCK_N, D]
+    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)  # [BLOCK_N, D]
+    return dq, dk, dv
+
+
+@triton.jit
+def _range_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, LO, HI,
+                                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                                stride_vb, stride_vh, stride_vn,
+                                num_heads, kv_heads, group, nq, nk, scale,
+                                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    kvh = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < nq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lo = tl.load(LO + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + rows, mask=row_ok, other=-1)
+    nonempty = row_ok & (lo <= hi)
+    start = tl.min(tl.where(nonempty, lo, 2147483647), 0)
+    end = tl.max(tl.where(nonempty, hi + 1, 0), 0)
+    start = tl.minimum(start, end)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    flat_rows = bh.to(tl.int64) * nq + rows
+    do = tl.load(DO + flat_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)  # [BLOCK_M, D]
+    lse2 = tl.load(LSE2 + flat_rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + flat_rows, mask=row_ok, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    g_base = (b * kv_heads + kvh) * nk * HEAD_DIM
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(0, tl.cdiv(end - start, BLOCK_N)):
+        cols = start + t * BLOCK_N + offs_n
+        col_ok = cols < end
+        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
+        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None],
+                    other=0.0)  # [BLOCK_N, D]
+        v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None],
+                    other=0.0)  # [BLOCK_N, D]
+        dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(DK + g_ptrs, dk * scale, mask=col_ok[:, None])
+        tl.atomic_add(DV + g_ptrs, dv, mask=col_ok[:, None])
+    dq_ptrs = DQ + flat_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0) + dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK,
+                                   NSAMP, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                                   stride_vb, stride_vh, stride_vn,
+                                   num_heads, kv_heads, group, nq, nk, nqidx, nkidx, max_samples, scale,
+                                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Same grid and walk as _gathered_attention_kernel.
+    tile = tl.program_id(0) // group
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    h = kvh * group + tl.program_id(0) % group
+    bh = b * num_heads + h
+    row_start = tl.load(TILES + tile * 6 + 0)
+    row_end = tl.load(TILES + tile * 6 + 1)
+    key_start = tl.load(TILES + tile * 6 + 2)
+    key_end = tl.load(TILES + tile * 6 + 3)
+    piece = tl.load(TILES + tile * 6 + 4)
+    block_id = tl.load(TILES + tile * 6 + 5)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qk_scale = scale * 1.4426950408889634
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    g_base = bkv * nk * HEAD_DIM
+    num_samples = tl.load(NSAMP + piece)
+    s_base = (piece.to(tl.int64) * tl.num_programs(1) * group + bh) * max_samples
+    for r0 in range(row_start, row_end, BLOCK_M):
+        slots = r0 + tl.arange(0, BLOCK_M)
+        row_ok = slots < row_end
+        rows = tl.load(QIDX + bh * nqidx + slots, mask=row_ok, other=0)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        flat_rows = bh * nq + rows
+        do = tl.load(DO + flat_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)  # [BLOCK_M, D]
+        lse2 = tl.load(LSE2 + flat_rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + flat_rows, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for n0 in range(key_start, key_end, BLOCK_N):
+            kslots = n0 + offs_n
+            k_ok = kslots < key_end
+            cols = tl.load(KIDX + bkv * nkidx + kslots, mask=k_ok, other=0)
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
+            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
+            valid = row_ok[:, None] & k_ok[None, :]
+            dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+            g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(DK + g_ptrs, dk * scale, mask=k_ok[:, None])
+            tl.atomic_add(DV + g_ptrs, dv, mask=k_ok[:, None])
+        for j0 in range(0, num_samples, BLOCK_N):
+            sj = j0 + offs_n
+            s_ok = sj < num_samples
+            cols = tl.load(SIDX + s_base + sj, mask=s_ok, other=0)
+            blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
+            logw = tl.load(SLOGW + piece * max_samples + sj, mask=s_ok, other=0.0)
+            keep = s_ok & (blk != block_id)
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=s_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
+            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None],
+                        other=0.0)  # [BLOCK_N, D]
+            valid = row_ok[:, None] & keep[None, :]
+            dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, (logw * 1.4426950408889634)[None, :], valid,
+                                    qk_scale, True, PRECISION)
+            g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(DK + g_ptrs, dk * scale, mask=keep[:, None])
+            tl.atomic_add(DV + g_ptrs, dv, mask=keep[:, None])
+        dq_ptrs = DQ + flat_rows[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(dq_ptrs, tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0) + dq * scale, mask=row_ok[:, None])
+
+
 _RANGE_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
 _GATHERED_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)])
 
@@ -333,4 +487,66 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index
         v.stride(0), v.stride(1), v.stride(2),
         hq, k.shape[1], hq // k.shape[1], nq, q_index.shape[-1], k_index.shape[-1], sample_index.shape[-1],
         scale, HEAD_DIM=dim, HAS_PRIOR=prior is not None, PRECISION=_precision(q.dtype),
+    )
+
+
+# One block shape for the backward launches: their dk/dv atomics would have to be reset
+# between autotuning trials, and 64 x 64 tiles fit every head dim and dtype (fp32 included)
+# in shared memory.
+_BWD_META = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _bwd_lse2(lse: Tensor) -> Tensor:
+    # Base-2 LSE for the kernels; rows that see no key get +inf, which makes their P zero.
+    return torch.where(torch.isinf(lse), float("inf"), lse * LOG2E).contiguous()
+
+
+def range_attention_bwd(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, grad_out: Tensor,
+                        lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+    """Adds the gradients of the entries :func:`range_attention` scored (same ``lo, hi``) into ``dq, dk, dv``.
+
+    ``grad_out (B, Hq, Nq, D)`` contiguous; ``lse (B, Hq, Nq)`` fp32, the final log-sum-exp of
+    every row (all launches merged); ``delta (B, Hq, Nq)`` fp32, ``rowsum(grad_out * out)``
+    minus the gradient of ``lse``; ``dq (B, Hq, Nq, D)`` and ``dk, dv (B, Hkv, Nk, D)``
+    contiguous fp32 accumulators (dk and dv summed over the query heads of each KV head).
+
+    Examples::
+
+        >>> q = torch.randn(1, 4, 1000, 64, device="cuda"); k = v = torch.randn(1, 2, 1000, 64, device="cuda")
+        >>> rows = torch.arange(1000, device="cuda", dtype=torch.int32)
+        >>> out, lse = torch.empty_like(q), torch.empty(1, 4, 1000, device="cuda")
+        >>> range_attention(q, k, v, torch.zeros_like(rows), rows, 0.125, out, out, lse, None)
+        >>> do = torch.randn_like(q); delta = (do * out).sum(-1)
+        >>> dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        >>> range_attention_bwd(q, k, v, torch.zeros_like(rows), rows, 0.125, do, lse, delta, dq, dk, dv)
+    """
+    bsz, hq, nq, dim = q.shape
+    grid = (triton.cdiv(nq, _BWD_META["BLOCK_M"]), bsz * hq)
+    _range_attention_bwd_kernel[grid](
+        q, k, v, grad_out, _bwd_lse2(lse), delta, dq, dk, dv, lo, hi,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        hq, k.shape[1], hq // k.shape[1], nq, k.shape[2], scale,
+        HEAD_DIM=dim, PRECISION=_precision(q.dtype), **_BWD_META,
+    )
+
+
+def gathered_attention_bwd(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, tiles: Tensor,
+                           sample_index: Tensor, sample_logw: Tensor, sample_block: Tensor, num_samples: Tensor,
+                           scale: float, grad_out: Tensor, lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor,
+                           dv: Tensor) -> None:
+    """Adds the gradients of the entries :func:`gathered_attention` scored (same tables) into ``dq, dk, dv``.
+
+    Tables as in :func:`gathered_attention`; ``grad_out``, ``lse``, ``delta`` and the fp32
+    accumulators as in :func:`range_attention_bwd`. The samples' log-weights are constants.
+    """
+    bsz, hq, nq, dim = q.shape
+    grid = (tiles.shape[0] * (hq // k.shape[1]), bsz * k.shape[1])
+    _gathered_attention_bwd_kernel[grid](
+        q, k, v, grad_out, _bwd_lse2(lse), delta, dq, dk, dv, q_index, k_index, tiles, sample_index, sample_logw,
+        sample_block, num_samples,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        hq, k.shape[1], hq // k.shape[1], nq, k.shape[2], q_index.shape[-1], k_index.shape[-1],
+        sample_index.shape[-1], scale, HEAD_DIM=dim, PRECISION=_precision(q.dtype), **_BWD_META,
     )

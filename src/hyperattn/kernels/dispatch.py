@@ -1,10 +1,11 @@
 """Entry point of the CUDA path for ``method="hyper"``: kernels when they apply, the reference otherwise.
 
 :func:`hyper_attention_cuda` is what :func:`hyperattn.hyper_attention` calls for CUDA
-tensors. The forward runs the Triton kernels; when autograd needs a gradient, a thin
-``torch.autograd.Function`` saves only ``q, k, v`` and the call's seed, and its backward
-recomputes through the PyTorch reference with the same draws, which gives the exact
-gradient of the approximate function.
+tensors. The forward runs the Triton kernels; a thin ``torch.autograd.Function`` saves
+``q, k, v, out``, the fp32 ``lse`` and the call's selection (sorted orders and sample
+tables, O(N)), and its backward runs the backward kernels on that selection
+(:func:`hyperattn.kernels.hyper.hyper_backward`): the exact gradient of the approximate
+function, with nothing of size N x N or N x budget saved.
 """
 
 from __future__ import annotations
@@ -54,31 +55,33 @@ def kernel_supported(q: Tensor, config: HyperAttentionConfig) -> str | None:
 
 
 class _HyperAttention(torch.autograd.Function):
-    """Forward through the kernels; backward recomputes the reference with the same seed."""
+    """Forward through the kernels; backward through the backward kernels, on the forward's selection."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, config, seed, head_offset, total_heads):
-        from .hyper import hyper_forward  # imported here: needs triton
+        from .hyper import hyper_attend, hyper_select  # imported here: needs triton
 
-        out, lse = hyper_forward(q, k, v, scale=scale, causal=causal, block_size=config.block_size,
-                                 sample_size=config.sample_size, num_projs=config.lsh_num_projs,
-                                 min_seq_len=config.effective_min_seq_len, seed=seed, head_offset=head_offset,
-                                 total_heads=total_heads)
-        ctx.save_for_backward(q, k, v)
-        ctx.args = (scale, causal, config, seed, head_offset, total_heads)
+        selection = hyper_select(q, k, causal=causal, block_size=config.block_size, sample_size=config.sample_size,
+                                 num_projs=config.lsh_num_projs, min_seq_len=config.effective_min_seq_len, seed=seed,
+                                 head_offset=head_offset, total_heads=total_heads)
+        out, lse = hyper_attend(q, k, v, scale, selection)
+        # Saved: inputs, output, fp32 lse and the selection (sorted orders, sample tables): O(N).
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.selection = selection
+        ctx.scale = scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v = ctx.saved_tensors
-        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
-        with torch.enable_grad():
-            out, lse = _reference(*inputs, *ctx.args)
-        pairs = [(t, g.to(t.dtype)) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        dq, dk, dv = (next(grads) if x.requires_grad else None for x in inputs)
-        return dq, dk, dv, None, None, None, None, None, None
+        from .hyper import hyper_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = hyper_backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, ctx.selection)
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                None, None, None, None, None, None)
 
 
 def hyper_attention_cuda(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,

@@ -15,6 +15,12 @@ few launches:
   query block to its key block and the piece's residual samples, and LSE-merges the result
   into the output rows in place.
 
+The backward (:func:`hyper_backward`) keeps the call's :class:`HyperSelection` (sorted
+orders and sample tables, O(N)) and runs one backward launch per forward launch
+(:func:`~hyperattn.kernels.attention.gathered_attention_bwd`,
+:func:`~hyperattn.kernels.attention.range_attention_bwd`), recomputing scores from the
+saved fp32 ``lse``.
+
 Plans (segments, tile tables, exact ranges) depend only on the shapes and the budget and
 are cached per device; the draws (hyperplanes, stratum offsets) come from
 :func:`~hyperattn.reference.hyper.draw_randomness` and
@@ -32,10 +38,10 @@ import torch
 from torch import Tensor
 
 from ..reference.hyper import Piece, causal_plan, draw_randomness, noncausal_plan, stratified_samples
-from .attention import TILE_ROWS, gathered_attention, range_attention
+from .attention import TILE_ROWS, gathered_attention, gathered_attention_bwd, range_attention, range_attention_bwd
 from .lsh import lsh_sort_keys
 
-__all__ = ["KernelPlan", "kernel_plan", "hyper_forward"]
+__all__ = ["KernelPlan", "kernel_plan", "HyperSelection", "hyper_select", "hyper_attend", "hyper_forward", "hyper_backward"]
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,88 @@ def _to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
+@dataclass(frozen=True)
+class HyperSelection:
+    """Everything random or data-dependent of one call, fixed for its backward: O(N) sorted orders, O(pieces * m) samples.
+
+    ``q_perm (G, B*Hq, Nq)``, ``k_perm (G, B*Hkv, Nk)``: each launch group's sorted orders
+    (``None`` without approximate pieces); ``samples``: per group, the sample columns,
+    log-weights and block ids of :func:`_group_samples`.
+    """
+
+    plan: KernelPlan
+    q_perm: Tensor | None
+    k_perm: Tensor | None
+    samples: tuple[tuple[Tensor, Tensor, Tensor], ...]
+
+
+def hyper_select(q: Tensor, k: Tensor, *, causal: bool, block_size: int, sample_size: int, num_projs: int,
+                 min_seq_len: int, seed: int, head_offset: int = 0, total_heads: int | None = None) -> HyperSelection:
+    """Plan, hashes, sorts and samples of a call (arguments as in :func:`hyper_forward`)."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    plan = kernel_plan(nq, nk, min_seq_len, block_size, sample_size, causal, str(q.device))
+    if not plan.groups:
+        return HyperSelection(plan, None, None, ())
+    draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, min(sample_size, nk),
+                            head_offset=head_offset, total_heads=total_heads)
+    proj, u = _to_device(draws.proj, q.device), _to_device(draws.u, q.device)
+    q_perm = torch.argsort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True)
+    k_perm = torch.argsort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True)
+    k_slot = torch.empty_like(k_perm).scatter_(-1, k_perm, torch.arange(nk, device=q.device).expand_as(k_perm))
+    samples = tuple(_group_samples(group, u, k_slot[g], bsz, hq, hkv, block_size)
+                    for g, group in enumerate(plan.groups))
+    return HyperSelection(plan, q_perm, k_perm, samples)
+
+
+def hyper_attend(q: Tensor, k: Tensor, v: Tensor, scale: float, selection: HyperSelection) -> tuple[Tensor, Tensor]:
+    """The forward launches of a :class:`HyperSelection`: ``out`` in q's dtype, ``lse`` fp32."""
+    bsz, hq, nq, dim = q.shape
+    plan = selection.plan
+    out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(bsz, hq, nq, device=q.device, dtype=torch.float32)
+    launches = len(plan.groups) + len(plan.exact)
+    # Partial results of all but the last launch are kept in fp32.
+    acc = out if launches == 1 or q.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
+    done = 0
+    for g, group in enumerate(plan.groups):
+        sample_idx, sample_logw, sample_block = selection.samples[g]
+        done += 1
+        gathered_attention(q, k, v, selection.q_perm[g], selection.k_perm[g], group.tiles, sample_idx, sample_logw,
+                           sample_block, group.num_samples, scale, acc, out if done == launches else acc, lse,
+                           group.prior)
+    for lo, hi, prior in plan.exact:
+        done += 1
+        range_attention(q, k, v, lo, hi, scale, acc, out if done == launches else acc, lse, prior)
+    return out, lse
+
+
+def hyper_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
+                   grad_lse: Tensor | None, scale: float, selection: HyperSelection) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``dq, dk, dv`` (inputs' dtypes) of the call that gave ``out, lse``, for its fixed ``selection``.
+
+    Recomputes every scored entry from ``q, k, v`` and the final ``lse`` (the flash-attention
+    backward, launch by launch): no N x N or N x budget tensor is saved or built. ``grad_lse``:
+    the gradient of ``lse`` (``None``: zero).
+    """
+    plan = selection.plan
+    grad_out = grad_out.to(q.dtype).contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
+    for g, group in enumerate(plan.groups):
+        sample_idx, sample_logw, sample_block = selection.samples[g]
+        gathered_attention_bwd(q, k, v, selection.q_perm[g], selection.k_perm[g], group.tiles, sample_idx,
+                               sample_logw, sample_block, group.num_samples, scale, grad_out, lse, delta, dq, dk, dv)
+    for lo, hi, _ in plan.exact:
+        range_attention_bwd(q, k, v, lo, hi, scale, grad_out, lse, delta, dq, dk, dv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
                   sample_size: int, num_projs: int, min_seq_len: int, seed: int, head_offset: int = 0,
                   total_heads: int | None = None) -> tuple[Tensor, Tensor]:
@@ -218,7 +306,8 @@ def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
     power of two in [16, 128]). ``head_offset``, ``total_heads``: q's heads are global heads
     ``[head_offset, head_offset + Hq)`` of ``total_heads`` (default: all of them). Returns
     ``out: (B, Hq, Nq, D)`` in q's dtype (accumulated and merged in fp32) and
-    ``lse: (B, Hq, Nq)`` fp32.
+    ``lse: (B, Hq, Nq)`` fp32. (:func:`hyper_select` then :func:`hyper_attend`; the autograd
+    path keeps the selection for :func:`hyper_backward`.)
 
     Examples::
 
@@ -227,28 +316,7 @@ def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
         >>> out, lse = hyper_forward(q, k, v, scale=128 ** -0.5, causal=True, block_size=256, sample_size=256,
         ...                          num_projs=7, min_seq_len=4096, seed=0)
     """
-    bsz, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    plan = kernel_plan(nq, nk, min_seq_len, block_size, sample_size, causal, str(q.device))
-    out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=q.dtype)
-    lse = torch.empty(bsz, hq, nq, device=q.device, dtype=torch.float32)
-    launches = len(plan.groups) + len(plan.exact)
-    # Partial results of all but the last launch are kept in fp32.
-    acc = out if launches == 1 or q.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
-    done = 0
-    if plan.groups:
-        draws = draw_randomness(seed, dim, num_projs, plan.num_approx, bsz, hq, min(sample_size, nk),
-                                head_offset=head_offset, total_heads=total_heads)
-        proj, u = _to_device(draws.proj, q.device), _to_device(draws.u, q.device)
-        q_perm = torch.argsort(lsh_sort_keys(q, proj, plan.seg_q), dim=-1, stable=True)
-        k_perm = torch.argsort(lsh_sort_keys(k, proj, plan.seg_k), dim=-1, stable=True)
-        k_slot = torch.empty_like(k_perm).scatter_(-1, k_perm, torch.arange(nk, device=q.device).expand_as(k_perm))
-        for g, group in enumerate(plan.groups):
-            sample_idx, sample_logw, sample_block = _group_samples(group, u, k_slot[g], bsz, hq, hkv, block_size)
-            done += 1
-            gathered_attention(q, k, v, q_perm[g], k_perm[g], group.tiles, sample_idx, sample_logw, sample_block,
-                               group.num_samples, scale, acc, out if done == launches else acc, lse, group.prior)
-    for lo, hi, prior in plan.exact:
-        done += 1
-        range_attention(q, k, v, lo, hi, scale, acc, out if done == launches else acc, lse, prior)
-    return out, lse
+    selection = hyper_select(q, k, causal=causal, block_size=block_size, sample_size=sample_size,
+                             num_projs=num_projs, min_seq_len=min_seq_len, seed=seed, head_offset=head_offset,
+                             total_heads=total_heads)
+    return hyper_attend(q, k, v, scale, selection)

@@ -48,7 +48,8 @@ def default_min_seq_len(device: torch.device) -> int:
 
 
 def _kernels_ok(q: Tensor) -> bool:
-    if not q.is_cuda:
+    # float64 (gradcheck) runs the reference on every device, like the other methods.
+    if not q.is_cuda or q.dtype == torch.float64:
         return False
     from ..kernels.structured import supported
 
@@ -187,7 +188,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     # 1 and 5. Exact rows: before min_seq_len, and the chunks the guard sent to exact.
     out = torch.empty(bsz, hq, nq, v.shape[-1], dtype=q.dtype, device=device)
-    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=device) if need_lse or not kernels else None
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty(bsz, hq, nq, dtype=lse_dtype, device=device) if need_lse or not kernels else None
     out[:, :, first_row:] = out_a.to(q.dtype)
     if lse is not None:
         lse[:, :, first_row:] = lse_a

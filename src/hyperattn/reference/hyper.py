@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .exact import attention_lse, merge_lse, softmax_lse
+from .exact import attention_lse, compute_dtype, merge_lse, softmax_lse
 from .lsh import draw_projections, lsh_buckets
 
 __all__ = [
@@ -148,13 +148,15 @@ def hyper_block_sample(q: Tensor, k: Tensor, v: Tensor, scale: float, proj: Tens
 
     ``q: (B, Hq, Nq, D)``, ``k, v: (B, Hkv, Nk, D)``, ``proj: (D, r)``,
     ``sample_idx, sample_logw: (B, Hq, m)`` (columns and their log-weights, per query
-    head). Returns ``out: (B, Hq, Nq, D)``, ``lse: (B, Hq, Nq)``.
+    head). Returns ``out: (B, Hq, Nq, D)``, ``lse: (B, Hq, Nq)``. Differentiable in q, k, v
+    (hashes, sorts and samples are constants of the function).
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
-    qg = q.float().reshape(bsz, hkv, group, nq, dim)
-    kf, vf = k.float(), v.float()
+    dtype = compute_dtype(q)
+    qg = q.to(dtype).reshape(bsz, hkv, group, nq, dim)
+    kf, vf = k.to(dtype), v.to(dtype)
 
     k_perm = torch.argsort(lsh_buckets(kf, proj), dim=-1, stable=True)  # (B, Hkv, Nk)
     q_perm = torch.argsort(lsh_buckets(qg, proj), dim=-1, stable=True)  # (B, Hkv, G, Nq)
@@ -186,7 +188,7 @@ def hyper_block_sample(q: Tensor, k: Tensor, v: Tensor, scale: float, proj: Tens
     k_block_id = k_block_id.reshape(bsz, hkv, group, -1)  # (B, Hkv, G, m)
     k_s = _gather_rows(kf, sample_idx).reshape(bsz, hkv, group, -1, dim)
     v_s = _gather_rows(vf, sample_idx).reshape(bsz, hkv, group, -1, dim)
-    scores = (qg @ k_s.transpose(-1, -2)) * scale + sample_logw.reshape(bsz, hkv, group, 1, -1)
+    scores = (qg @ k_s.transpose(-1, -2)) * scale + sample_logw.to(dtype).reshape(bsz, hkv, group, 1, -1)
     own = q_block_id.unsqueeze(-1) == k_block_id.unsqueeze(3)
     out_s, lse_s = softmax_lse(scores.masked_fill(own, float("-inf")), v_s)
 
@@ -197,7 +199,10 @@ def hyper_block_sample(q: Tensor, k: Tensor, v: Tensor, scale: float, proj: Tens
 def hyper_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
                               sample_size: int, num_projs: int, min_seq_len: int, seed: int, head_offset: int = 0,
                               total_heads: int | None = None) -> tuple[Tensor, Tensor]:
-    """The paper's method on validated inputs; ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``, both fp32.
+    """The paper's method on validated inputs; ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``, both fp32 (float64 for float64 inputs).
+
+    Differentiable: for a fixed ``seed`` the hashes and samples are fixed, so autograd gives
+    the exact gradient of this function.
 
     ``head_offset``, ``total_heads``: q's heads are global heads ``[head_offset,
     head_offset + Hq)`` of ``total_heads`` (default: all of them), as in :func:`draw_randomness`.
@@ -209,8 +214,9 @@ def hyper_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, 
     draws = draw_randomness(seed, dim, num_projs, len(approx), bsz, hq, min(sample_size, nk), head_offset=head_offset,
                             total_heads=total_heads)
 
-    out = q.new_zeros(bsz, hq, nq, v.shape[-1], dtype=torch.float32)
-    lse = q.new_full((bsz, hq, nq), float("-inf"), dtype=torch.float32)
+    dtype = compute_dtype(q)
+    out = q.new_zeros(bsz, hq, nq, v.shape[-1], dtype=dtype)
+    lse = q.new_full((bsz, hq, nq), float("-inf"), dtype=dtype)
     approx_index = 0
     for piece in plan:
         qs = q[:, :, piece.q0:piece.q1]

@@ -37,6 +37,7 @@ import math
 import torch
 from torch import Tensor
 
+from .exact import compute_dtype, softmax_lse
 
 __all__ = ["RUNNERS", "peer_rows"]
 
@@ -58,11 +59,6 @@ def _dense_scores(q_rows: Tensor, k: Tensor, scale: float) -> Tensor:
     bsz, hq, rows, dim = q_rows.shape
     hkv = k.shape[1]
     return (q_rows.reshape(bsz, hkv, -1, dim) @ k.transpose(-1, -2)).reshape(bsz, hq, rows, -1) * scale
-
-
-def _dense_values(probs: Tensor, v: Tensor) -> Tensor:
-    bsz, hq, rows, nk = probs.shape
-    return (probs.reshape(bsz, v.shape[1], -1, nk) @ v).reshape(bsz, hq, rows, v.shape[-1])
 
 
 def _prepare(name: str, q: Tensor, k: Tensor, scale: float, causal: bool, config, seed: int) -> dict:
@@ -87,7 +83,7 @@ def _prepare(name: str, q: Tensor, k: Tensor, scale: float, causal: bool, config
         # stored at index d + shift, shift = max(Nq, Nk) - 1.
         shift = max(nq, nk) - 1
         diag = (probe + offset).unsqueeze(-1) - keys  # (P, Nk)
-        slash = torch.zeros(bsz, hq, shift + nk, device=q.device)
+        slash = torch.zeros(bsz, hq, shift + nk, device=q.device, dtype=p.dtype)
         slash = slash.index_add(-1, (diag + shift).reshape(-1), p.reshape(bsz, hq, -1))
         near = torch.arange(shift + nk, device=q.device) - shift
         slash = slash.masked_fill((near >= 0) & (near < _BLOCK), float("inf"))
@@ -140,12 +136,13 @@ def peer_rows(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
               rows: Tensor) -> tuple[Tensor, Tensor, float]:
     """Outputs of peer ``name`` at query ``rows`` only (identical to those rows of the full call).
 
-    Returns ``out (B, Hq, R, D)``, ``lse (B, Hq, R)`` fp32 and the average keys scored per
+    Returns ``out (B, Hq, R, D)``, ``lse (B, Hq, R)`` fp32 (float64 for float64 inputs) and the average keys scored per
     row over ``rows`` (rows exact by construction count as exact).
     """
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
-    qf, kf, vf = q.float(), k.float(), v.float()
+    dtype = compute_dtype(q)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
     r0 = first_approx_row(nq, nk, causal, config.effective_min_seq_len)
     state = _prepare(name, qf, kf, scale, causal, config, seed)
     keys = torch.arange(nk, device=q.device)
@@ -170,10 +167,11 @@ def peer_rows(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
             mask = torch.where(approx, mask, visible)
             s = s.masked_fill(~mask, _NEG_INF)
             scored += float(mask.sum())
-        lse = torch.logsumexp(s, dim=-1)
-        shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        outs.append(_dense_values(torch.exp(s - shift.unsqueeze(-1)), vf))
-        lses.append(lse)
+        # softmax_lse rather than logsumexp: rows with no visible key (causal, Nq > Nk) keep a
+        # zero gradient instead of NaN.
+        out, lse = softmax_lse(s.reshape(bsz, vf.shape[1], -1, nk), vf)  # K/V shared by each group of heads
+        outs.append(out.reshape(bsz, hq, len(r), -1))
+        lses.append(lse.reshape(bsz, hq, len(r)))
     extra = state.get("pairs", 0.0)
     per_row = (scored / (bsz * hq) + extra * len(rows) / nq) / len(rows)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2), per_row
@@ -203,7 +201,7 @@ def _oracle(s: Tensor, topk: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sampled = torch.zeros_like(keep).scatter(-1, torch.where(valid, idx, top[..., :1]), valid)
         sampled &= rest
         w = torch.zeros_like(s).scatter(-1, torch.where(valid, idx, top[..., :1]),
-                                        torch.log(size.clamp(min=1).float()).masked_fill(~valid, 0.0))
+                                        torch.log(size.clamp(min=1).to(s.dtype)).masked_fill(~valid, 0.0))
         logw = torch.where(sampled, w, logw)
         keep = keep | sampled
     return keep, logw, keep.sum(-1)
