@@ -312,3 +312,4 @@ def test_kernel_masks_match_reference_on_cpu(causal, monkeypatch):
     finite = torch.isfinite(lse_r)
     assert torch.equal(finite, torch.isfinite(lse_k))
     assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4
+

@@ -64,13 +64,30 @@ def _flex(name: str):
     return torch.compile(run, dynamic=False)
 
 
-def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, full_num=None, full_idx=None):
+def _needs_grad(*xs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, full_num=None, full_idx=None,
+                backward: bool = False):
+    """A ``BlockMask`` of ``num`` listed key tiles per query tile (and ``full_*``: tiles without a mask).
+
+    Forward-only masks keep the lists compact; under autograd the lists are padded to every
+    key tile, as ``BlockMask.from_kv_blocks`` needs when it builds the transposed lists of
+    the backward pass (``compute_q_blocks``).
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
+    tiles = math.ceil(kv_len / _TILE)
+
+    def widen(x):
+        x = x.int()
+        return torch.nn.functional.pad(x, (0, tiles - x.shape[-1])) if backward and x.shape[-1] < tiles else x
+
     full = {} if full_num is None else {"full_kv_num_blocks": full_num.int().contiguous(),
-                                          "full_kv_indices": full_idx.int().contiguous()}
-    return BlockMask.from_kv_blocks(num.int().contiguous(), idx.int().contiguous(), **full, BLOCK_SIZE=_TILE,
-                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=False)
+                                          "full_kv_indices": widen(full_idx).contiguous()}
+    return BlockMask.from_kv_blocks(num.int().contiguous(), widen(idx).contiguous(), **full, BLOCK_SIZE=_TILE,
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=backward)
 
 
 # Tile settings tried in order: FlexAttention's own choice, then smaller tiles and fewer
@@ -137,7 +154,8 @@ def block_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: S
         keep = (kv_idx < nk) & bit(b, h, q_idx // _TILE, kv_idx // _TILE)
         return keep & (q_idx + offset >= kv_idx) if causal else keep
 
-    return _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx),
+    return _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx,
+                                                               _needs_grad(q, k, v)),
                 gqa=q.shape[1] != k.shape[1])
 
 
@@ -184,7 +202,7 @@ def gathered_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
         ok = usable[b, h, j * s_pad + kv_idx % s_pad]
         return mine & ok & ((s < lo[b, h, q_idx]) | (s >= hi[b, h, q_idx]))
 
-    mask = _block_mask(g_num, g_ind.expand(bsz, hq, -1, -1), nq, nc * s_pad, listed)
+    mask = _block_mask(g_num, g_ind.expand(bsz, hq, -1, -1), nq, nc * s_pad, listed, backward=_needs_grad(q, k, v))
     return _run("gathered", q, k_g, v_g, scale, mask, score_mod=weight, gqa=hq != hkv)
 
 
@@ -223,7 +241,8 @@ def lsh_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, lsh: Lsh
         in_exact = bit(b, h, row_block[b, h, q_idx], kb)
         return (kv_idx >= lo_s[b, h, q_idx]) & (kv_idx < hi_s[b, h, q_idx]) & ~in_exact
 
-    o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, _block_mask(span, l_ind, nq, nk, in_range),
+    mask = _block_mask(span, l_ind, nq, nk, in_range, backward=_needs_grad(q, k, v))
+    o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, mask,
                   gqa=hq != hkv)
     inverse = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=device).expand_as(q_order))
     return o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim)), l3.gather(2, inverse)
@@ -252,7 +271,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     """
     if plan.block != _TILE:
         return _ref.attend(q, k, v, scale, plan, sel, lsh)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    if _needs_grad(q, k, v):
         return attend_flex(q, k, v, scale, plan, sel, lsh)
     from .sparse import attend_triton
 
@@ -267,8 +286,7 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: 
     (:func:`hyperattn.kernels.sparse.attend_rows_triton`); otherwise the reference's gather
     code, which is differentiable.
     """
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if rows is None or grad or plan.block != _TILE or rows.shape[-1] > 64:
+    if rows is None or _needs_grad(q, k, v) or plan.block != _TILE or rows.shape[-1] > 64:
         return _ref.attend_rows(q, k, v, scale, plan, sel, lsh, rows)
     from .sparse import attend_rows_triton
 

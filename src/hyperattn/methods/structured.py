@@ -90,6 +90,10 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         select_impl, attend_impl = sel_ref, attend_ref
     # The reference computes in fp32; the kernels take the inputs as they are.
     qc, kc, vc = (q, k, v) if kernels or q.dtype == torch.float64 else (q.float(), k.float(), v.float())
+    # The selection (probes, scores, hashes, samples, the guard's trials) is fixed for the
+    # step: computed on detached inputs, so autograd differentiates the attention step only
+    # (the exact gradient of the approximate function) and builds no graph for the rest.
+    qd, kd, vd = qc.detach(), kc.detach(), vc.detach()
     heads = torch.arange(hq, device=device) + head_offset
     group = hq // hkv
     kv_heads = torch.arange(hkv, device=device) + head_offset // group
@@ -103,9 +107,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # 2. Probe rows (heavy columns per KV head from the group's summed mass), block scores
     #    (ranked per query block, summed per chunk for the residual proposal), LSH blocks.
     probe = sel_ref.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
-    probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qc, kc, vc, scale, plan, probe, config.heavy_columns,
+    probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qd, kd, vd, scale, plan, probe, config.heavy_columns,
                                                                config.num_sinks, pb)
-    pooled = select_impl.pool(qc, kc, plan, config.score_group)
+    pooled = select_impl.pool(qd, kd, plan, config.score_group)
     ranked = torch.full((bsz, hq, plan.nqb, min(kmax, plan.nkb)), -1, dtype=torch.long, device=device)
     c_scores = torch.zeros(bsz, hkv, nc, plan.nkb, device=device)
     j_all = torch.arange(plan.nqb, device=device)
@@ -115,7 +119,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         scores = select_impl.block_scores(pooled, scale, plan, blocks)
         ranked[:, :, j0:j0 + step] = sel_ref.rank_blocks(scores, kmax)
         c_scores += sel_ref.chunk_scores(scores, blocks, plan, hkv)
-    lsh = sel_ref.lsh_ranges(qc, kc, plan, config.lsh_block, config.lsh_num_projs, seed)
+    lsh = sel_ref.lsh_ranges(qd, kd, plan, config.lsh_block, config.lsh_num_projs, seed)
     pairs = torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal) + probe_pairs, dtype=torch.float64,
                        device=device)
 
@@ -141,7 +145,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
                                 torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
-        approx, _ = attend_impl.attend_rows(qc, kc, vc, scale, plan, sel, lsh, p_rows)
+        approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
         err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
         pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
