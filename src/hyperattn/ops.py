@@ -210,8 +210,9 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         ``out: (B, Hq, Nq, D)`` in the input dtype (accumulated in fp32); then ``lse`` if
         ``return_lse``; then ``stats`` if ``return_stats``. ``method="structured"`` and
         ``"hyper"`` run Triton kernels on CUDA tensors and the PyTorch reference elsewhere
-        (same answer for the same seed, up to rounding; the structured method takes the
-        reference on CUDA too when autograd needs a gradient); the peer patterns run their
+        (same answer for the same seed, up to rounding; when autograd needs a gradient the
+        structured method's attention step runs FlexAttention's block-sparse passes, which
+        have a backward, and float64 runs the reference); the peer patterns run their
         PyTorch reference on every device (no kernels: on CUDA past 16k keys this warns once
         per call site). Differentiable: the gradient is the exact gradient of the approximate
         function for the drawn hashes and samples. Meta and fake tensors (shape

@@ -92,7 +92,7 @@ def _flex_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: 
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, float]:
+                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract)."""
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -123,7 +123,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
         return reference(q, k, v, scale, plan, rows, heavy, num_sinks, probe_blocks)
     seen = (flat + plan.offset + 1).clamp(0, nk) if plan.causal else torch.where(flat >= 0, nk, 0)
-    pairs = float(seen.sum()) / (bsz * hq)
+    pairs = seen.sum(dtype=torch.float64) / (bsz * hq)  # a tensor: no host sync
     return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs
 
 

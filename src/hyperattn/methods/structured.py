@@ -75,7 +75,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     hkv, nk = k.shape[1], k.shape[2]
     device = q.device
     min_len = config.min_seq_len if config.min_seq_len is not None else default_min_seq_len(device)
-    plan = sel_ref.make_plan(nq, nk, causal, config.query_block, config.window, config.chunk, min_len)
+    plan = sel_ref.make_plan(nq, nk, causal, config.query_block, config.window, config.chunk, min_len, device)
     zeros = torch.zeros(bsz, hq, device=device)
     first_row = min(nq, plan.first * plan.block)
     if first_row >= nq:
@@ -120,7 +120,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         ranked[:, :, j0:j0 + step] = sel_ref.rank_blocks(scores, kmax)
         c_scores += sel_ref.chunk_scores(scores, blocks, plan, hkv)
     lsh = sel_ref.lsh_ranges(qd, kd, plan, config.lsh_block, config.lsh_num_projs, seed)
-    pairs = torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal) + probe_pairs, dtype=torch.float64,
+    pairs = probe_pairs + torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal), dtype=torch.float64,
                        device=device)
 
     # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
@@ -133,8 +133,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     est = torch.zeros(bsz, hq, nc, device=device)
     c_start = torch.arange(nc, device=device) * config.chunk
     chunk_rows = (torch.clamp(c_start + config.chunk, max=nq) - torch.clamp(c_start, min=first_row)).clamp(min=0)
-    exact_cost = torch.tensor([exact_pairs(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq),
-                                            nq, nk, causal) for c in range(nc)], device=device, dtype=torch.float64)
+    exact_cost = sel_ref.to_device(torch.tensor([exact_pairs(max(c * config.chunk, first_row),
+                                                            min((c + 1) * config.chunk, nq), nq, nk, causal)
+                                                for c in range(nc)], dtype=torch.float64), device)
     for i, factor in enumerate(tiers):
         pending = (level == len(tiers)) & chunk_ok
         if config.max_error is not None and not bool(pending.any()):
@@ -164,13 +165,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     # 4. Every query block at its chunk's tier, then the attention step.
     approx_chunk = (level < len(tiers)) & chunk_ok
-    if not bool(approx_chunk.any()):  # every chunk exact: one SDPA call, as if the guard were not there
+    # Every chunk exact: one SDPA call, as if the guard were not there (without the guard
+    # every chunk with rows approximates: no host sync to ask).
+    if config.max_error is not None and not bool(approx_chunk.any()):
         out, lse = exact(q, k, v, scale, causal, need_lse)
         pairs = pairs + exact_pairs(first_row, nq, nq, nk, causal)
         return out, lse, AttentionStats("structured", float(pairs.mean()) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device),
                                         exact_chunks=chunk_ok)
-    factors = torch.tensor(list(tiers) + [0.0], device=device)[level]  # (B, Hq, C)
+    factors = torch.zeros(level.shape, device=device)  # (B, Hq, C): each chunk's tier, 0 for exact
+    for i, factor in enumerate(tiers):
+        factors = torch.where(level == i, factor, factors)
     blocks = j_all[plan.first:].expand(bsz, hq, -1)
     chunk_of = blocks // plan.chunk_blocks
     active = approx_chunk.gather(2, chunk_of)

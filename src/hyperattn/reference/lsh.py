@@ -20,10 +20,19 @@ def draw_projections(head_dim: int, num_projs: int, generator: torch.Generator) 
     return torch.randn(head_dim, num_projs, generator=generator, device=generator.device)
 
 
-def gray_rank(pattern: Tensor) -> Tensor:
-    """Position of each bit pattern in the reflected Gray sequence ``g(i) = i ^ (i >> 1)``."""
+def gray_rank(pattern: Tensor, bits: int | None = None) -> Tensor:
+    """Position of each bit pattern in the reflected Gray sequence ``g(i) = i ^ (i >> 1)``.
+
+    ``bits``: patterns are below ``2**bits`` (a fixed number of steps, no host sync);
+    ``None``: run until no bit is left.
+    """
     rank = pattern.clone()
     shift = pattern >> 1
+    if bits is not None:
+        for _ in range(bits - 1):
+            rank ^= shift
+            shift = shift >> 1
+        return rank
     while bool((shift != 0).any()):
         rank ^= shift
         shift = shift >> 1
@@ -34,4 +43,4 @@ def lsh_buckets(x: Tensor, proj: Tensor) -> Tensor:
     """Bucket ranks ``(...)`` int64 of vectors ``x: (..., D)`` under hyperplanes ``proj: (D, r)``."""
     bits = (x.float() @ proj.to(x.device)) > 0
     weights = 2 ** torch.arange(proj.shape[1], device=x.device)
-    return gray_rank((bits.long() * weights).sum(-1))
+    return gray_rank((bits.long() * weights).sum(-1), proj.shape[1])

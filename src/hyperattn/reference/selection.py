@@ -41,9 +41,9 @@ from torch import Tensor
 
 from .lsh import draw_projections, lsh_buckets
 
-__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "make_plan", "pool",
+__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "make_plan", "to_device", "pool",
            "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders", "estimating_rows",
-           "lsh_ranges", "exact_blocks", "chunk_candidates", "gather_columns"]
+           "lsh_ranges", "exact_blocks", "to_device", "chunk_candidates", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -65,11 +65,19 @@ def _mix(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
+def _mix_int(x: int) -> int:
+    # _mix on a Python int (the same bits).
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
 def uniforms(seed: int, stream: int, *index: Tensor) -> Tensor:
     """Uniforms in [0, 1) (float64), a hash of ``seed``, ``stream`` and the broadcast integer ``index`` tensors."""
-    device = index[0].device
-    h = _mix(torch.tensor((seed >> 32) & _MASK32, device=device) ^ _mix(torch.tensor(stream, device=device)))
-    h = _mix(h ^ torch.tensor(seed & _MASK32, device=device))
+    # The scalar part is hashed on the host: a tensor built from a Python value on a GPU is
+    # a copy from pageable memory, which waits for all queued work.
+    h = _mix_int(_mix_int((seed >> 32) & _MASK32) ^ _mix_int(stream))
+    h = _mix_int(h ^ (seed & _MASK32))
     for i in index:
         h = _mix(h ^ (i.long() & _MASK32))
     return h.double() / 2.0 ** 32
@@ -79,7 +87,8 @@ def uniforms(seed: int, stream: int, *index: Tensor) -> Tensor:
 class Plan:
     """Geometry of one call: blocks, windows, candidates, chunks (everything shape-only).
 
-    ``win_lo, win_hi: (nqb,)`` first and last key block of each query block's window;
+    ``win_lo, win_hi: (nqb,)`` first and last key block of each query block's window (on
+    the call's device), ``win_width`` the most key blocks of one window;
     ``first``: the first approximate query block (earlier rows see at most
     ``min_seq_len`` keys and are exact); ``chunk_blocks`` query blocks per chunk.
     """
@@ -93,6 +102,7 @@ class Plan:
     first: int
     win_lo: Tensor
     win_hi: Tensor
+    win_width: int = 0
 
     @property
     def offset(self) -> int:
@@ -122,8 +132,20 @@ class Plan:
         return torch.clamp(self.nk - self.block * torch.arange(self.nkb, device=device), max=self.block)
 
 
-def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: int, min_seq_len: int) -> Plan:
-    """The :class:`Plan` of a call: ``block`` rows/keys per block, ``chunk`` rows per chunk (a multiple of ``block``)."""
+def to_device(x: Tensor, device) -> Tensor:
+    """A small host tensor on ``device`` without waiting for queued GPU work (pinned, asynchronous copy)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: int, min_seq_len: int,
+              device=None) -> Plan:
+    """The :class:`Plan` of a call: ``block`` rows/keys per block, ``chunk`` rows per chunk (a multiple of ``block``).
+
+    ``device``: where the window tables live (default CPU).
+    """
     nqb = math.ceil(nq / block)
     j = torch.arange(nqb)
     if causal:
@@ -139,7 +161,9 @@ def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: in
         win_lo = torch.clamp(centre - window, min=0) // block
         win_hi = torch.clamp(centre + block - 1 + window, max=nk - 1) // block
         first = 0 if nk > min_seq_len else nqb
-    return Plan(nq, nk, causal, block, window, chunk // block, first, win_lo, win_hi)
+    width = int((win_hi - win_lo).max()) + 1 if nqb else 1
+    return Plan(nq, nk, causal, block, window, chunk // block, first, to_device(win_lo, device),
+                to_device(win_hi, device), width)
 
 
 def _pieces(total: int, per_item: int):
@@ -258,13 +282,13 @@ def estimating_rows(rows: Tensor, probe_blocks: int) -> Tensor:
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, float]:
+                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Exact attention of the probe rows and each chunk's heavy columns.
 
     ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
     ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
-    the scores computed per head. A chunk's heavy columns are the ``heavy`` keys outside
-    the sinks with the largest summed softmax weight over the rows of the chunk's even
+    the scores computed per head (a float64 tensor). A chunk's heavy columns are the
+    ``heavy`` keys outside the sinks with the largest summed softmax weight over the rows of the chunk's even
     probe blocks (:func:`finders`), for all query heads of the KV head: its vertical lines (delimiters,
     sinks past ``num_sinks``), found from rows of the chunk alone. The other probe blocks
     estimate the error (:func:`estimating_rows`): rows, or blocks, that chose the heavy
@@ -296,7 +320,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             best_idx = index.gather(-1, pick)
     heavy_idx = torch.where(best > 0, best_idx, -1)
     seen = (flat + plan.offset + 1).clamp(0, plan.nk) if plan.causal else torch.where(flat >= 0, plan.nk, 0)
-    pairs = float(seen.sum()) / (bsz * hq)
+    pairs = seen.sum(dtype=torch.float64) / (bsz * hq)  # a tensor: no host sync
     return (out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs)
 
 
@@ -397,7 +421,7 @@ def exact_blocks(plan: Plan, blocks: Tensor, ranked: Tensor, key_blocks: Tensor)
     device = blocks.device
     top = torch.where(torch.arange(ranked.shape[-1], device=device) < key_blocks.unsqueeze(-1), ranked, -1)
     lo, hi = _per_head(plan.win_lo, blocks), _per_head(plan.win_hi, blocks)
-    width = int((plan.win_hi - plan.win_lo).max()) + 1
+    width = plan.win_width
     window = lo.unsqueeze(-1) + torch.arange(width, device=device)
     window = torch.where((window <= hi.unsqueeze(-1)) & (blocks >= plan.first).unsqueeze(-1), window, -1)
     return torch.cat([window, top], dim=-1)
