@@ -74,6 +74,21 @@ def _tile_update(acc, m_i, l_i, q, k, v, s_bias, valid, qk_scale, MASKED: tl.con
 
 
 @triton.jit
+def _lse_merge(prev_out, prev_lse, out, lse):
+    # Two normalised parts over disjoint keys of the same rows, merged through their LSE;
+    # rows empty in both stay empty (out 0, lse -inf).
+    top = tl.maximum(prev_lse, lse)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w_prev = tl.exp(prev_lse - top)
+    w_new = tl.exp(lse - top)
+    total = w_prev + w_new
+    none = total == 0.0
+    total_safe = tl.where(none, 1.0, total)
+    out = (prev_out * w_prev[:, None] + out * w_new[:, None]) / total_safe[:, None]
+    return out, tl.where(none, float("-inf"), top + tl.log(total_safe))
+
+
+@triton.jit
 def _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, flat_rows, row_ok, offs_d, HEAD_DIM: tl.constexpr,
             HAS_PRIOR: tl.constexpr):
     # Normalise; where PRIOR flags a row, LSE-merge with what ACC/LSE already hold; store to OUT/LSE.
@@ -86,15 +101,7 @@ def _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, flat_rows, row_ok, offs_d
         prev_lse = tl.load(LSE + flat_rows, mask=merge, other=float("-inf"))
         prev_out = tl.load(ACC + flat_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=merge[:, None],
                            other=0.0)
-        top = tl.maximum(prev_lse, lse)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w_prev = tl.exp(prev_lse - top)
-        w_new = tl.exp(lse - top)
-        total = w_prev + w_new
-        none = total == 0.0
-        total_safe = tl.where(none, 1.0, total)
-        out = (prev_out * w_prev[:, None] + out * w_new[:, None]) / total_safe[:, None]
-        lse = tl.where(none, float("-inf"), top + tl.log(total_safe))
+        out, lse = _lse_merge(prev_out, prev_lse, out, lse)
     o_ptrs = OUT + flat_rows[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + flat_rows, lse, mask=row_ok)

@@ -26,10 +26,42 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.selection import Lsh, Plan, Selection
-from .attention import _tile_update
+from .attention import _lse_merge, _tile_update
 
 __all__ = ["attend_triton", "attend_rows_triton"]
 
+
+
+@triton.jit
+def _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e, j, bh, rows,
+                    row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # The chunk's gathered columns that lie in block j's complement (candidates not among
+    # its exact blocks), log-weights as a bias, minus each row's LSH range (those keys are
+    # exact in the LSH pass).
+    wlo = tl.load(WLO + j)
+    whi = tl.load(WHI + j)
+    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+    for s0 in range(0, s_pad, BLOCK_N):
+        sj = g_base + s0 + offs_n
+        idx = tl.load(GIDX + sj)
+        logw = tl.load(GLOGW + sj)
+        slot = tl.load(GSLOT + sj)
+        blk = idx // T
+        ok = logw > float("-inf")
+        if CAUSAL:
+            ok = ok & (blk < wlo)
+        else:
+            ok = ok & ((blk < wlo) | (blk > whi))
+        for e in range(num_e):
+            ok = ok & (blk != tl.load(EB + sel * num_e + e))
+        k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+        v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+        valid = ok[None, :] & row_ok[:, None] & ((slot[None, :] < lo[:, None]) | (slot[None, :] >= hi[:, None]))
+        bias = tl.where(ok, logw, 0.0) * 1.4426950408889634
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias[None, :], valid, qk_scale, True, PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -85,31 +117,10 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                         if CAUSAL:
                             valid = valid & (cols[None, :] <= rows[:, None] + offset)
                         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
-        # The chunk's gathered columns that lie in this block's complement, minus each
-        # row's LSH range (those keys are exact in the LSH pass).
-        wlo = tl.load(WLO + j)
-        whi = tl.load(WHI + j)
-        lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
-        hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
         g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
-        for s0 in range(0, s_pad, BLOCK_N):
-            sj = g_base + s0 + offs_n
-            idx = tl.load(GIDX + sj)
-            logw = tl.load(GLOGW + sj)
-            slot = tl.load(GSLOT + sj)
-            blk = idx // T
-            ok = logw > float("-inf")
-            if CAUSAL:
-                ok = ok & (blk < wlo)
-            else:
-                ok = ok & ((blk < wlo) | (blk > whi))
-            for e in range(num_e):
-                ok = ok & (blk != tl.load(EB + sel * num_e + e))
-            k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
-            v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
-            valid = ok[None, :] & ((slot[None, :] < lo[:, None]) | (slot[None, :] >= hi[:, None]))
-            bias = tl.where(ok, logw, 0.0) * 1.4426950408889634
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias[None, :], valid, qk_scale, True, PRECISION)
+        acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e,
+                                        j, bh, rows, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL,
+                                        HEAD_DIM, T, BLOCK_N, PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     flat = bh * nq + rows
@@ -174,16 +185,9 @@ def _lsh_kernel(Q, K, V, PRIOR_OUT, PRIOR_LSE, OUT, LSE, QORDER, KORDER, LO, HI,
     flat = bh * nq + rows
     prev_lse = tl.load(PRIOR_LSE + flat, mask=row_ok, other=float("-inf"))
     prev = tl.load(PRIOR_OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    top = tl.maximum(prev_lse, lse)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w_prev = tl.exp(prev_lse - top)
-    w_new = tl.exp(lse - top)
-    total = w_prev + w_new
-    none = total == 0.0
-    total = tl.where(none, 1.0, total)
-    out = (prev * w_prev[:, None] + out * w_new[:, None]) / total[:, None]
+    out, lse = _lse_merge(prev, prev_lse, out, lse)
     tl.store(OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + flat, tl.where(none, float("-inf"), top + tl.log(total)), mask=row_ok)
+    tl.store(LSE + flat, lse, mask=row_ok)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -306,29 +310,10 @@ def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GL
                 if CAUSAL:
                     valid = valid & (cols[None, :] <= rows[:, None] + offset)
                 acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
-    wlo = tl.load(WLO + j)
-    whi = tl.load(WHI + j)
-    lo = tl.load(LO + bh * nq + rows_c, mask=row_ok, other=0)
-    hi = tl.load(HI + bh * nq + rows_c, mask=row_ok, other=0)
     g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
-    for s0 in range(0, s_pad, BLOCK_N):
-        sj = g_base + s0 + offs_n
-        idx = tl.load(GIDX + sj)
-        logw = tl.load(GLOGW + sj)
-        slot = tl.load(GSLOT + sj)
-        blk = idx // T
-        ok = logw > float("-inf")
-        if CAUSAL:
-            ok = ok & (blk < wlo)
-        else:
-            ok = ok & ((blk < wlo) | (blk > whi))
-        for e in range(num_e):
-            ok = ok & (blk != tl.load(EB + sel * num_e + e))
-        k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
-        v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
-        valid = ok[None, :] & row_ok[:, None] & ((slot[None, :] < lo[:, None]) | (slot[None, :] >= hi[:, None]))
-        bias = tl.where(ok, logw, 0.0) * 1.4426950408889634
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias[None, :], valid, qk_scale, True, PRECISION)
+    acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e, j,
+                                    bh, rows_c, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL, HEAD_DIM,
+                                    T, BLOCK_N, PRECISION)
     # Each row's own LSH range (rows of one block lie in different buckets).
     for r in range(num_rows):
         row = tl.load(ROWS + sel * num_rows + r)

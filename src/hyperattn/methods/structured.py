@@ -75,13 +75,13 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     hkv, nk = k.shape[1], k.shape[2]
     device = q.device
     min_len = config.min_seq_len if config.min_seq_len is not None else default_min_seq_len(device)
-    plan = sel_ref.make_plan(nq, nk, causal, config.query_block, config.window, config.chunk, min_len, device)
     zeros = torch.zeros(bsz, hq, device=device)
-    first_row = min(nq, plan.first * plan.block)
-    if first_row >= nq:
+    first_row = min(nq, sel_ref.first_block(nq, nk, causal, config.query_block, min_len) * config.query_block)
+    if first_row >= nq:  # below the crossover: exact, before any selection work
         out, lse = exact(q, k, v, scale, causal, need_lse)
         return out, lse, AttentionStats("structured", exact_pairs(0, nq, nq, nk, causal) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device))
+    plan = sel_ref.make_plan(nq, nk, causal, config.query_block, config.window, config.chunk, min_len, device)
     kernels = _kernels_ok(q)
     if kernels:
         from ..kernels import selection as select_impl

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .lsh import draw_projections, lsh_buckets
 
-__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "make_plan", "to_device", "pool",
+__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "first_block", "make_plan", "to_device", "pool",
            "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders", "estimating_rows",
            "lsh_ranges", "exact_blocks", "to_device", "chunk_candidates", "gather_columns"]
 
@@ -140,6 +140,14 @@ def to_device(x: Tensor, device) -> Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
+def first_block(nq: int, nk: int, causal: bool, block: int, min_seq_len: int) -> int:
+    """The first approximate query block: rows that see at most ``min_seq_len`` keys are exact."""
+    nqb = math.ceil(nq / block)
+    if causal:
+        return min(nqb, max(0, math.ceil((min_seq_len - (nk - nq)) / block)))
+    return 0 if nk > min_seq_len else nqb
+
+
 def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: int, min_seq_len: int,
               device=None) -> Plan:
     """The :class:`Plan` of a call: ``block`` rows/keys per block, ``chunk`` rows per chunk (a multiple of ``block``).
@@ -154,13 +162,11 @@ def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: in
         last_key = torch.clamp((j + 1) * block, max=nq) - 1 + offset
         win_lo = torch.clamp(first_key - window, min=0) // block
         win_hi = torch.clamp(last_key, min=0) // block
-        # Rows that see at most min_seq_len keys are exact; approximation starts at a block.
-        first = min(nqb, max(0, math.ceil((min_seq_len - offset) / block)))
     else:
         centre = torch.clamp(j * block * nk // max(nq, 1), max=nk - 1)
         win_lo = torch.clamp(centre - window, min=0) // block
         win_hi = torch.clamp(centre + block - 1 + window, max=nk - 1) // block
-        first = 0 if nk > min_seq_len else nqb
+    first = first_block(nq, nk, causal, block, min_seq_len)
     width = int((win_hi - win_lo).max()) + 1 if nqb else 1
     return Plan(nq, nk, causal, block, window, chunk // block, first, to_device(win_lo, device),
                 to_device(win_hi, device), width)
