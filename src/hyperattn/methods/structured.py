@@ -182,9 +182,13 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     kj_all = torch.where(active, (factors.gather(2, chunk_of) * config.key_blocks).round().long(), 0)
     # The query heads of a KV head share its gathered columns: a chunk draws the most samples
     # any of them needs (more samples only lower a head's error).
-    m_chunk = (factors.reshape(bsz, hkv, group, nc).amax(2) * config.sample_size).round().long().clamp(max=nk)
-    g_idx, g_logw = sel_ref.gather_columns(plan, c_scores, heavy, m_chunk, min(round(config.sample_size * tiers[-1]),
-                                           nk), config.num_sinks, config.sample_mix, seed, kv_heads)
+    if config.max_error is not None:
+        m_chunk = (factors.reshape(bsz, hkv, group, nc).amax(2) * config.sample_size).round().long().clamp(max=nk)
+        g_idx, g_logw = sel_ref.gather_columns(plan, c_scores, heavy, m_chunk,
+                                               min(round(config.sample_size * tiers[-1]), nk), config.num_sinks,
+                                               config.sample_mix, seed, kv_heads)
+    # Without the guard the one trial drew every chunk's columns at the 1x tier already
+    # (chunks left exact use none of them).
     sel = sel_ref.Selection(blocks, torch.where(active.unsqueeze(-1), sel_ref.exact_blocks(
         plan, blocks, ranked[:, :, plan.first:], kj_all), -1), active, g_idx, g_logw)
     row_block = torch.arange(nq, device=device) // t
