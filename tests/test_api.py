@@ -249,3 +249,13 @@ def test_fake_tensors_trace_through_the_default_config():
         q, k = torch.empty(1, 4, 300, 16), torch.empty(1, 2, 300, 16)
         out = ha.hyper_attention(q, k, k, causal=True)
     assert isinstance(out, FakeTensor) and out.shape == (1, 4, 300, 16)
+
+
+@pytest.mark.parametrize("n", [64, 2048], ids=["below-crossover", "approximate"])
+def test_non_finite_inputs_raise_on_both_paths_of_the_default(n):
+    # Below the crossover the finite check runs after the exact call is queued (it overlaps
+    # the call); it must still raise before anything is returned.
+    q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+    k[0, 1, n // 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"k: expected finite"):
+        ha.hyper_attention(q, k, v, causal=True, config=ha.HyperAttentionConfig(seed=0))

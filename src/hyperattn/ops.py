@@ -88,7 +88,12 @@ def _check_inputs(q, k, v, causal, scale, config, check_finite: bool) -> None:
             raise ValueError(f"scale: expected a finite float > 0 or None, got {scale!r}")
     if config is not None and not isinstance(config, HyperAttentionConfig):
         raise TypeError(f"config: expected a HyperAttentionConfig or None, got {type(config).__name__}")
-    if check_finite and not _shape_only(q):
+    if check_finite:
+        _check_finite(q, k, v)
+
+
+def _check_finite(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if not _shape_only(q):
         # One max-abs reduction per tensor (NaN propagates, Inf stays Inf) and a single host
         # sync for all three, instead of an elementwise isfinite pass and a sync per tensor.
         peaks = torch.stack([torch.linalg.vector_norm(x, ord=float("inf")).float() for x in (q, k, v)])
@@ -232,8 +237,25 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         (torch.Size([1, 8, 4096, 64]), torch.Size([1, 8, 4096]))
     """
     cfg = _DEFAULT_CONFIG if config is None else config
-    _check_inputs(q, k, v, causal, scale, config, cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True)
-    return _attention(q, k, v, causal, scale, cfg, return_lse=return_lse, return_stats=return_stats)
+    check = cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True
+    _check_inputs(q, k, v, causal, scale, config, False)
+    # The finite check waits for the GPU. Where the call is one SDPA call (the structured
+    # default below its crossover), that call is queued first so the wait overlaps it; NaN
+    # or Inf cannot fault SDPA, and the ValueError is raised before anything is returned.
+    # Elsewhere the check comes first: the selection indexes with values computed from q, k.
+    deferred = check and cfg.method == "structured" and not return_lse and _below_crossover(q, k, causal, cfg)
+    if check and not deferred:
+        _check_finite(q, k, v)
+    result = _attention(q, k, v, causal, scale, cfg, return_lse=return_lse, return_stats=return_stats)
+    if deferred:
+        _check_finite(q, k, v)
+    return result
+
+
+def _below_crossover(q: Tensor, k: Tensor, causal: bool, cfg: HyperAttentionConfig) -> bool:
+    from .methods.structured import exact_only
+
+    return exact_only(q, k, causal, cfg)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, cfg: HyperAttentionConfig, *,

@@ -30,7 +30,7 @@ from ..reference.selection import TIERS
 from ..stats import AttentionStats
 from .exact import exact
 
-__all__ = ["run", "default_min_seq_len"]
+__all__ = ["run", "default_min_seq_len", "exact_only"]
 
 # Keys at and below which the default is exact attention, per device type: on CUDA the
 # length where the approximate path stops being faster than SDPA (benchmarks/NOTES.md);
@@ -45,6 +45,13 @@ _SELECT_ELEMENTS = 1 << 25
 def default_min_seq_len(device: torch.device) -> int:
     """The structured method's ``min_seq_len`` when the config leaves it ``None``."""
     return _CROSSOVER.get(device.type, _CPU_MIN_SEQ_LEN)
+
+
+def exact_only(q: Tensor, k: Tensor, causal: bool, config) -> bool:
+    """Whether a call is exact attention throughout (every row sees at most ``min_seq_len`` keys)."""
+    nq, nk = q.shape[2], k.shape[2]
+    min_len = config.min_seq_len if config.min_seq_len is not None else default_min_seq_len(q.device)
+    return sel_ref.first_block(nq, nk, causal, config.query_block, min_len) * config.query_block >= nq
 
 
 def _kernels_ok(q: Tensor) -> bool:
@@ -77,7 +84,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     min_len = config.min_seq_len if config.min_seq_len is not None else default_min_seq_len(device)
     zeros = torch.zeros(bsz, hq, device=device)
     first_row = min(nq, sel_ref.first_block(nq, nk, causal, config.query_block, min_len) * config.query_block)
-    if first_row >= nq:  # below the crossover: exact, before any selection work
+    if exact_only(q, k, causal, config):  # below the crossover: exact, before any selection work
         out, lse = exact(q, k, v, scale, causal, need_lse)
         return out, lse, AttentionStats("structured", exact_pairs(0, nq, nq, nk, causal) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device))
