@@ -74,3 +74,23 @@ def embedded():
     from hyperattn.eval.model import load_embedded_model
 
     return load_embedded_model()
+
+
+# The hyper method's kernel test shapes (tests/test_kernels.py, tests/test_kernel_grads.py):
+# (B, Hq, Hkv, Nq, Nk, D, block_size, sample_size, min_seq_len).
+HYPER_KERNEL_CASES = [
+    (1, 4, 2, 63, 63, 64, 16, 8, 16),
+    (1, 2, 1, 1025, 1025, 128, 64, 32, 128),
+    (2, 4, 2, 700, 300, 64, 32, 16, 64),
+    (1, 4, 4, 300, 700, 64, 32, 16, 64),
+    (1, 8, 2, 4096, 4096, 128, 256, 256, 1024),
+]
+HYPER_KERNEL_CASE_IDS = ["n63-gqa", "n1025-d128", "nq700-nk300", "nq300-nk700", "n4096-b256"]
+
+
+def hyper_kernel_config(block, samples, min_len, seed=0, projs=5):
+    """``method="hyper"`` with the given budget, 5 hash bits and a fixed seed (the kernel tests' config)."""
+    from hyperattn import HyperAttentionConfig
+
+    return HyperAttentionConfig(method="hyper", block_size=block, sample_size=samples, min_seq_len=min_len,
+                                lsh_num_projs=projs, seed=seed)

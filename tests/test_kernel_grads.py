@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import qkv, rel_err
+from conftest import HYPER_KERNEL_CASE_IDS, HYPER_KERNEL_CASES, hyper_kernel_config, qkv, rel_err
 
-from hyperattn import HyperAttentionConfig, hyper_attention
+from hyperattn import hyper_attention
 from hyperattn.reference.hyper import hyper_attention_reference
 
 pytest.importorskip("triton")
@@ -39,20 +39,8 @@ FP32_RTOL = 1e-5
 # in the same precision against fp32 SDPA, plus 2e-3 for the LSE merges across launches.
 LOWP_FACTOR, LOWP_SLACK = 2.0, 2e-3
 
-# (B, Hq, Hkv, Nq, Nk, D, block_size, sample_size, min_seq_len), as in test_kernels.py.
-CASES = [
-    (1, 4, 2, 63, 63, 64, 16, 8, 16),
-    (1, 2, 1, 1025, 1025, 128, 64, 32, 128),
-    (2, 4, 2, 700, 300, 64, 32, 16, 64),
-    (1, 4, 4, 300, 700, 64, 32, 16, 64),
-    (1, 8, 2, 4096, 4096, 128, 256, 256, 1024),
-]
-CASE_IDS = ["n63-gqa", "n1025-d128", "nq700-nk300", "nq300-nk700", "n4096-b256"]
-
-
-def _config(block, samples, min_len):
-    return HyperAttentionConfig(method="hyper", block_size=block, sample_size=samples, min_seq_len=min_len,
-                                lsh_num_projs=5, seed=0)
+CASES, CASE_IDS = HYPER_KERNEL_CASES, HYPER_KERNEL_CASE_IDS
+_config = hyper_kernel_config
 
 
 def _reference_grads(q, k, v, causal, cfg, grad_out, grad_lse):

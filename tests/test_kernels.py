@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import exact_low_precision, qkv, rel_err
+from conftest import HYPER_KERNEL_CASE_IDS, HYPER_KERNEL_CASES, exact_low_precision, hyper_kernel_config, qkv, rel_err
 
 from hyperattn import HyperAttentionConfig, hyper_attention
 from hyperattn.reference.exact import attention_lse
@@ -36,20 +36,8 @@ FP32_RTOL = 1e-5
 # reference may be at most twice that of exact attention computed in the same precision.
 LOWP_FACTOR = 2.0
 
-# (B, Hq, Hkv, Nq, Nk, D, block_size, sample_size, min_seq_len)
-CASES = [
-    (1, 4, 2, 63, 63, 64, 16, 8, 16),
-    (1, 2, 1, 1025, 1025, 128, 64, 32, 128),
-    (2, 4, 2, 700, 300, 64, 32, 16, 64),
-    (1, 4, 4, 300, 700, 64, 32, 16, 64),
-    (1, 8, 2, 4096, 4096, 128, 256, 256, 1024),
-]
-CASE_IDS = ["n63-gqa", "n1025-d128", "nq700-nk300", "nq300-nk700", "n4096-b256"]
-
-
-def _config(block, samples, min_len, seed=0, projs=5):
-    return HyperAttentionConfig(method="hyper", block_size=block, sample_size=samples, min_seq_len=min_len,
-                                lsh_num_projs=projs, seed=seed)
+CASES, CASE_IDS = HYPER_KERNEL_CASES, HYPER_KERNEL_CASE_IDS
+_config = hyper_kernel_config
 
 
 def _reference(q, k, v, causal, cfg):
