@@ -32,6 +32,7 @@ Results file (stable schema, one JSON object)::
 
 Speed-ups are read off the file: ``ms`` of the fastest ``sdpa-*`` row of the same
 ``(n, causal, backward)`` over ``ms`` of the row (``hyperattn bench --backward`` writes
-forward+backward rows: the ratio is then to SDPA's fastest forward+backward). The effective rate of exact attention at the same
+forward+backward rows: the ratio is then to SDPA's fastest forward+backward). The effective rate of exact
+attention at the same
 size is ``4 * D * exact_pairs * B * Hq / time``, which the table prints.
 """

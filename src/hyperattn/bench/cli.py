@@ -1,4 +1,6 @@
-"""``hyperattn bench``: forward (``--backward``: forward+backward) timings against SDPA's backends and FlexAttention; table, JSON, PNG.
+"""``hyperattn bench``: forward (``--backward``: forward+backward) timings against SDPA and FlexAttention.
+
+Table, JSON, PNG.
 
 On CUDA the defaults are the issue's protocol: lengths 4k to 1M, B1, Hq32/Hkv8, D128,
 bf16, causal and non-causal, every implementation. On a CPU: short lengths, small heads,
@@ -56,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fastest_sdpa(rows: list[dict], n: int, causal: bool, backward: bool = False) -> tuple[float | None, bool]:
-    """Fastest SDPA time at ``n`` (forward, or forward+backward): measured, or extrapolated quadratically from the longest measured length."""
+    """Fastest SDPA time at ``n`` (forward, or forward+backward): measured, or extrapolated quadratically
+    from the longest measured length."""
     sdpa = [r for r in rows if r["impl"].startswith("sdpa-") and r["causal"] == causal and r["ms"] is not None
             and r.get("backward", False) == backward]
     here = [r["ms"] for r in sdpa if r["n"] == n]
@@ -92,7 +95,8 @@ def format_table(results: dict) -> str:
         eff *= BACKWARD_WORK if backward else 1.0
         eff = eff / (row["ms"] * 1e-3) / 1e12
         peak = "" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}"
-        lines.append(f"{str(row['causal']):>6} {row['n']:>8} {row['impl']:<17} {mode:>7} {row['ms']:>10.3f} {speedup:>9} "
+        lines.append(f"{str(row['causal']):>6} {row['n']:>8} {row['impl']:<17} {mode:>7} {row['ms']:>10.3f} "
+                     f"{speedup:>9} "
                      f"{eff:>9.4g} {row.get('tflops', 0.0):>7.4g} {peak:>8}")
     return "\n".join(lines)
 

@@ -41,7 +41,8 @@ from ..reference.hyper import Piece, causal_plan, draw_randomness, noncausal_pla
 from .attention import TILE_ROWS, gathered_attention, gathered_attention_bwd, range_attention, range_attention_bwd
 from .lsh import lsh_sort_keys
 
-__all__ = ["KernelPlan", "kernel_plan", "HyperSelection", "hyper_select", "hyper_attend", "hyper_forward", "hyper_backward"]
+__all__ = ["KernelPlan", "kernel_plan", "HyperSelection", "hyper_select", "hyper_attend", "hyper_forward",
+           "hyper_backward"]
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,9 @@ def _to_device(x: Tensor, device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class HyperSelection:
-    """Everything random or data-dependent of one call, fixed for its backward: O(N) sorted orders, O(pieces * m) samples.
+    """Everything random or data-dependent of one call, fixed for its backward.
+
+    O(N) sorted orders, O(pieces * m) samples.
 
     ``q_perm (G, B*Hq, Nq)``, ``k_perm (G, B*Hkv, Nk)``: each launch group's sorted orders
     (``None`` without approximate pieces); ``samples``: per group, the sample columns,

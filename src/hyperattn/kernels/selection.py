@@ -236,5 +236,5 @@ def pool(q: Tensor, k: Tensor, plan: Plan, score_group: int) -> Pooled:
     q_pool = _means(q, g, groups)
     k_pool = _means(k, t, plan.nkb)
     rows_ok = torch.clamp(plan.nq - g * torch.arange(groups, device=q.device), 0, g)
-    return Pooled(q_pool.reshape(q.shape[0], q.shape[1], plan.nqb, t // g, dim), (rows_ok > 0).reshape(plan.nqb, t // g),
-                  k_pool)
+    valid = (rows_ok > 0).reshape(plan.nqb, t // g)
+    return Pooled(q_pool.reshape(q.shape[0], q.shape[1], plan.nqb, t // g, dim), valid, k_pool)

@@ -336,8 +336,8 @@ def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GL
     mask = offs_r < num_rows
     tl.store(OUT + (sel * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=mask[:, None])
-    tl.store(LSE + sel * num_rows + offs_r, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634),
-             mask=mask)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    tl.store(LSE + sel * num_rows + offs_r, lse, mask=mask)
 
 
 _ROWS = _autotuned(_rows_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)

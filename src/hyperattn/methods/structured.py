@@ -73,7 +73,9 @@ def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
 
 def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, seed: int, need_lse: bool = True,
         head_offset: int = 0) -> tuple[Tensor, Tensor | None, AttentionStats]:
-    """``method="structured"`` on validated inputs; ``head_offset`` numbers the heads globally (draws are per global head).
+    """``method="structured"`` on validated inputs.
+
+    ``head_offset`` numbers the heads globally (draws are per global head).
 
     Returns ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32 (``None`` when
     ``need_lse`` is False and SDPA computed a part) and :class:`~hyperattn.stats.AttentionStats`.

@@ -199,7 +199,9 @@ def hyper_block_sample(q: Tensor, k: Tensor, v: Tensor, scale: float, proj: Tens
 def hyper_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,
                               sample_size: int, num_projs: int, min_seq_len: int, seed: int, head_offset: int = 0,
                               total_heads: int | None = None) -> tuple[Tensor, Tensor]:
-    """The paper's method on validated inputs; ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``, both fp32 (float64 for float64 inputs).
+    """The paper's method on validated inputs: ``out (B, Hq, Nq, D)`` and ``lse (B, Hq, Nq)``.
+
+    Both fp32 (float64 for float64 inputs).
 
     Differentiable: for a fixed ``seed`` the hashes and samples are fixed, so autograd gives
     the exact gradient of this function.

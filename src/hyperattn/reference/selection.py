@@ -41,9 +41,9 @@ from torch import Tensor
 
 from .lsh import draw_projections, lsh_buckets
 
-__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "first_block", "make_plan", "to_device", "pool",
-           "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders", "estimating_rows",
-           "lsh_ranges", "exact_blocks", "to_device", "chunk_candidates", "gather_columns"]
+__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "first_block", "make_plan",
+           "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
+           "estimating_rows", "lsh_ranges", "exact_blocks", "chunk_candidates", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
