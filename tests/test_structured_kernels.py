@@ -213,3 +213,14 @@ def test_flex_engine_gradients_match_reference(causal):
     for mine, want in zip(grads[1], grads[0]):
         assert torch.isfinite(mine).all()
         assert rel_err(mine, want) < 1e-4  # fp32: the same terms in another order, three LSE merges
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_probe_rows_equal_the_reference(causal):
+    from hyperattn.kernels import selection as ker_sel
+
+    plan = S.make_plan(3000, 2600 if not causal else 3000, causal, 128, 128, 512, 256)
+    heads = torch.arange(3, 9, device="cuda")
+    for seed in (0, 12345678901234, 2 ** 62 - 5):
+        # The same counter hash in int64 and the same fp64 arithmetic: the same rows, bit for bit.
+        assert torch.equal(ker_sel.probe_rows(plan, seed, 2, heads, 4, 3), S.probe_rows(plan, seed, 2, heads, 4, 3))

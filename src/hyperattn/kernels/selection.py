@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..reference.selection import Plan, Pooled, finders
 
-__all__ = ["probe_exact", "block_scores", "pool"]
+__all__ = ["probe_exact", "block_scores", "pool", "probe_rows"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
@@ -238,3 +238,50 @@ def pool(q: Tensor, k: Tensor, plan: Plan, score_group: int) -> Pooled:
     rows_ok = torch.clamp(plan.nq - g * torch.arange(groups, device=q.device), 0, g)
     valid = (rows_ok > 0).reshape(plan.nqb, t // g)
     return Pooled(q_pool.reshape(q.shape[0], q.shape[1], plan.nqb, t // g, dim), valid, k_pool)
+
+
+@triton.jit
+def _mix(x):
+    # reference.selection._mix: a 32-bit finaliser on int64 holding 32-bit values.
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def _probe_rows_kernel(OUT, HEADS, h1, h2, num_heads, chunks, chunk_blocks, first, nqb, nq, block,
+                       P: tl.constexpr, R: tl.constexpr, PR: tl.constexpr):
+    # One (batch, head, chunk): its P probe blocks and R rows in each, the same counter hash
+    # as reference.selection.uniforms (h1, h2: the hash of (seed, stream) for streams 1, 2).
+    pid = tl.program_id(0)
+    c = (pid % chunks).to(tl.int64)
+    bh = pid // chunks
+    b = (bh // num_heads).to(tl.int64)
+    h = tl.load(HEADS + bh % num_heads).to(tl.int64)
+    i = tl.arange(0, PR)
+    p = (i // R).to(tl.int64)
+    r = (i % R).to(tl.int64)
+    lo = tl.maximum(c * chunk_blocks, first)
+    hi = tl.minimum((c + 1) * chunk_blocks, nqb)
+    span = tl.maximum(hi - lo, 0)
+    u1 = _mix(_mix(_mix(_mix(h1 ^ b) ^ h) ^ c) ^ p).to(tl.float64) / 4294967296.0
+    blk = lo + ((p.to(tl.float64) + u1) * span.to(tl.float64) / P).to(tl.int64)
+    start = blk * block
+    u2 = _mix(_mix(_mix(_mix(_mix(h2 ^ b) ^ h) ^ c) ^ p) ^ r).to(tl.float64) / 4294967296.0
+    rows = start + (u2 * tl.minimum(nq - start, block).to(tl.float64)).to(tl.int64)
+    rows = tl.where(span > 0, rows, -1)
+    tl.store(OUT + pid.to(tl.int64) * P * R + i, rows, mask=i < P * R)
+
+
+def probe_rows(plan: Plan, seed: int, batch: int, heads: Tensor, probe_blocks: int, rows_per_block: int) -> Tensor:
+    """:func:`hyperattn.reference.selection.probe_rows` on CUDA in one launch (the same rows)."""
+    from ..reference.selection import stream_hash
+
+    hq, nc = heads.shape[0], plan.num_chunks
+    out = torch.empty(batch, hq, nc, probe_blocks * rows_per_block, dtype=torch.long, device=heads.device)
+    if out.numel():
+        _probe_rows_kernel[(batch * hq * nc,)](
+            out, heads.contiguous(), stream_hash(seed, 1), stream_hash(seed, 2), hq, nc, plan.chunk_blocks, plan.first,
+            plan.nqb, plan.nq, plan.block, P=probe_blocks, R=rows_per_block,
+            PR=triton.next_power_of_2(probe_blocks * rows_per_block), num_warps=1)
+    return out

@@ -115,7 +115,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     # 2. Probe rows (heavy columns per KV head from the group's summed mass), block scores
     #    (ranked per query block, summed per chunk for the residual proposal), LSH blocks.
-    probe = sel_ref.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
+    probe = select_impl.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
     probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qd, kd, vd, scale, plan, probe, config.heavy_columns,
                                                                config.num_sinks, pb)
     pooled = select_impl.pool(qd, kd, plan, config.score_group)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .lsh import draw_projections, lsh_buckets
 
-__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "uniforms", "first_block", "make_plan",
+__all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_hash", "uniforms", "first_block", "make_plan",
            "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
            "estimating_rows", "lsh_ranges", "exact_blocks", "chunk_candidates", "gather_columns"]
 
@@ -72,12 +72,17 @@ def _mix_int(x: int) -> int:
     return (x >> 16) ^ x
 
 
+def stream_hash(seed: int, stream: int) -> int:
+    """The hash of ``(seed, stream)`` that :func:`uniforms` continues with each index."""
+    h = _mix_int(_mix_int((seed >> 32) & _MASK32) ^ _mix_int(stream))
+    return _mix_int(h ^ (seed & _MASK32))
+
+
 def uniforms(seed: int, stream: int, *index: Tensor) -> Tensor:
     """Uniforms in [0, 1) (float64), a hash of ``seed``, ``stream`` and the broadcast integer ``index`` tensors."""
     # The scalar part is hashed on the host: a tensor built from a Python value on a GPU is
     # a copy from pageable memory, which waits for all queued work.
-    h = _mix_int(_mix_int((seed >> 32) & _MASK32) ^ _mix_int(stream))
-    h = _mix_int(h ^ (seed & _MASK32))
+    h = stream_hash(seed, stream)
     for i in index:
         h = _mix(h ^ (i.long() & _MASK32))
     return h.double() / 2.0 ** 32
