@@ -176,14 +176,9 @@ def _range_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, LO, HI,
 
 
 @triton.jit
-def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK, NSAMP,
-                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                               stride_vb, stride_vh, stride_vn,
-                               num_heads, kv_heads, group, nq, nqidx, nkidx, max_samples, qk_scale,
-                               HEAD_DIM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The query heads of one KV head run as adjacent programs on the same tile, so the
-    # sorted key block they share is read from HBM once and then from L2.
+def _tile_program(TILES, num_heads, kv_heads, group):
+    # The program's (batch, KV head, query head) and its row of the tile table: the query
+    # heads of one KV head run as adjacent programs on the same tile.
     tile = tl.program_id(0) // group
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // kv_heads
@@ -196,6 +191,19 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
     key_end = tl.load(TILES + tile * 6 + 3)
     piece = tl.load(TILES + tile * 6 + 4)
     block_id = tl.load(TILES + tile * 6 + 5)
+    return b, kvh, h, bh, bkv, row_start, row_end, key_start, key_end, piece, block_id
+
+
+@triton.jit
+def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK, NSAMP,
+                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                               stride_vb, stride_vh, stride_vn,
+                               num_heads, kv_heads, group, nq, nqidx, nkidx, max_samples, qk_scale,
+                               HEAD_DIM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Adjacent query heads share the tile's sorted key block: read from HBM once, then L2.
+    b, kvh, h, bh, bkv, row_start, row_end, key_start, key_end, piece, block_id = _tile_program(
+        TILES, num_heads, kv_heads, group)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = qk_scale * 1.4426950408889634
@@ -330,18 +338,8 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, K
                                    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Same grid and walk as _gathered_attention_kernel.
-    tile = tl.program_id(0) // group
-    bkv = tl.program_id(1).to(tl.int64)
-    b = bkv // kv_heads
-    kvh = bkv % kv_heads
-    h = kvh * group + tl.program_id(0) % group
-    bh = b * num_heads + h
-    row_start = tl.load(TILES + tile * 6 + 0)
-    row_end = tl.load(TILES + tile * 6 + 1)
-    key_start = tl.load(TILES + tile * 6 + 2)
-    key_end = tl.load(TILES + tile * 6 + 3)
-    piece = tl.load(TILES + tile * 6 + 4)
-    block_id = tl.load(TILES + tile * 6 + 5)
+    b, kvh, h, bh, bkv, row_start, row_end, key_start, key_end, piece, block_id = _tile_program(
+        TILES, num_heads, kv_heads, group)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634

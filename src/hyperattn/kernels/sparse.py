@@ -33,6 +33,19 @@ __all__ = ["attend_triton", "attend_rows_triton"]
 
 
 @triton.jit
+def _start(Q, b, h, kvh, rows, row_ok, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
+           M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # A program's query rows, its KV head's offsets and an empty online softmax.
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    return q, acc, m_i, l_i, b * stride_kb + kvh * stride_kh, b * stride_vb + kvh * stride_vh
+
+
+@triton.jit
 def _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e, j, bh, rows,
                     row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL: tl.constexpr,
                     HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -84,14 +97,9 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
     row_ok = rows < nq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     qk_scale = qk_scale * 1.4426950408889634
-    k_base = b * stride_kb + kvh * stride_kh
-    v_base = b * stride_vb + kvh * stride_vh
-    acc = tl.zeros([T, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([T], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([T], dtype=tl.float32)
+    q, acc, m_i, l_i, k_base, v_base = _start(Q, b, h, kvh, rows, row_ok, stride_qb, stride_qh, stride_qn, stride_kb,
+                                              stride_kh, stride_vb, stride_vh, T, HEAD_DIM)
     sel = bh * c_blocks + jj
     if tl.load(ACTIVE + sel) != 0:
         last_row = tl.minimum(j * T + T, nq) - 1
@@ -154,15 +162,10 @@ def _lsh_kernel(Q, K, V, PRIOR_OUT, PRIOR_LSE, OUT, LSE, QORDER, KORDER, LO, HI,
     end = tl.max(tl.where(busy, hi, 0), 0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     qk_scale = qk_scale * 1.4426950408889634
-    k_base = b * stride_kb + kvh * stride_kh
-    v_base = b * stride_vb + kvh * stride_vh
+    q, acc, m_i, l_i, k_base, v_base = _start(Q, b, h, kvh, rows, row_ok, stride_qb, stride_qh, stride_qn, stride_kb,
+                                              stride_kh, stride_vb, stride_vh, BLOCK_M, HEAD_DIM)
     sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         # A tile straddling buckets spans slots no row takes (the gap between its rows'
         # ranges): skip key tiles that meet no row's range.
@@ -290,14 +293,9 @@ def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GL
     rows_c = tl.where(row_ok, rows, 0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_c[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     qk_scale = qk_scale * 1.4426950408889634
-    k_base = b * stride_kb + kvh * stride_kh
-    v_base = b * stride_vb + kvh * stride_vh
-    acc = tl.zeros([RP, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([RP], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([RP], dtype=tl.float32)
+    q, acc, m_i, l_i, k_base, v_base = _start(Q, b, h, kvh, rows_c, row_ok, stride_qb, stride_qh, stride_qn,
+                                              stride_kb, stride_kh, stride_vb, stride_vh, RP, HEAD_DIM)
     for e in range(num_e):
         kb = tl.load(EB + sel * num_e + e)
         if kb >= 0:
