@@ -129,28 +129,34 @@ def _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, l
 
 
 @triton.jit
+def _range_program(LO, HI, num_heads, group, nq, BLOCK_M: tl.constexpr):
+    # The program's head, rows and their key ranges; key tiles span [start, end), from the
+    # smallest lo to the largest hi of the rows that see a key.
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < nq
+    lo = tl.load(LO + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + rows, mask=row_ok, other=-1)
+    nonempty = row_ok & (lo <= hi)
+    start = tl.min(tl.where(nonempty, lo, 2147483647), 0)
+    end = tl.max(tl.where(nonempty, hi + 1, 0), 0)
+    return b, h, h // group, rows, row_ok, lo, hi, tl.minimum(start, end), end
+
+
+@triton.jit
 def _range_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, LO, HI,
                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                             stride_vb, stride_vh, stride_vn,
                             num_heads, group, nq, qk_scale,
                             HEAD_DIM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    kvh = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < nq
+    b, h, kvh, rows, row_ok, lo, hi, start, end = _range_program(LO, HI, num_heads, group, nq, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    lo = tl.load(LO + rows, mask=row_ok, other=0)
-    hi = tl.load(HI + rows, mask=row_ok, other=-1)
-    nonempty = row_ok & (lo <= hi)
-    # Key tiles start at the smallest lo; tiles inside every row's range need no mask.
-    start = tl.min(tl.where(nonempty, lo, 2147483647), 0)
-    end = tl.max(tl.where(nonempty, hi + 1, 0), 0)
-    start = tl.minimum(start, end)
+    # Tiles inside every row's range need no mask.
     lo_max = tl.max(tl.where(row_ok, lo, 0), 0)
     hi_min = tl.min(tl.where(row_ok, hi, 2147483647), 0)
     num_tiles = tl.cdiv(end - start, BLOCK_N)
@@ -287,21 +293,10 @@ def _range_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, LO, HI,
                                 num_heads, kv_heads, group, nq, nk, scale,
                                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    kvh = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < nq
+    b, h, kvh, rows, row_ok, lo, hi, start, end = _range_program(LO, HI, num_heads, group, nq, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    lo = tl.load(LO + rows, mask=row_ok, other=0)
-    hi = tl.load(HI + rows, mask=row_ok, other=-1)
-    nonempty = row_ok & (lo <= hi)
-    start = tl.min(tl.where(nonempty, lo, 2147483647), 0)
-    end = tl.max(tl.where(nonempty, hi + 1, 0), 0)
-    start = tl.minimum(start, end)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     flat_rows = bh.to(tl.int64) * nq + rows
