@@ -201,6 +201,20 @@ def _tile_program(TILES, num_heads, kv_heads, group):
 
 
 @triton.jit
+def _sample_tile(K, V, SIDX, SBLK, SLOGW, s_base, piece, max_samples, sj, num_samples, block_id, k_base, v_base,
+                 stride_kn, stride_vn, offs_d):
+    # A tile of a piece's gathered columns: their positions, which ones count for this tile
+    # (not its own block), their log-weights and their keys and values.
+    s_ok = sj < num_samples
+    cols = tl.load(SIDX + s_base + sj, mask=s_ok, other=0)
+    blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
+    logw = tl.load(SLOGW + piece * max_samples + sj, mask=s_ok, other=0.0)
+    k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    return cols, s_ok & (blk != block_id), logw, k, v
+
+
+@triton.jit
 def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK, NSAMP,
                                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                                stride_vb, stride_vh, stride_vn,
@@ -242,15 +256,8 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
         s_base = (piece.to(tl.int64) * tl.num_programs(1) * group + bh) * max_samples
         for j0 in range(0, num_samples, BLOCK_N):
             sj = j0 + offs_n
-            s_ok = sj < num_samples
-            cols = tl.load(SIDX + s_base + sj, mask=s_ok, other=0)
-            blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
-            logw = tl.load(SLOGW + piece * max_samples + sj, mask=s_ok, other=0.0)
-            keep = s_ok & (blk != block_id)
-            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=s_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
+            cols, keep, logw, k, v = _sample_tile(K, V, SIDX, SBLK, SLOGW, s_base, piece, max_samples, sj, num_samples,
+                                                  block_id, k_base, v_base, stride_kn, stride_vn, offs_d)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, (logw * 1.4426950408889634)[None, :],
                                          keep[None, :], qk_scale, True, PRECISION)
         _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, bh * nq + rows, row_ok, offs_d, HEAD_DIM, HAS_PRIOR)
@@ -370,15 +377,8 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, K
             tl.atomic_add(DV + g_ptrs, dv, mask=k_ok[:, None])
         for j0 in range(0, num_samples, BLOCK_N):
             sj = j0 + offs_n
-            s_ok = sj < num_samples
-            cols = tl.load(SIDX + s_base + sj, mask=s_ok, other=0)
-            blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
-            logw = tl.load(SLOGW + piece * max_samples + sj, mask=s_ok, other=0.0)
-            keep = s_ok & (blk != block_id)
-            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=s_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
+            cols, keep, logw, k, v = _sample_tile(K, V, SIDX, SBLK, SLOGW, s_base, piece, max_samples, sj, num_samples,
+                                                  block_id, k_base, v_base, stride_kn, stride_vn, offs_d)
             valid = row_ok[:, None] & keep[None, :]
             dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, (logw * 1.4426950408889634)[None, :], valid,
                                     qk_scale, True, PRECISION)
