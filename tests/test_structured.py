@@ -313,3 +313,14 @@ def test_kernel_masks_match_reference_on_cpu(causal, monkeypatch):
     assert torch.equal(finite, torch.isfinite(lse_k))
     assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4
 
+
+
+def test_output_does_not_depend_on_asking_for_stats():
+    # Without the guard the probe rows' trial only estimates the error; skipping it when no
+    # stats are asked for must leave the output bit for bit the same.
+    q, k, v = qkv(1, 4, 2, 2500, 2500, 32, seed=4)
+    cfg = ha.HyperAttentionConfig(seed=1, max_error=None, min_seq_len=512, chunk=1024)
+    plain = ha.hyper_attention(q, k, v, causal=True, config=cfg)
+    with_stats, stats = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_stats=True)
+    assert torch.equal(plain, with_stats)
+    assert float(stats.est_error.max()) > 0  # the trial ran when stats were asked for

@@ -279,7 +279,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | Non
         from .methods import structured
 
         out, lse, stats = structured.run(q, k, v, scale, causal, cfg, seed, need_lse=return_lse,
-                                         head_offset=head_offset)
+                                         head_offset=head_offset, need_stats=return_stats)
     elif cfg.method == "exact":
         out, lse, stats = _run_exact(q, k, v, scale, causal, cfg, seed, need_lse=return_lse)
     elif cfg.method == "hyper":

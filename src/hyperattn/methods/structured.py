@@ -72,10 +72,13 @@ def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, seed: int, need_lse: bool = True,
-        head_offset: int = 0) -> tuple[Tensor, Tensor | None, AttentionStats]:
+        head_offset: int = 0, need_stats: bool = True) -> tuple[Tensor, Tensor | None, AttentionStats]:
     """``method="structured"`` on validated inputs.
 
-    ``head_offset`` numbers the heads globally (draws are per global head).
+    ``head_offset`` numbers the heads globally (draws are per global head). Without the
+    guard and with ``need_stats`` False the probe rows' trial is skipped (it only estimates
+    the error): the output is the same, ``stats.est_error`` is 0 and ``keys_per_query``
+    leaves the trial out.
 
     Returns ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32 (``None`` when
     ``need_lse`` is False and SDPA computed a part) and :class:`~hyperattn.stats.AttentionStats`.
@@ -155,10 +158,13 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
                                 torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
-        approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
-        err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
-        pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
+        if config.max_error is not None or need_stats:
+            approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
+            err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
+            pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
+        else:
+            err = est
         cheaper = per_row.double() * chunk_rows < exact_cost
         ok = pending & cheaper & ((err <= config.max_error) if config.max_error is not None else True)
         level = torch.where(ok, i, level)
