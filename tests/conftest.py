@@ -94,3 +94,35 @@ def hyper_kernel_config(block, samples, min_len, seed=0, projs=5):
 
     return HyperAttentionConfig(method="hyper", block_size=block, sample_size=samples, min_seq_len=min_len,
                                 lsh_num_projs=projs, seed=seed)
+
+
+# Triton 3.6's interpreter holds scalars loaded from memory as 1-element arrays and converts
+# them with int(), which NumPy >= 2.3 refuses for arrays that are not 0-d; this shim, run first
+# in an interpreted child process, takes the element (test-only: compiled kernels never go
+# through it).
+INTERPRETER_SHIM = """
+import triton.runtime.interpreter as interpreter
+_patch = interpreter._patch_lang_tensor
+def _patched(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interpreter._patch_lang_tensor = _patched
+"""
+
+
+def run_interpreted(script: str, arg: str, timeout: int = 300):
+    """Run ``script`` (after :data:`INTERPRETER_SHIM`) in a child with ``TRITON_INTERPRET=1``; its last stdout line as JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(src), str(Path(__file__).resolve().parent)]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SHIM + script, arg], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
