@@ -89,13 +89,18 @@ def _lse_merge(prev_out, prev_lse, out, lse):
 
 
 @triton.jit
+def _normalised(acc, m_i, l_i):
+    # The online softmax's output and natural LSE; rows that saw no key: out 0, lse -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+
+
+@triton.jit
 def _finish(acc, m_i, l_i, ACC, OUT, LSE, PRIOR, rows, flat_rows, row_ok, offs_d, HEAD_DIM: tl.constexpr,
             HAS_PRIOR: tl.constexpr):
     # Normalise; where PRIOR flags a row, LSE-merge with what ACC/LSE already hold; store to OUT/LSE.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    out, lse = _normalised(acc, m_i, l_i)
     if HAS_PRIOR:
         merge = row_ok & (tl.load(PRIOR + rows, mask=row_ok, other=0) != 0)
         prev_lse = tl.load(LSE + flat_rows, mask=merge, other=float("-inf"))

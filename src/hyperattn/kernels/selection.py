@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.selection import Plan, Pooled, finders
+from .attention import _precision
 
 __all__ = ["probe_exact", "block_scores", "pool", "probe_rows"]
 
@@ -114,7 +115,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             _column_mass[grid](qc, kc, lse_c, rows_c, mass, scale, q.shape[2], nk, plan.offset, hq, hq // hkv, nc, c0,
                                c1 - c0, P=p, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal,
                                # fp32 inputs: full-precision products, so heavy columns match the reference's.
-                               PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                               PRECISION=_precision(q.dtype))
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
@@ -125,7 +126,6 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     seen = (flat + plan.offset + 1).clamp(0, nk) if plan.causal else torch.where(flat >= 0, nk, 0)
     pairs = seen.sum(dtype=torch.float64) / (bsz * hq)  # a tensor: no host sync
     return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs
-
 
 
 @triton.jit
@@ -192,7 +192,7 @@ def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Te
         plan.win_hi.to(device=device, dtype=torch.int32), out, scale, hq, hq // hkv, hkv, c, plan.nqb, plan.nkb,
         G=groups, GP=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK_K=64, CAUSAL=plan.causal,
         # fp32 inputs: full-precision products, so the ranking matches the reference's.
-        PRECISION="ieee" if pooled.q.dtype == torch.float32 else "tf32", num_warps=4)
+        PRECISION=_precision(pooled.q.dtype), num_warps=4)
     return out
 
 

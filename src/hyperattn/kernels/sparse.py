@@ -26,10 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.selection import Lsh, Plan, Selection
-from .attention import _lse_merge, _tile_update
+from .attention import _lse_merge, _normalised, _precision, _tile_update
 
 __all__ = ["attend_triton", "attend_rows_triton"]
-
 
 
 @triton.jit
@@ -102,7 +101,6 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                                               stride_kh, stride_vb, stride_vh, T, HEAD_DIM)
     sel = bh * c_blocks + jj
     if tl.load(ACTIVE + sel) != 0:
-        last_row = tl.minimum(j * T + T, nq) - 1
         for e in range(num_e):
             kb = tl.load(EB + sel * num_e + e)
             if kb >= 0:
@@ -129,11 +127,10 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
         acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e,
                                         j, bh, rows, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL,
                                         HEAD_DIM, T, BLOCK_N, PRECISION)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
+    out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
-    tl.store(OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
-    tl.store(LSE + flat, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634), mask=row_ok)
+    tl.store(OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    tl.store(LSE + flat, lse, mask=row_ok)
 
 
 @triton.jit
@@ -181,10 +178,7 @@ def _lsh_kernel(Q, K, V, PRIOR_OUT, PRIOR_LSE, OUT, LSE, QORDER, KORDER, LO, HI,
                 eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
                 valid = valid & (kblk[None, :] != eb[:, None])
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
     prev_lse = tl.load(PRIOR_LSE + flat, mask=row_ok, other=float("-inf"))
     prev = tl.load(PRIOR_OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -217,11 +211,6 @@ _SPARSE = _autotuned(_sparse_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w,
 _LSH = _autotuned(_lsh_kernel, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                                 for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2))],
                   ["HEAD_DIM", "T", "PRECISION"])
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep full fp32 products so the kernels match the fp32 reference.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
@@ -329,12 +318,9 @@ def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GL
                 ok = ok & (kblk != tl.load(EB + sel * num_e + e))
             valid = ok[None, :] & (offs_r == r)[:, None]
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
+    out, lse = _normalised(acc, m_i, l_i)
     mask = offs_r < num_rows
-    tl.store(OUT + (sel * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
-             mask=mask[:, None])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    tl.store(OUT + (sel * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask[:, None])
     tl.store(LSE + sel * num_rows + offs_r, lse, mask=mask)
 
 

@@ -89,7 +89,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     min_len = config.min_seq_len if config.min_seq_len is not None else default_min_seq_len(device)
     zeros = torch.zeros(bsz, hq, device=device)
     first_row = min(nq, sel_ref.first_block(nq, nk, causal, config.query_block, min_len) * config.query_block)
-    if exact_only(q, k, causal, config):  # below the crossover: exact, before any selection work
+    if first_row >= nq:  # below the crossover (exact_only): exact, before any selection work
         out, lse = exact(q, k, v, scale, causal, need_lse)
         return out, lse, AttentionStats("structured", exact_pairs(0, nq, nq, nk, causal) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device))
