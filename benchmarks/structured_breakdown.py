@@ -36,7 +36,7 @@ def _ms(fn, reps=5):
     return statistics.median(times)
 
 
-def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
+def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = False) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -48,6 +48,8 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     kv_heads = torch.arange(8, device="cuda")
     probe = S.probe_rows(plan, 0, 1, heads, cfg.probe_blocks, cfg.probe_rows // cfg.probe_blocks)
     row = {"n": n, "causal": causal, "impl": "structured-fixed"}
+    row["probe_rows_ms"] = _ms(lambda: ker_sel.probe_rows(plan, 0, 1, heads, cfg.probe_blocks,
+                                                          cfg.probe_rows // cfg.probe_blocks))
     row["probe_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks,
                                                             cfg.probe_blocks))
     heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, cfg.probe_blocks)[2]
@@ -59,7 +61,7 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
 
     def scores():
         sc = ker_sel.block_scores(pooled, scale, plan, blocks)
-        return S.rank_blocks(sc, cfg.key_blocks), S.chunk_scores(sc, blocks, plan, 8)
+        return S.rank_blocks(sc, cfg.key_blocks), S.chunk_scores(sc, plan.first, plan, 8)
 
     row["block_scores_ms"] = _ms(scores)
     ranked, c_scores = scores()
@@ -73,26 +75,31 @@ def breakdown(n: int, causal: bool = True, profile: bool = False) -> dict:
     row["select_ms"] = _ms(select)
     sel = select()
     row["attend_ms"] = _ms(lambda: ker.attend(q, k, v, scale, plan, sel, lsh))
-    row["attend_flex_ms"] = _ms(lambda: ker.attend_flex(q, k, v, scale, plan, sel, lsh))
-    # Each pass of the attention step alone, and the merge.
-    bits = ker._exact_bits(plan, sel)
-    row["bits_ms"] = _ms(lambda: ker._exact_bits(plan, sel))
-    row["block_pass_ms"] = _ms(lambda: ker.block_pass(q, k, v, scale, plan, sel, bits))
-    row["gathered_pass_ms"] = _ms(lambda: ker.gathered_pass(q, k, v, scale, plan, sel, lsh))
-    row["lsh_pass_ms"] = _ms(lambda: ker.lsh_pass(q, k, v, scale, plan, lsh, bits))
-    o1, l1 = ker.block_pass(q, k, v, scale, plan, sel, bits)
-    o2, l2 = ker.gathered_pass(q, k, v, scale, plan, sel, lsh)
-    from hyperattn.reference.exact import merge_lse
-    row["merge_ms"] = _ms(lambda: merge_lse(o1.float(), l1, o2.float(), l2))
+    if flex:
+        row["attend_flex_ms"] = _ms(lambda: ker.attend_flex(q, k, v, scale, plan, sel, lsh))
+        # Each pass of the attention step alone, and the merge.
+        bits = ker._exact_bits(plan, sel)
+        row["bits_ms"] = _ms(lambda: ker._exact_bits(plan, sel))
+        row["block_pass_ms"] = _ms(lambda: ker.block_pass(q, k, v, scale, plan, sel, bits))
+        row["gathered_pass_ms"] = _ms(lambda: ker.gathered_pass(q, k, v, scale, plan, sel, lsh))
+        row["lsh_pass_ms"] = _ms(lambda: ker.lsh_pass(q, k, v, scale, plan, lsh, bits))
+        o1, l1 = ker.block_pass(q, k, v, scale, plan, sel, bits)
+        o2, l2 = ker.gathered_pass(q, k, v, scale, plan, sel, lsh)
+        from hyperattn.reference.exact import merge_lse
+        row["merge_ms"] = _ms(lambda: merge_lse(o1.float(), l1, o2.float(), l2))
     row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg))
-    print("flex fallbacks:", ker._WORKING)
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             ha.hyper_attention(q, k, v, causal=causal, config=cfg)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        events = prof.key_averages()
+        # Kernels are the events with device time of their own (the ops above them have none).
+        kernels = [e for e in events if e.self_device_time_total > 0]
+        row["kernels_total_ms"] = sum(e.self_device_time_total for e in kernels) / 1000
+        row["kernel_launches"] = sum(e.count for e in kernels)
     kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
         row["sdpa_cudnn_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal))
@@ -104,10 +111,11 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--json")
     parser.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one call")
+    parser.add_argument("--flex", action="store_true", help="also time FlexAttention's engine and its passes")
     args = parser.parse_args()
     rows = []
     for n in args.lengths:
-        rows.append(breakdown(n, profile=args.profile))
+        rows.append(breakdown(n, profile=args.profile, flex=args.flex))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

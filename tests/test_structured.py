@@ -302,7 +302,7 @@ def test_kernel_masks_match_reference_on_cpu(causal, monkeypatch):
     lsh = S.lsh_ranges(q, k, plan, 32, 7, 0)
     blocks = torch.arange(plan.first, plan.nqb).expand(1, 4, -1)
     scores = S.block_scores(S.pool(q, k, plan, 16), scale, plan, blocks)
-    g_idx, g_logw = S.gather_columns(plan, S.chunk_scores(scores, blocks, plan, 2), heavy,
+    g_idx, g_logw = S.gather_columns(plan, S.chunk_scores(scores, plan.first, plan, 2), heavy,
                                      torch.full((1, 2, plan.num_chunks), 96), 96, 4, 0.3, 0, kv_heads)
     exact = S.exact_blocks(plan, blocks, S.rank_blocks(scores, 2), torch.full_like(blocks, 2))
     sel = S.Selection(blocks, exact, torch.ones_like(blocks, dtype=torch.bool), g_idx, g_logw)

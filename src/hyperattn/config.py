@@ -59,7 +59,9 @@ class HyperAttentionConfig:
         block_size: ``"hyper"``: ``b``, keys per block of the sorted order that each
             query block attends exactly; ``"oracle_topk"``: top keys per row. Unused by the
             structured method (its block is ``query_block``). Default 256.
-        check_finite: check inputs for NaN/Inf (one reduction per tensor). Default True.
+        check_finite: check inputs for NaN/Inf (one reduction per tensor and a host wait),
+            raising ``ValueError``. On CUDA a structured call below its crossover is one SDPA
+            call and skips the check: NaN/Inf come out as NaN, as in exact attention. Default True.
 
 
     Expert tuning of the structured method and the peers (defaults measured on the

@@ -239,17 +239,15 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     cfg = _DEFAULT_CONFIG if config is None else config
     check = cfg.check_finite if isinstance(cfg, HyperAttentionConfig) else True
     _check_inputs(q, k, v, causal, scale, config, False)
-    # The finite check waits for the GPU. Where the call is one SDPA call (the structured
-    # default below its crossover), that call is queued first so the wait overlaps it; NaN
-    # or Inf cannot fault SDPA, and the ValueError is raised before anything is returned.
-    # Elsewhere the check comes first: the selection indexes with values computed from q, k.
-    deferred = check and cfg.method == "structured" and not return_lse and _below_crossover(q, k, causal, cfg)
-    if check and not deferred:
+    # The check guards the selection, which indexes with values computed from q and k. It
+    # waits for the GPU: on CUDA, a call that is one SDPA call (the structured default below
+    # its crossover) skips it, since NaN or Inf cannot fault SDPA and come out as NaN there,
+    # as in exact attention, and a host wait per call (per layer) would cost more than the
+    # attention at 4k (measured 0.13 ms against 0.27 ms for cuDNN on an H200).
+    sdpa_only = q.is_cuda and cfg.method == "structured" and not return_lse and _below_crossover(q, k, causal, cfg)
+    if check and not sdpa_only:
         _check_finite(q, k, v)
-    result = _attention(q, k, v, causal, scale, cfg, return_lse=return_lse, return_stats=return_stats)
-    if deferred:
-        _check_finite(q, k, v)
-    return result
+    return _attention(q, k, v, causal, scale, cfg, return_lse=return_lse, return_stats=return_stats)
 
 
 def _below_crossover(q: Tensor, k: Tensor, causal: bool, cfg: HyperAttentionConfig) -> bool:

@@ -140,8 +140,14 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, causal: bool):
                                                                       "compiled": True}
 
 
-def _hyper_config_dict(config: HyperAttentionConfig) -> dict:
-    return {**asdict(config), "min_seq_len": config.effective_min_seq_len}
+def _hyper_config_dict(config: HyperAttentionConfig, device: torch.device | None = None) -> dict:
+    """The config as run: ``min_seq_len`` resolved (on CUDA the structured method's crossover)."""
+    min_len = config.effective_min_seq_len
+    if config.min_seq_len is None and config.method == "structured" and device is not None:
+        from ..methods.structured import default_min_seq_len
+
+        min_len = default_min_seq_len(device)
+    return {**asdict(config), "min_seq_len": min_len}
 
 
 def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Callable, dict, int]:
@@ -167,7 +173,8 @@ def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Ca
             else HyperAttentionConfig(seed=0)
         _, stats = hyper_attention(q, k, v, causal=causal, config=config, return_stats=True)
         pairs = round(stats.keys_per_query * n)
-        return (lambda: hyper_attention(q, k, v, causal=causal, config=config)), _hyper_config_dict(config), pairs
+        return (lambda: hyper_attention(q, k, v, causal=causal, config=config)), _hyper_config_dict(config, q.device), \
+            pairs
     if impl.startswith("sdpa-"):
         fn, config = _sdpa(impl.removeprefix("sdpa-"), q, k, v, causal)
         return fn, config, exact_pairs(n, causal)

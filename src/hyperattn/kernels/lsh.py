@@ -1,5 +1,7 @@
 """Fused sortLSH hashing (mirrors :mod:`hyperattn.reference.lsh`): project, sign bits, Gray rank, sort keys.
 
+:func:`lsh_buckets` is the reference's function in one launch (no fp32 copy of ``x``).
+
 One pass over ``x`` gives every row its bucket (the Gray-code rank of its sign pattern
 under the hyperplanes) and writes, for each launch group ``g`` of approximate pieces, the
 integer sort key ``segment[g, pos] << r | bucket``. A stable sort of those keys along the
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["lsh_sort_keys"]
+__all__ = ["lsh_buckets", "lsh_sort_keys"]
 
 # Hyperplanes are padded to this many columns (the smallest dot width; r <= 16 by config).
 _R_PAD = 16
@@ -78,3 +80,14 @@ def lsh_sort_keys(x: Tensor, proj: Tensor, segments: Tensor) -> Tensor:
     _lsh_keys_kernel[grid](x, padded, segments, keys, x.stride(0), x.stride(1), x.stride(2), heads, n, num_groups,
                            num_projs, HEAD_DIM=dim, R_PAD=_R_PAD, BLOCK=block, num_warps=4)
     return keys
+
+
+def lsh_buckets(x: Tensor, proj: Tensor) -> Tensor:
+    """:func:`hyperattn.reference.lsh.lsh_buckets` on CUDA in one launch: bucket ranks ``(B, H, N)`` int64.
+
+    ``x: (B, H, N, D)``; ``proj: (D, r)`` fp32.
+    """
+    bsz, heads, n, _ = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    segments = torch.zeros(1, n, device=x.device, dtype=torch.int32)
+    return lsh_sort_keys(x, proj.to(x.device), segments)[0].reshape(bsz, heads, n).long()

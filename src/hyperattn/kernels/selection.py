@@ -1,95 +1,161 @@
-"""The selection's one heavy step on CUDA: the probe rows (mirrors :mod:`hyperattn.reference.selection`).
+"""The selection's heavy steps on CUDA (mirrors :mod:`hyperattn.reference.selection`).
 
-:func:`probe_exact` has the reference's signature and result: the probe rows' exact
-output and log-sum-exp through FlexAttention (a block mask of the keys each probe tile
-sees), then each chunk's column mass ``sum_r exp(s_rc - lse_r)`` in one Triton kernel
-(no (rows x keys) matrix in memory), whose top columns are the chunk's heavy columns.
-Every other selection step is the reference's own PyTorch code, run on the GPU.
+:func:`probe_exact` has the reference's signature and result in two Triton launches: the
+probe rows' exact output and log-sum-exp (``_probe_kernel``, a flash forward over the
+gathered rows), then each chunk's column mass ``sum_r exp(s_rc - lse_r)`` with the
+group's query heads stacked in one product (``_column_mass``; no (rows x keys) matrix in
+memory), whose top columns are the chunk's heavy columns. :func:`block_scores`,
+:func:`pool` and :func:`probe_rows` are one launch each; the other selection steps are
+the reference's own PyTorch code, run on the GPU.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.selection import Plan, Pooled, finders
-from .attention import _precision
+from ..reference.lsh import draw_projections
+from ..reference.selection import Lsh, Plan, Pooled, bucket_ranges, finders, to_device
+from .attention import _normalised, _precision, _tile_update
+from .sparse import _autotuned, _start
 
-__all__ = ["probe_exact", "block_scores", "pool", "probe_rows"]
+__all__ = ["probe_exact", "block_scores", "pool", "probe_rows", "lsh_ranges"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
 
 
 @triton.jit
-def _column_mass(Q, K, LSE, ROWS, MASS, scale, nq, nk, offset, heads, group, chunks, chunk0, num_chunks,
-                 P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    # One program: one tile of BLOCK_N keys against the P probe rows of every query head of
-    # one (batch, KV head, chunk), summed over the heads (heavy columns are per KV head).
-    pid_n = tl.program_id(0)
-    pid = tl.program_id(1)  # ((b * kv_heads + kvh) * num_chunks + c_local)
-    c_local = pid % num_chunks
-    bkv = pid // num_chunks
-    kv_heads = heads // group
-    kvh = bkv % kv_heads
+def _probe_kernel(Q, K, V, ROWS, HEADS, DEST, OUT, LSE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                  stride_kn, stride_vb, stride_vh, stride_vn, kv_heads, chunks, nk, offset, width, qk_scale,
+                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    # A tile of one chunk's probe rows, the query heads of one KV head stacked (they read
+    # the same keys: one K/V load serves them all), over every key they see: exact
+    # attention, one online softmax. Key tiles every row sees run unmasked.
+    tile = tl.program_id(0)
+    pid = tl.program_id(1).to(tl.int64)  # (b * kv_heads + kvh) * chunks + c
+    bkv = pid // chunks
     b = bkv // kv_heads
-    c = chunk0 + c_local
+    at = pid * width + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(ROWS + at)  # -1: none
+    row_ok = rows >= 0
+    heads = tl.load(HEADS + at).to(tl.int64)  # int64: head x stride passes 2**31 at 1M keys
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.maximum(rows, 0)[:, None] * stride_qn
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_base = b * stride_kb + (bkv % kv_heads) * stride_kh
+    v_base = b * stride_vb + (bkv % kv_heads) * stride_vh
+    if CAUSAL:
+        limit = tl.where(row_ok, rows + offset, -1)
+    else:
+        limit = tl.where(row_ok, nk - 1, -1)
+    end = tl.minimum(tl.max(limit, 0) + 1, nk)
+    # Keys every row of the tile sees (none when a row is -1: it sees no key and stays masked).
+    low = tl.min(limit, 0)
+    qk_scale = qk_scale * 1.4426950408889634
+    for n0 in range(0, end, BLOCK_N):
+        cols = n0 + offs_n
+        k_ok = cols < nk
+        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        if n0 + BLOCK_N - 1 <= low:
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, None, qk_scale, False, PRECISION)
+        else:
+            valid = cols[None, :] <= limit[:, None]
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+    out, lse = _normalised(acc, m_i, l_i)
+    dest = tl.load(DEST + at).to(tl.int64)  # the row's place in (B, Hq, C * P); -1: padding
+    tl.store(OUT + dest[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(dest >= 0)[:, None])
+    tl.store(LSE + dest, lse, mask=dest >= 0)
+
+
+_PROBE = _autotuned(_probe_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                                    for n, w, s in ((64, 8, 3), (128, 8, 3), (64, 4, 3), (32, 4, 2))],
+                    ["HEAD_DIM", "CAUSAL", "BLOCK_M", "PRECISION"])
+
+
+def _stacked(rows: Tensor, hkv: int, pick: list[int], multiple: int):
+    """Probe rows ``pick`` of each (batch, KV head, chunk), its query heads' stacked, padded with rows -1.
+
+    Returns rows, query heads and places in ``(B, Hq, C * P)`` (``-1`` for padding), each
+    ``(B, Hkv, C, W)`` int32, with ``W`` a power of two, at least ``multiple``.
+    """
+    bsz, hq, nc, p = rows.shape
+    group = hq // hkv
+    width = group * len(pick)
+    w = max(multiple, triton.next_power_of_2(width))
+    sel = torch.tensor(pick, device=rows.device)
+    place = torch.arange(bsz * hq * nc * p, device=rows.device, dtype=torch.int32).reshape(rows.shape)
+    head = torch.arange(hq, device=rows.device, dtype=torch.int32).view(1, hq, 1, 1).expand(bsz, -1, nc, p)
+
+    def stacked(x):
+        x = x.reshape(bsz, hkv, group, nc, p)[..., sel].transpose(2, 3).reshape(bsz, hkv, nc, width)
+        return torch.nn.functional.pad(x, (0, w - width), value=-1).contiguous()
+
+    return stacked(rows.int()), stacked(head), stacked(place), w
+
+
+def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact attention of the probe rows ``(B, Hq, C, P)`` (``-1``: none, out 0 and lse -inf): ``out (B, Hq, C * P, D)``
+    fp32, ``lse``."""
+    bsz, hq, nc, p = rows.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(bsz, hq, nc * p, v.shape[-1], device=q.device, dtype=torch.float32)
+    lse = torch.empty(bsz, hq, nc * p, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    rows_s, heads_s, dest, width = _stacked(rows, hkv, list(range(p)), 16)
+    block_m = min(width, 128)
+    _PROBE[(width // block_m, bsz * hkv * nc)](
+        q, k, v, rows_s, heads_s, dest, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nc, nk, plan.offset, width, scale,
+        CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype))
+    return out, lse
+
+
+@triton.jit
+def _column_mass(Q, K, LSE, ROWS, HEADS, MASS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 scale, nk, offset, kv_heads, chunks, chunk0, num_chunks,
+                 M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    # One tile of BLOCK_N keys of one (batch, KV head) against the finding probe rows of
+    # every query head of the group, chunk after chunk (the key tile is loaded once): a
+    # chunk's M rows, all heads stacked, in one product, their softmax weights summed per key.
+    pid_n = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + (bkv * nk + keys)[:, None] * HEAD_DIM + d[None, :], mask=(keys < nk)[:, None], other=0.0)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for g in range(group):
-        bh = b * heads + kvh * group + g
-        rows = tl.load(ROWS + (bh * chunks + c) * P + tl.arange(0, P))  # [P], -1: none
+    k = tl.load(K + b * stride_kb + (bkv % kv_heads) * stride_kh + keys[:, None] * stride_kn + d[None, :],
+                mask=(keys < nk)[:, None], other=0.0)
+    slots = tl.arange(0, M)
+    for c_local in range(num_chunks):
+        at = (bkv * chunks + chunk0 + c_local) * M + slots
+        rows = tl.load(ROWS + at)  # [M], -1: none
         ok_rows = rows >= 0
-        last = tl.max(tl.where(ok_rows, rows, -1), axis=0)
         if CAUSAL:
-            limit = last + offset
+            limit = tl.where(ok_rows, rows + offset, -1)
         else:
-            limit = tl.where(last >= 0, nk - 1, -1)
-        if pid_n * BLOCK_N <= limit:
-            rows_c = tl.maximum(rows, 0)
-            q = tl.load(Q + (bh * nq + rows_c)[:, None] * HEAD_DIM + d[None, :])  # [P, D]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [P, BLOCK_N]
-            lse = tl.load(LSE + (bh * chunks + c) * P + tl.arange(0, P))
-            seen = ok_rows[:, None] & (keys[None, :] < nk)
-            if CAUSAL:
-                seen = seen & (keys[None, :] <= rows[:, None] + offset)
-            p = tl.where(seen, tl.exp(s - tl.where(ok_rows, lse, 0.0)[:, None]), 0.0)
-            total += tl.sum(p, axis=0)
-    tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
-
-
-def _flex_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact attention of ``rows (B, Hq, R)`` through FlexAttention: ``out (B, Hq, R, D)`` fp32, ``lse``."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    from .structured import _run
-
-    bsz, hq, r = rows.shape
-    dim = q.shape[-1]
-    nk, offset, causal = plan.nk, plan.offset, plan.causal
-    pad = math.ceil(r / 128) * 128 - r
-    rows_p = torch.nn.functional.pad(rows, (0, pad), value=-1)
-    q_rows = q.gather(2, rows_p.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, dim))
-    limit = (rows_p + offset) if causal else torch.where(rows_p >= 0, nk - 1, -1)
-    tile_limit = limit.reshape(bsz, hq, -1, 128).amax(-1)
-    nkb = plan.nkb
-    num = torch.clamp(tile_limit // 128 + 1, 0, nkb).int()
-    idx = torch.arange(nkb, device=q.device, dtype=torch.int32).expand(bsz, hq, num.shape[-1], -1).contiguous()
-
-    def seen(b, h, q_idx, kv_idx):
-        return (kv_idx <= limit[b, h, q_idx]) & (kv_idx < nk)
-
-    mask = BlockMask.from_kv_blocks(num.contiguous(), idx, BLOCK_SIZE=128, mask_mod=seen,
-                                    seq_lengths=(r + pad, nk), compute_q_blocks=False)
-    out, lse = _run("probe", q_rows, k, v, scale, mask, gqa=q.shape[1] != k.shape[1])
-    return out[:, :, :r].float(), lse[:, :, :r]
+            limit = tl.where(ok_rows, nk - 1, -1)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if pid_n * BLOCK_N <= tl.max(limit, 0):
+            heads = tl.load(HEADS + at).to(tl.int64)
+            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.maximum(rows, 0)[:, None] * stride_qn
+                        + d[None, :], mask=ok_rows[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [M, BLOCK_N]
+            lse = tl.load(LSE + at)
+            seen = (keys[None, :] <= limit[:, None]) & (keys[None, :] < nk)
+            total = tl.sum(tl.where(seen, tl.exp(s - tl.where(ok_rows, lse, 0.0)[:, None]), 0.0), axis=0)
+        tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
@@ -98,32 +164,30 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
     flat = rows.reshape(bsz, hq, nc * p)
-    out, lse = _flex_rows(q, k, v, scale, plan, flat)
+    out, lse = _exact_rows(q, k, v, scale, plan, rows)
     count = min(heavy, nk)
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
-    if count and p >= 16 and p & (p - 1) == 0:
-        qc, kc = q.contiguous(), k.contiguous()
+    if count:
         # Only the finding probe rows count (reference: finders).
-        rows_c = torch.where(finders(p, probe_blocks, q.device), rows, -1).contiguous()
-        lse_c = lse.reshape(bsz, hq, nc, p).contiguous()
+        pick = torch.nonzero(finders(p, probe_blocks, "cpu")).flatten().tolist()
+        rows_f, heads_f, place, m = _stacked(rows, hkv, pick, 16)
+        lse_f = torch.where(place >= 0, lse.flatten()[place.clamp(min=0).long()], 0.0).contiguous()
+        qs, ks = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
         step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * nk))
         block_n = 128
         for c0 in range(0, nc, step):
             c1 = min(nc, c0 + step)
             mass = torch.empty(bsz, hkv, c1 - c0, nk, device=q.device, dtype=torch.float32)
-            grid = (triton.cdiv(nk, block_n), bsz * hkv * (c1 - c0))
-            _column_mass[grid](qc, kc, lse_c, rows_c, mass, scale, q.shape[2], nk, plan.offset, hq, hq // hkv, nc, c0,
-                               c1 - c0, P=p, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal,
-                               # fp32 inputs: full-precision products, so heavy columns match the reference's.
-                               PRECISION=_precision(q.dtype))
+            _column_mass[(triton.cdiv(nk, block_n), bsz * hkv)](
+                qs, ks, lse_f, rows_f, heads_f, mass, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0),
+                ks.stride(1), ks.stride(2), scale, nk, plan.offset, hkv, nc, c0, c1 - c0, M=m, HEAD_DIM=q.shape[-1],
+                BLOCK_N=block_n, CAUSAL=plan.causal,
+                # fp32 inputs: full-precision products, so heavy columns match the reference's.
+                PRECISION=_precision(q.dtype))
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
-    elif count:
-        from ..reference.selection import probe_exact as reference
-
-        return reference(q, k, v, scale, plan, rows, heavy, num_sinks, probe_blocks)
-    seen = (flat + plan.offset + 1).clamp(0, nk) if plan.causal else torch.where(flat >= 0, nk, 0)
+    seen = torch.where(flat >= 0, (flat + plan.offset + 1).clamp(0, nk) if plan.causal else nk, 0)
     pairs = seen.sum(dtype=torch.float64) / (bsz * hq)  # a tensor: no host sync
     return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs
 
@@ -285,3 +349,12 @@ def probe_rows(plan: Plan, seed: int, batch: int, heads: Tensor, probe_blocks: i
             plan.nqb, plan.nq, plan.block, P=probe_blocks, R=rows_per_block,
             PR=triton.next_power_of_2(probe_blocks * rows_per_block), num_warps=1)
     return out
+
+
+def lsh_ranges(q: Tensor, k: Tensor, plan: Plan, lsh_block: int, num_projs: int, seed: int) -> Lsh:
+    """:func:`hyperattn.reference.selection.lsh_ranges` on CUDA: the hashing in one launch per tensor."""
+    from .lsh import lsh_buckets
+
+    # Drawn on the host like the reference's, copied once without a host wait.
+    proj = to_device(draw_projections(q.shape[-1], num_projs, torch.Generator().manual_seed(seed)), q.device)
+    return bucket_ranges(lsh_buckets(q, proj), lsh_buckets(k, proj), plan, lsh_block)

@@ -16,21 +16,18 @@ def exact(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, need_lse:
     if q.is_cuda and not need_lse and q.dtype in (torch.bfloat16, torch.float16):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        group = q.shape[1] // k.shape[1]
         mask = None
         if causal and q.shape[2] != k.shape[2]:
             from torch.nn.attention.bias import causal_lower_right
 
             mask = causal_lower_right(q.shape[2], k.shape[2])
-        if group > 1:
-            # cuDNN, the fastest backend measured on H100/H200, takes no grouped K/V: repeat them
-            # (a copy of K and V, small next to the attention itself).
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        # cuDNN first: the fastest backend measured on H100/H200. It takes grouped K/V as they
+        # are (enable_gqa; on an H200 at 4k as fast as on repeated K/V, without the copy).
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
         with sdpa_kernel(order, set_priority=True):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                                 scale=scale)
+                                                 scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return out, None
     out, lse = attention_lse(q, k, v, scale, causal)
     return out.to(q.dtype), lse

@@ -130,8 +130,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         blocks = j_all[j0:j0 + step].expand(bsz, hq, -1)
         scores = select_impl.block_scores(pooled, scale, plan, blocks)
         ranked[:, :, j0:j0 + step] = sel_ref.rank_blocks(scores, kmax)
-        c_scores += sel_ref.chunk_scores(scores, blocks, plan, hkv)
-    lsh = sel_ref.lsh_ranges(qd, kd, plan, config.lsh_block, config.lsh_num_projs, seed)
+        c_scores += sel_ref.chunk_scores(scores, j0, plan, hkv)
+    lsh = select_impl.lsh_ranges(qd, kd, plan, config.lsh_block, config.lsh_num_projs, seed)
     pairs = probe_pairs + torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal), dtype=torch.float64,
                        device=device)
 

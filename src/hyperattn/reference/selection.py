@@ -43,7 +43,7 @@ from .lsh import draw_projections, lsh_buckets
 
 __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_hash", "uniforms", "first_block", "make_plan",
            "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
-           "estimating_rows", "lsh_ranges", "exact_blocks", "chunk_candidates", "gather_columns"]
+           "estimating_rows", "lsh_ranges", "bucket_ranges", "exact_blocks", "chunk_candidates", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -272,7 +272,8 @@ def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0
     q_rows = q.gather(2, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, dim))
     s = (q_rows.reshape(bsz, hkv, -1, dim) @ k[:, :, k0:k1].transpose(-1, -2)).float().reshape(bsz, hq, -1, k1 - k0)
     s = s * scale
-    limit = rows + plan.offset if plan.causal else torch.where(rows >= 0, plan.nk - 1, -1)
+    # Rows -1 (chunks with no approximate rows) see no key, whatever the causal offset.
+    limit = torch.where(rows >= 0, rows + plan.offset if plan.causal else plan.nk - 1, -1)
     cols = torch.arange(k0, k1, device=q.device)
     return s.masked_fill(cols > limit.unsqueeze(-1), float("-inf"))
 
@@ -330,7 +331,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             best, pick = torch.topk(values, min(count, values.shape[-1]), dim=-1)
             best_idx = index.gather(-1, pick)
     heavy_idx = torch.where(best > 0, best_idx, -1)
-    seen = (flat + plan.offset + 1).clamp(0, plan.nk) if plan.causal else torch.where(flat >= 0, plan.nk, 0)
+    seen = torch.where(flat >= 0, (flat + plan.offset + 1).clamp(0, plan.nk) if plan.causal else plan.nk, 0)
     pairs = seen.sum(dtype=torch.float64) / (bsz * hq)  # a tensor: no host sync
     return (out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs)
 
@@ -365,19 +366,22 @@ def lsh_ranges(q: Tensor, k: Tensor, plan: Plan, lsh_block: int, num_projs: int,
     rows of buckets with thousands of keys between them; then, and only then, which keys a
     row takes can depend on rows after it.
     """
-    bsz, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    proj = draw_projections(q.shape[-1], num_projs, torch.Generator().manual_seed(seed))
+    return bucket_ranges(lsh_buckets(q, proj), lsh_buckets(k, proj), plan, lsh_block)
+
+
+def bucket_ranges(q_bucket: Tensor, k_bucket: Tensor, plan: Plan, lsh_block: int) -> Lsh:
+    """:func:`lsh_ranges` from the buckets of the rows ``(B, Hq, Nq)`` and of the keys ``(B, Hkv, Nk)``."""
+    bsz, hq, nq = q_bucket.shape
+    hkv, nk = k_bucket.shape[1], k_bucket.shape[2]
     group = hq // hkv
-    gen = torch.Generator().manual_seed(seed)
-    proj = draw_projections(dim, num_projs, gen)
-    pos = torch.arange(nk, device=k.device)
-    composite, order = torch.sort(lsh_buckets(k, proj) * nk + pos, dim=-1)
+    pos = torch.arange(nk, device=k_bucket.device)
+    composite, order = torch.sort(k_bucket * nk + pos, dim=-1)
     slot = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
-    q_bucket = lsh_buckets(q, proj)  # (B, Hq, Nq)
-    rows = torch.arange(nq, device=q.device)
+    rows = torch.arange(nq, device=q_bucket.device)
     block = rows // plan.block
     if plan.causal:
-        anchor = plan.win_lo.to(q.device)[block] * plan.block
+        anchor = plan.win_lo.to(q_bucket.device)[block] * plan.block
     else:
         anchor = torch.clamp(block * plan.block * nk // max(nq, 1), max=nk - 1)
 
@@ -503,10 +507,20 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
     return idx, torch.cat([fixed_logw, torch.where(ok, logw, float("-inf"))], dim=-1)
 
 
-def chunk_scores(scores: Tensor, blocks: Tensor, plan: Plan, kv_heads: int) -> Tensor:
-    """Block scores of query blocks ``blocks (B, Hq, c)`` summed per (batch, KV head, chunk): ``(B, Hkv, C, nkb)``."""
+def chunk_scores(scores: Tensor, first: int, plan: Plan, kv_heads: int) -> Tensor:
+    """Block scores of query blocks ``first, first + 1, ...`` (``scores (B, Hq, c, nkb)``) summed per (batch, KV head,
+    chunk): ``(B, Hkv, C, nkb)``.
+
+    A reshape and a sum, not a scatter: CUDA's scatter_add adds in an arbitrary order, and
+    these sums feed the residual samples' draws, so the same seed must give the same sums
+    whatever the run or the number of heads in the call.
+    """
     bsz, hq, c, nkb = scores.shape
+    cb = plan.chunk_blocks
+    lead = first % cb
+    tail = -(lead + c) % cb
+    values = torch.nn.functional.pad(scores.clamp(min=0), (0, 0, lead, tail))
+    sums = values.reshape(bsz, kv_heads, hq // kv_heads, -1, cb, nkb).sum((2, 4))
     out = torch.zeros(bsz, kv_heads, plan.num_chunks, nkb, device=scores.device)
-    chunk = (blocks // plan.chunk_blocks).reshape(bsz, kv_heads, -1)
-    values = scores.clamp(min=0).reshape(bsz, kv_heads, -1, nkb)
-    return out.scatter_add_(2, chunk.unsqueeze(-1).expand(-1, -1, -1, nkb), values)
+    out[:, :, first // cb:first // cb + sums.shape[2]] = sums
+    return out
