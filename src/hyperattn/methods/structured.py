@@ -77,8 +77,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     ``head_offset`` numbers the heads globally (draws are per global head). Without the
     guard and with ``need_stats`` False the probe rows' trial is skipped (it only estimates
-    the error): the output is the same, ``stats.est_error`` is 0 and ``keys_per_query``
-    leaves the trial out.
+    the error) and nothing waits for the GPU: the output is the same, ``stats.est_error``
+    is 0 and ``stats.keys_per_query`` NaN. Without the guard, the chunks that run exact are
+    decided from shapes (the nominal budget per row against exact cost), with it from the trials.
 
     Returns ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32 (``None`` when
     ``need_lse`` is False and SDPA computed a part) and :class:`~hyperattn.stats.AttentionStats`.
@@ -143,11 +144,21 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))
     level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)
     est = torch.zeros(bsz, hq, nc, device=device)
-    c_start = torch.arange(nc, device=device) * config.chunk
-    chunk_rows = (torch.clamp(c_start + config.chunk, max=nq) - torch.clamp(c_start, min=first_row)).clamp(min=0)
-    exact_cost = sel_ref.to_device(torch.tensor([exact_pairs(max(c * config.chunk, first_row),
-                                                            min((c + 1) * config.chunk, nq), nq, nk, causal)
-                                                for c in range(nc)], dtype=torch.float64), device)
+    exact_cost_host = [exact_pairs(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq), nq, nk, causal)
+                       for c in range(nc)]
+    exact_cost = sel_ref.to_device(torch.tensor(exact_cost_host, dtype=torch.float64), device)
+    # A tier may serve a chunk where its nominal budget per row (exact blocks, gathered
+    # columns, LSH block: an upper bound) costs less than exact attention there: decided on
+    # the host from shapes alone, so without the guard the call never waits for the GPU.
+    rows_host = [max(0, min((c + 1) * config.chunk, nq) - max(c * config.chunk, first_row)) for c in range(nc)]
+
+    def cheap(factor: float) -> list[bool]:
+        nominal = ((round(config.key_blocks * factor) + plan.win_width) * t + min(round(config.sample_size * factor), nk)
+                   + config.heavy_columns + config.num_sinks + config.lsh_block)
+        # (Rows that see no key cost nothing either way: they stay on the approximate path.)
+        return [not (r > 0 and cost > 0 and nominal * r >= cost) for r, cost in zip(rows_host, exact_cost_host)]
+
+    exact_host = [not c for c in cheap(1.0)]  # without the guard: the chunks that run exact
     for i, factor in enumerate(tiers):
         pending = (level == len(tiers)) & chunk_ok
         if config.max_error is not None and not bool(pending.any()):
@@ -158,14 +169,14 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
                                 torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
-        per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
         if config.max_error is not None or need_stats:
+            per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
             approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
             err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
             pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
         else:
             err = est
-        cheaper = per_row.double() * chunk_rows < exact_cost
+        cheaper = sel_ref.to_device(torch.tensor(cheap(factor), dtype=torch.bool), device)
         ok = pending & cheaper & ((err <= config.max_error) if config.max_error is not None else True)
         level = torch.where(ok, i, level)
         est = torch.where(ok, err, est)
@@ -212,7 +223,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     lsh = sel_ref.Lsh(lsh.order, lsh.slot, torch.where(row_active, lsh.lo, 0), torch.where(row_active, lsh.hi, 0),
                       lsh.q_order)
     out_a, lse_a = attend_impl.attend(qc, kc, vc, scale, plan, sel, lsh)
-    pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
+    if need_stats or config.max_error is not None:
+        pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
 
     # 1 and 5. Exact rows: before min_seq_len, and the chunks the guard sent to exact.
     out = torch.empty(bsz, hq, nq, v.shape[-1], dtype=q.dtype, device=device)
@@ -228,7 +240,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         if lse is not None:
             lse[:, :, :first_row] = l if l is not None else 0.0
     exact_chunk = chunk_ok & ~approx_chunk
-    if bool(exact_chunk.any()):
+    if config.max_error is None:
+        # Decided on the host: every head of a chunk alike, one SDPA call per exact chunk.
+        for c in (c for c in range(nc) if exact_host[c]):
+            r0, r1 = max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq)
+            k_end = r1 + plan.offset if causal else nk
+            o, l = exact(q[:, :, r0:r1], k[:, :, :k_end], v[:, :, :k_end], scale, causal, need_lse)
+            out[:, :, r0:r1] = o
+            if lse is not None:
+                lse[:, :, r0:r1] = l if l is not None else 0.0
+            pairs += exact_cost[c]
+    elif bool(exact_chunk.any()):
         exact_chunk_cpu = exact_chunk.cpu()
         for c in range(nc):
             pick = torch.nonzero(exact_chunk_cpu[:, :, c])
@@ -247,7 +269,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
             est[b_i, h_i, c] = 0.0
     weight = chunk_ok.double()
     est_head = torch.sqrt((est.double() ** 2 * weight).sum(-1) / weight.sum(-1).clamp(min=1)).float()
-    stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
+    # keys_per_query is a host number (a wait for the GPU): computed only when asked for.
+    keys = float(pairs.mean()) / nq if need_stats or config.max_error is not None else float("nan")
+    stats = AttentionStats("structured", keys, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
                            exact_chunks=exact_chunk)
     return out, lse, stats
 
