@@ -136,9 +136,11 @@ def test_default_is_sdpa_below_the_crossover():
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-def test_probe_exact_matches_reference(causal):
+@pytest.mark.parametrize("split_keys", [16384, 300], ids=["one-split", "key-splits"])
+def test_probe_exact_matches_reference(causal, split_keys, monkeypatch):
     from hyperattn.kernels import selection as ker_sel
 
+    monkeypatch.setattr(ker_sel, "_PROBE_SPLIT_KEYS", split_keys)  # 300: 4 splits merged by LSE
     q, k, v = qkv(1, 4, 2, 1500, 1300, 64, device="cuda")
     plan = S.make_plan(1500, 1300, causal, 128, 128, 512, 256)
     probe = S.probe_rows(plan, 0, 1, torch.arange(4, device="cuda"), 2, 8)

@@ -30,14 +30,17 @@ _MASS_ELEMENTS = 1 << 28
 
 @triton.jit
 def _probe_kernel(Q, K, V, ROWS, HEADS, DEST, OUT, LSE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                  stride_kn, stride_vb, stride_vh, stride_vn, kv_heads, chunks, nk, offset, width, qk_scale,
-                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  stride_kn, stride_vb, stride_vh, stride_vn, kv_heads, chunks, nk, offset, width, split_rows,
+                  qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # A tile of one chunk's probe rows, the query heads of one KV head stacked (they read
-    # the same keys: one K/V load serves them all), over every key they see: exact
-    # attention, one online softmax. Key tiles every row sees run unmasked.
+    # the same keys: one K/V load serves them all), over one of the splits of the keys they
+    # see: exact attention, one online softmax (the splits are merged by LSE afterwards;
+    # they balance chunks late in a causal sequence against early ones). Key tiles every
+    # row sees run unmasked.
     tile = tl.program_id(0)
     pid = tl.program_id(1).to(tl.int64)  # (b * kv_heads + kvh) * chunks + c
+    part = tl.program_id(2)
     bkv = pid // chunks
     b = bkv // kv_heads
     at = pid * width + tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,11 +60,14 @@ def _probe_kernel(Q, K, V, ROWS, HEADS, DEST, OUT, LSE, stride_qb, stride_qh, st
         limit = tl.where(row_ok, rows + offset, -1)
     else:
         limit = tl.where(row_ok, nk - 1, -1)
-    end = tl.minimum(tl.max(limit, 0) + 1, nk)
+    seen = tl.minimum(tl.max(limit, 0) + 1, nk)
+    step = tl.cdiv(tl.cdiv(seen, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = part * step
+    end = tl.minimum(start + step, seen)
     # Keys every row of the tile sees (none when a row is -1: it sees no key and stays masked).
     low = tl.min(limit, 0)
     qk_scale = qk_scale * 1.4426950408889634
-    for n0 in range(0, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         k_ok = cols < nk
         k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
@@ -73,9 +79,14 @@ def _probe_kernel(Q, K, V, ROWS, HEADS, DEST, OUT, LSE, stride_qb, stride_qh, st
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
     dest = tl.load(DEST + at).to(tl.int64)  # the row's place in (B, Hq, C * P); -1: padding
-    tl.store(OUT + dest[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(dest >= 0)[:, None])
-    tl.store(LSE + dest, lse, mask=dest >= 0)
+    dest_p = part * split_rows + dest
+    tl.store(OUT + dest_p[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(dest >= 0)[:, None])
+    tl.store(LSE + dest_p, lse, mask=dest >= 0)
 
+
+# Key splits of the probe rows' attention: one per this many keys, at most _PROBE_SPLITS.
+_PROBE_SPLIT_KEYS = 16384
+_PROBE_SPLITS = 8
 
 _PROBE = _autotuned(_probe_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                                     for n, w, s in ((64, 8, 3), (128, 8, 3), (64, 4, 3), (32, 4, 2))],
@@ -109,17 +120,28 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = torch.empty(bsz, hq, nc * p, v.shape[-1], device=q.device, dtype=torch.float32)
-    lse = torch.empty(bsz, hq, nc * p, device=q.device, dtype=torch.float32)
+    # Key splits per row: from the length alone, never from the heads in the call, so a call
+    # on some of the heads rounds as the call on all of them (context parallelism).
+    splits = min(_PROBE_SPLITS, max(1, nk // _PROBE_SPLIT_KEYS))
+    out = torch.empty(splits, bsz, hq, nc * p, v.shape[-1], device=q.device, dtype=torch.float32)
+    lse = torch.empty(splits, bsz, hq, nc * p, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
-        return out, lse
+        return out[0], lse[0]
     rows_s, heads_s, dest, width = _stacked(rows, hkv, list(range(p)), 16)
     block_m = min(width, 128)
-    _PROBE[(width // block_m, bsz * hkv * nc)](
+    _PROBE[(width // block_m, bsz * hkv * nc, splits)](
         q, k, v, rows_s, heads_s, dest, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nc, nk, plan.offset, width, scale,
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nc, nk, plan.offset, width, bsz * hq * nc * p, scale,
         CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype))
-    return out, lse
+    if splits == 1:
+        return out[0], lse[0]
+    # The splits merged by LSE, in a fixed order; rows that saw no key: out 0, lse -inf.
+    top = lse.amax(0)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    w = torch.exp(lse - top)
+    total = w.sum(0)
+    merged = (w.unsqueeze(-1) * out).sum(0) / total.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    return merged, torch.where(total > 0, top + torch.log(total), float("-inf"))
 
 
 @triton.jit
