@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 import hyperattn as ha
 from conftest import SHARD_ATOL, qkv
-from hyperattn.distributed import context_parallel_attention
+from hyperattn.distributed import _ROUNDS_FROM, context_parallel_attention
 
 WORLD = 2
 N, DIM = 512, 32
@@ -36,6 +36,7 @@ class Case:
     batch: int = 1
     hq: int = 8
     grad: bool = False
+    rounds_from: int | None = None  # exchange heads in rounds from this length (default: 1M-scale only)
 
 
 # A guard target between the chunks' estimated errors on these inputs, so some chunks
@@ -51,6 +52,9 @@ CASES = {
     "hyper-noncausal-hkv2": Case(HYPER, False, 2, batch=2),
     "hyper-causal-hkv1-replicated": Case(HYPER, True, 1),
     "hyper-causal-hkv2-backward": Case(HYPER, True, 2, grad=True),
+    "structured-fixed-causal-hkv4-two-rounds": Case(dataclasses.replace(SMALL, max_error=None), True, 4,
+                                                    rounds_from=N),
+    "hyper-causal-hkv4-two-rounds-backward": Case(HYPER, True, 4, grad=True, rounds_from=N),
     "exact-causal-hkv2": Case(ha.HyperAttentionConfig(method="exact"), True, 2),
     "exact-noncausal-hkv1-replicated-backward": Case(ha.HyperAttentionConfig(method="exact"), False, 1, grad=True),
 }
@@ -71,6 +75,9 @@ def _weights(case: Case) -> torch.Tensor:
 
 
 def _run_case(case: Case, rank: int) -> dict:
+    import hyperattn.distributed as distributed
+
+    distributed._ROUNDS_FROM = case.rounds_from or _ROUNDS_FROM
     q, k, v = _inputs(case)
     rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
     local = [x[:, :, rows].clone().requires_grad_(case.grad) for x in (q, k, v)]

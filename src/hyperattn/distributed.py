@@ -8,7 +8,9 @@ on them; a second all-to-all returns the output (and LSE) to the sequence layout
 method is independent per head (the structured one per KV-head group), and its random
 draws are keyed by global head, so the result is the single-device call on the whole
 sequence, up to float rounding. Traffic per rank is the size of its own q, k, v and
-output slices, whatever ``W``.
+output slices, whatever ``W``. Long sequences exchange the heads in two rounds (half of
+each rank's KV-head groups at a time), so the exchanged copies and the method's working
+memory are held for half the heads at once.
 
 Why this layout rather than a ring over KV shards: the methods select keys from the whole
 sequence (LSH sorts, heavy columns, block scores, samples over the residual), which a ring
@@ -225,10 +227,39 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = F
         # copies of the KV heads its query heads read (lcm(Hkv, W) divides Hq).
         repeat = math.lcm(hkv, world) // hkv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    q_h, k_h, v_h = (_to_heads(x, world, group) for x in (q, k, v))
-    result = _attention(q_h, k_h, v_h, causal, scale, cfg, return_lse=return_lse, head_offset=rank * (hq // world),
-                        total_heads=hq)
-    if not return_lse:
-        return _to_sequence(result, world, group)
-    out, lse = result
-    return _to_sequence(out, world, group), _to_sequence(lse, world, group)
+    rounds = _rounds(k.shape[1] // world, q.shape[2] * world)
+    bsz, n_local = q.shape[0], q.shape[2]
+    out = torch.empty(bsz, world, rounds, hq // (world * rounds), n_local, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, world, rounds, hq // (world * rounds), n_local, dtype=torch.float32, device=q.device) \
+        if return_lse else None
+    for r in range(rounds):
+        # Round r moves the r-th part of every rank's heads (whole KV-head groups), so the
+        # exchanged copies and the method's working memory are 1 / rounds of the heads.
+        q_h, k_h, v_h = (_to_heads(_part(x, world, rounds, r), world, group) for x in (q, k, v))
+        result = _attention(q_h, k_h, v_h, causal, scale, cfg, return_lse=return_lse,
+                            head_offset=rank * (hq // world) + r * (hq // (world * rounds)), total_heads=hq)
+        del q_h, k_h, v_h
+        o = result[0] if return_lse else result
+        out[:, :, r] = _to_sequence(o, world, group).unflatten(1, (world, -1))
+        if return_lse:
+            lse[:, :, r] = _to_sequence(result[1], world, group).unflatten(1, (world, -1))
+        del result, o
+    out = out.reshape(bsz, hq, n_local, -1)
+    return (out, lse.reshape(bsz, hq, n_local)) if return_lse else out
+
+
+# Sequences from this length (whole) exchange heads in two rounds: the working memory per
+# GPU then halves again, which at 1M tokens is what brings a GPU's peak to about half the
+# single-GPU one (inputs and output held throughout). Shorter calls keep one round.
+_ROUNDS_FROM = 1 << 18
+
+
+def _rounds(kv_per_rank: int, n: int) -> int:
+    """Rounds of the head exchange: 2 where each rank's KV heads split evenly and the sequence is long."""
+    return 2 if n >= _ROUNDS_FROM and kv_per_rank % 2 == 0 else 1
+
+
+def _part(x: Tensor, world: int, rounds: int, r: int) -> Tensor:
+    """The r-th of ``rounds`` parts of each rank's heads of ``x (B, H, N_local, D)``: ``(B, H / rounds, N_local, D)``."""
+    bsz, heads, *rest = x.shape
+    return x.reshape(bsz, world, rounds, heads // (world * rounds), *rest)[:, :, r].reshape(bsz, heads // rounds, *rest)
