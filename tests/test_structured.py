@@ -324,3 +324,18 @@ def test_output_does_not_depend_on_asking_for_stats():
     with_stats, stats = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_stats=True)
     assert torch.equal(plain, with_stats)
     assert float(stats.est_error.max()) > 0  # the trial ran when stats were asked for
+
+
+def test_without_the_guard_chunks_costlier_than_exact_run_exact():
+    # A budget that covers about every key: the chunks where it costs as much as exact
+    # attention run exact (SDPA's role on CUDA), the others approximate, without a host wait.
+    q, k, v = qkv(1, 4, 2, 700, 700, 16, seed=3)
+    cfg = _cfg(key_blocks=3, sample_size=64, min_seq_len=32)
+    out, stats = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_stats=True)
+    exact_chunks = stats.exact_chunks[0, 0]
+    assert bool(exact_chunks.any()) and not bool(exact_chunks.all())
+    ref = attention_lse(q, k, v, 0.25, True)[0]
+    c = int(torch.nonzero(exact_chunks)[0])
+    rows = slice(max(c * 128, 32), (c + 1) * 128)
+    assert torch.allclose(out[:, :, rows], ref[:, :, rows], atol=FP32_ATOL)
+    assert torch.equal(out, ha.hyper_attention(q, k, v, causal=True, config=cfg))

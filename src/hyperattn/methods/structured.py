@@ -79,7 +79,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     guard and with ``need_stats`` False the probe rows' trial is skipped (it only estimates
     the error) and nothing waits for the GPU: the output is the same, ``stats.est_error``
     is 0 and ``stats.keys_per_query`` NaN. Without the guard, the chunks that run exact are
-    decided from shapes (the nominal budget per row against exact cost), with it from the trials.
+    found without a host wait (the driver's ``maybe_exact``).
 
     Returns ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32 (``None`` when
     ``need_lse`` is False and SDPA computed a part) and :class:`~hyperattn.stats.AttentionStats`.
@@ -147,18 +147,16 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     exact_cost_host = [exact_pairs(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq), nq, nk, causal)
                        for c in range(nc)]
     exact_cost = sel_ref.to_device(torch.tensor(exact_cost_host, dtype=torch.float64), device)
-    # A tier may serve a chunk where its nominal budget per row (exact blocks, gathered
-    # columns, LSH block: an upper bound) costs less than exact attention there: decided on
-    # the host from shapes alone, so without the guard the call never waits for the GPU.
-    rows_host = [max(0, min((c + 1) * config.chunk, nq) - max(c * config.chunk, first_row)) for c in range(nc)]
-
-    def cheap(factor: float) -> list[bool]:
-        nominal = ((round(config.key_blocks * factor) + plan.win_width) * t + min(round(config.sample_size * factor), nk)
-                   + config.heavy_columns + config.num_sinks + config.lsh_block)
-        # (Rows that see no key cost nothing either way: they stay on the approximate path.)
-        return [not (r > 0 and cost > 0 and nominal * r >= cost) for r, cost in zip(rows_host, exact_cost_host)]
-
-    exact_host = [not c for c in cheap(1.0)]  # without the guard: the chunks that run exact
+    c_start = torch.arange(nc, device=device) * config.chunk
+    chunk_rows = (torch.clamp(c_start + config.chunk, max=nq) - torch.clamp(c_start, min=first_row)).clamp(min=0)
+    # Without the guard, the chunks that may run exact (their measured cost per row is only
+    # known on the GPU): those whose nominal budget per row (exact blocks, gathered columns,
+    # LSH block: an upper bound of the measured one) is not below exact attention's. Found
+    # on the host from shapes, so the call never waits for the GPU; none at usual lengths.
+    nominal = ((config.key_blocks + plan.win_width) * t + min(config.sample_size, nk) + config.heavy_columns
+               + config.num_sinks + config.lsh_block)
+    maybe_exact = [c for c in range(nc) if exact_cost_host[c] > 0 and nominal * max(
+        0, min((c + 1) * config.chunk, nq) - max(c * config.chunk, first_row)) >= exact_cost_host[c]]
     for i, factor in enumerate(tiers):
         pending = (level == len(tiers)) & chunk_ok
         if config.max_error is not None and not bool(pending.any()):
@@ -169,14 +167,14 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
                                 torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
+        per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
         if config.max_error is not None or need_stats:
-            per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
             approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
             err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
             pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
         else:
             err = est
-        cheaper = sel_ref.to_device(torch.tensor(cheap(factor), dtype=torch.bool), device)
+        cheaper = per_row.double() * chunk_rows < exact_cost
         ok = pending & cheaper & ((err <= config.max_error) if config.max_error is not None else True)
         level = torch.where(ok, i, level)
         est = torch.where(ok, err, est)
@@ -241,15 +239,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
             lse[:, :, :first_row] = l if l is not None else 0.0
     exact_chunk = chunk_ok & ~approx_chunk
     if config.max_error is None:
-        # Decided on the host: every head of a chunk alike, one SDPA call per exact chunk.
-        for c in (c for c in range(nc) if exact_host[c]):
+        # The chunks that may run exact, all heads in one SDPA call each, kept where the
+        # measured cost chose exact: selected on the GPU, no host wait.
+        for c in maybe_exact:
             r0, r1 = max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq)
             k_end = r1 + plan.offset if causal else nk
             o, l = exact(q[:, :, r0:r1], k[:, :, :k_end], v[:, :, :k_end], scale, causal, need_lse)
-            out[:, :, r0:r1] = o
+            pick = exact_chunk[:, :, c]
+            out[:, :, r0:r1] = torch.where(pick[..., None, None], o, out[:, :, r0:r1])
             if lse is not None:
-                lse[:, :, r0:r1] = l if l is not None else 0.0
-            pairs += exact_cost[c]
+                lse[:, :, r0:r1] = torch.where(pick[..., None], l if l is not None else 0.0, lse[:, :, r0:r1])
+            pairs += torch.where(pick, exact_cost[c], 0.0)
     elif bool(exact_chunk.any()):
         exact_chunk_cpu = exact_chunk.cpu()
         for c in range(nc):
