@@ -1,8 +1,8 @@
 """The structured method's CUDA path, run on CPU under Triton's interpreter, against its reference path.
 
 The driver runs once with the kernels (:mod:`hyperattn.kernels.selection`, ``sparse`` and
-``structured``: probe rows, pooled means, block scores, column mass, the guard's trials and
-the attention engine; FlexAttention's probe pass through its eager path) and once with the
+``structured``: probe rows, their exact attention and column mass, LSH hashes, pooled
+means, block scores, the guard's trials and the attention engine) and once with the
 PyTorch reference, in fp32 on one input: the outputs and error estimates agree to rounding,
 with the guard off and on, causal and not, Nq != Nk. Needs ``triton`` installed (any
 device); the compiled kernels themselves are checked on CUDA in

@@ -4,8 +4,10 @@
 - :mod:`~hyperattn.kernels.attention`: range and gathered-column attention with an
   online softmax and in-place LSE merges;
 - :mod:`~hyperattn.kernels.hyper`: the paper's method as a few launches;
-- :mod:`~hyperattn.kernels.selection`: the structured method's probe rows (FlexAttention and a
-  Triton column-mass kernel);
-- :mod:`~hyperattn.kernels.structured`: its attention step, three FlexAttention passes;
+- :mod:`~hyperattn.kernels.selection`: the structured method's selection kernels (probe rows,
+  their exact attention and column mass, pooled means, block scores, LSH ranges);
+- :mod:`~hyperattn.kernels.sparse`: its attention step in two Triton launches (inference);
+- :mod:`~hyperattn.kernels.structured`: the attention step's entry point, and its
+  differentiable engine in three FlexAttention passes;
 - :mod:`~hyperattn.kernels.dispatch`: the paper's method's entry point, fallbacks and autograd.
 """

@@ -57,8 +57,8 @@ def _flex(name: str):
                               enable_gqa=enable_gqa, return_lse=True, kernel_options=kernel_options)
 
     run.__code__ = run.__code__.replace(co_name=f"flex_{name}")
-    # Compiled functions share dynamo's recompile budget (8 by default): the passes, the
-    # probe rows and a few lengths exceed it, after which FlexAttention silently runs its
+    # Compiled functions share dynamo's recompile budget (8 by default): the passes and a
+    # few lengths exceed it, after which FlexAttention silently runs its
     # unfused, quadratic-memory path. Raise it (only ever upwards).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(run, dynamic=False)
