@@ -260,6 +260,6 @@ def _rounds(kv_per_rank: int, n: int) -> int:
 
 
 def _part(x: Tensor, world: int, rounds: int, r: int) -> Tensor:
-    """The r-th of ``rounds`` parts of each rank's heads of ``x (B, H, N_local, D)``: ``(B, H / rounds, N_local, D)``."""
+    """Part ``r`` of ``rounds`` of each rank's heads of ``x (B, H, N_local, D)``: ``(B, H / rounds, N_local, D)``."""
     bsz, heads, *rest = x.shape
     return x.reshape(bsz, world, rounds, heads // (world * rounds), *rest)[:, :, r].reshape(bsz, heads // rounds, *rest)
