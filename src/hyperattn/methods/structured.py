@@ -167,14 +167,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
                                 torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
-        per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
+        # Without the guard, stats or chunks that may run exact, every chunk is cheaper than
+        # exact attention (the nominal budget bounds the measured one): no count needed.
+        counted = config.max_error is not None or need_stats or bool(maybe_exact)
+        per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1) if counted else None
         if config.max_error is not None or need_stats:
             approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
             err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
             pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
         else:
             err = est
-        cheaper = per_row.double() * chunk_rows < exact_cost
+        cheaper = per_row.double() * chunk_rows < exact_cost if counted else True
         ok = pending & cheaper & ((err <= config.max_error) if config.max_error is not None else True)
         level = torch.where(ok, i, level)
         est = torch.where(ok, err, est)
