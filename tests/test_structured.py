@@ -10,6 +10,7 @@ import torch
 import hyperattn as ha
 from conftest import assert_matches_exact, FP32_ATOL, qkv, rel_err
 from hyperattn.methods import structured
+from hyperattn.reference import selection as S
 from hyperattn.reference.exact import attention_lse
 
 # Small budgets so that short test sequences really approximate.
@@ -283,7 +284,6 @@ def test_kernel_masks_match_reference_on_cpu(causal, monkeypatch):
     from torch.nn.attention.flex_attention import flex_attention
 
     from hyperattn.kernels import structured as ker
-    from hyperattn.reference import selection as S
     from hyperattn.reference import structured as ref_attend
 
     def eager(name):
@@ -339,3 +339,17 @@ def test_without_the_guard_chunks_costlier_than_exact_run_exact():
     rows = slice(max(c * 128, 32), (c + 1) * 128)
     assert torch.allclose(out[:, :, rows], ref[:, :, rows], atol=FP32_ATOL)
     assert torch.equal(out, ha.hyper_attention(q, k, v, causal=True, config=cfg))
+
+
+def test_chunk_scores_sum_each_chunks_blocks_and_heads():
+    # The definition, written out: chunk c of KV head g sums the clamped scores of its query
+    # blocks over the group's query heads (a ragged start and end of the block range).
+    plan = S.make_plan(3000, 3000, True, 128, 128, 512, 256)
+    first, count = 3, 17
+    scores = torch.randn(2, 4, count, plan.nkb)
+    got = S.chunk_scores(scores, first, plan, 2)
+    want = torch.zeros_like(got)
+    for j in range(count):
+        c = (first + j) // plan.chunk_blocks
+        want[:, :, c] += scores[:, :, j].clamp(min=0).reshape(2, 2, 2, -1).sum(2)
+    assert torch.allclose(got, want, atol=1e-6)
