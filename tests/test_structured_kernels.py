@@ -246,7 +246,7 @@ def test_same_seed_same_output_whatever_the_heads(causal):
 def test_lsh_ranges_equal_the_reference(causal):
     # The hashing kernel's products (tf32x3, fp32-accurate) and the reference's (fp32
     # matmul) round differently: a bucket may differ where a projection is within ~1e-6
-    # relative of 0 (expected: none or a handful of the 72k here). With equal buckets the
+    # relative of 0 (expected: none or a handful of the 18k vectors here). With equal buckets the
     # ranges are the reference's own code, so they must be equal too.
     from hyperattn.kernels import lsh as ker_lsh
     from hyperattn.kernels import selection as ker_sel
