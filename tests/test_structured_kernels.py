@@ -261,3 +261,27 @@ def test_lsh_ranges_equal_the_reference(causal):
     same = S.bucket_ranges(ker_lsh.lsh_buckets(q, proj), ker_lsh.lsh_buckets(k, proj), plan, 32)
     for name in ("order", "slot", "lo", "hi", "q_order"):
         assert torch.equal(getattr(ker_ranges, name), getattr(same, name)), name
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("samples", [96, 2000], ids=["sampled", "every-candidate"])
+def test_gather_columns_equal_the_reference(causal, samples):
+    # The kernel repeats the reference's float64 operations in order on the reference's own
+    # CDF: the same columns; log-weights within float32 rounding of a float64 log.
+    from hyperattn.kernels import selection as ker_sel
+
+    q, k, v = qkv(2, 4, 2, 1500, 1300, 64, device="cuda")
+    plan = S.make_plan(1500, 1300, causal, 128, 128, 512, 256, "cuda")
+    probe = S.probe_rows(plan, 0, 2, torch.arange(4, device="cuda"), 4, 4)
+    heavy = S.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 4)[2]
+    blocks = torch.arange(plan.first, plan.nqb, device="cuda").expand(2, 4, -1)
+    c_scores = S.chunk_scores(S.block_scores(S.pool(q, k, plan, 16), 0.125, plan, blocks), plan.first, plan, 2)
+    m = torch.full((2, 2, plan.num_chunks), samples, device="cuda")
+    m[0, 1, 1] = 7  # chunks draw different counts under the guard
+    kv_heads = torch.arange(2, device="cuda") + 3
+    idx_r, logw_r = S.gather_columns(plan, c_scores, heavy, m, samples, 4, 0.3, 11, kv_heads)
+    idx_k, logw_k = ker_sel.gather_columns(plan, c_scores, heavy, m, samples, 4, 0.3, 11, kv_heads)
+    assert torch.equal(idx_k, idx_r)
+    assert torch.equal(torch.isfinite(logw_k), torch.isfinite(logw_r))
+    finite = torch.isfinite(logw_r)
+    assert torch.allclose(logw_k[finite], logw_r[finite], rtol=1e-6, atol=1e-6)

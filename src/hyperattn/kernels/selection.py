@@ -22,7 +22,7 @@ from ..reference.selection import Lsh, Plan, Pooled, bucket_ranges, finders, to_
 from .attention import _normalised, _precision, _tile_update
 from .sparse import _autotuned, _start
 
-__all__ = ["probe_exact", "block_scores", "pool", "probe_rows", "lsh_ranges"]
+__all__ = ["probe_exact", "block_scores", "pool", "probe_rows", "lsh_ranges", "gather_columns"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
@@ -380,3 +380,105 @@ def lsh_ranges(q: Tensor, k: Tensor, plan: Plan, lsh_block: int, num_projs: int,
     # Drawn on the host like the reference's, copied once without a host wait.
     proj = to_device(draw_projections(q.shape[-1], num_projs, torch.Generator().manual_seed(seed)), q.device)
     return bucket_ranges(lsh_buckets(q, proj), lsh_buckets(k, proj), plan, lsh_block)
+
+
+@triton.jit
+def _search_right(A, base, values, ok, n, STEPS: tl.constexpr):
+    # torch.searchsorted(a, values, right=True) on the sorted row a = A[base:base + n]: the
+    # first index whose entry is greater than the value (a binary search per lane).
+    lo = tl.zeros(values.shape, dtype=tl.int64)
+    hi = tl.zeros(values.shape, dtype=tl.int64) + n
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        entry = tl.load(A + base + mid, mask=active & ok, other=0)
+        right = entry <= values
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _gather_kernel(CDF, PI, CSUM, SIZES, SAMPLES, CAND_KEYS, HEAVY, KV_HEADS, IDX, LOGW, h3, num_chunks, kv_heads,
+                   nkb, block, num_sinks, num_heavy, m_max, width, fixed,
+                   STEPS: tl.constexpr, M_P: tl.constexpr):
+    # One (batch, KV head, chunk): its m_max residual draws (reference.selection.gather_columns,
+    # the same operations in the same float64 order): stratified uniforms on the proposal's
+    # CDF, a key uniformly in the drawn block, its log-weight; every candidate once where
+    # the samples cover them; draws equal to a sink or heavy column dropped.
+    pid = tl.program_id(0).to(tl.int64)  # (b * kv_heads + g) * num_chunks + c
+    c = pid % num_chunks
+    bkv = pid // num_chunks
+    b = bkv // kv_heads
+    kvh = tl.load(KV_HEADS + bkv % kv_heads).to(tl.int64)
+    m = tl.load(SAMPLES + pid).to(tl.int64)
+    cand_keys = tl.load(CAND_KEYS + c).to(tl.int64)
+    r = tl.arange(0, M_P).to(tl.int64)
+    r_ok = r < m_max
+    # reference.selection.uniforms(seed, 3, b, kv head, c, r)
+    x = _mix(_mix(_mix(_mix(h3 ^ b) ^ kvh) ^ c) ^ r)
+    u01 = x.to(tl.float64) / 4294967296.0
+    row = pid * nkb
+    last = tl.load(CDF + row + nkb - 1)
+    u = (r.to(tl.float64) + u01) / tl.maximum(m, 1).to(tl.float64) * last
+    s_blk = tl.minimum(_search_right(CDF, row, u, r_ok, nkb, STEPS), nkb - 1)
+    p_blk = tl.load(PI + row + s_blk, mask=r_ok, other=1.0)
+    prev = tl.load(CDF + row + s_blk, mask=r_ok, other=0.0) - p_blk
+    size = tl.load(SIZES + s_blk, mask=r_ok, other=1)
+    p_safe = tl.maximum(p_blk, tl.full(p_blk.shape, 1e-300, tl.float64))  # a float64 constant: 1e-300 is 0 in fp32
+    offset = ((u - prev) / p_safe * size.to(tl.float64)).to(tl.int64)
+    offset = tl.maximum(tl.minimum(offset, size - 1), 0)
+    s_logw = (tl.log(size.to(tl.float64)) - tl.log(tl.maximum(m, 1).to(tl.float64)) - tl.log(p_safe)).to(tl.float32)
+    # Every candidate once (weight 1) where the samples cover them: the r-th candidate key.
+    e_blk = tl.minimum(_search_right(CSUM, c * nkb, r, r_ok, nkb, STEPS), nkb - 1)
+    e_end = tl.load(CSUM + c * nkb + e_blk, mask=r_ok, other=0)
+    e_key = e_blk * block + r - (e_end - tl.load(SIZES + e_blk, mask=r_ok, other=0))
+    full = m >= cand_keys
+    key = tl.where(full, e_key, s_blk * block + offset)
+    logw = tl.where(full, 0.0, s_logw)
+    ok = (r < tl.minimum(m, cand_keys)) & (cand_keys > 0) & (key >= num_sinks)
+    for j in range(num_heavy):
+        col = tl.load(HEAVY + pid * num_heavy + j)
+        ok = ok & ~((key == col) & (col >= 0))
+    out = pid * width + fixed + r
+    tl.store(IDX + out, tl.where(ok, key, 0), mask=r_ok)
+    tl.store(LOGW + out, tl.where(ok, logw, float("-inf")), mask=r_ok)
+
+
+def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Tensor, m_max: int, num_sinks: int,
+                   sample_mix: float, seed: int, kv_heads: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.selection.gather_columns` on CUDA (the same columns and weights).
+
+    The proposal and its CDF are the reference's PyTorch code (a few launches on
+    ``(B, Hkv, C, nkb)``); the draws, their keys and log-weights are one launch.
+    """
+    from ..reference.selection import chunk_candidates, stream_hash
+
+    device = chunk_scores.device
+    bsz, hkv, nc, nkb = chunk_scores.shape
+    cand = chunk_candidates(plan, device)  # (C, nkb)
+    sizes = plan.block_sizes(device)
+    csum = torch.cumsum(cand * sizes, dim=-1).contiguous()  # (C, nkb)
+    cand_keys = csum[:, -1].contiguous()
+    score = torch.where(cand, chunk_scores.clamp(min=0), 0.0).double()
+    share = sizes.double() * cand / cand_keys.clamp(min=1).unsqueeze(-1).double()
+    total = score.sum(-1, keepdim=True)
+    guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
+    pi = (sample_mix * share + (1 - sample_mix) * guided).contiguous()  # proposal per key block
+    cdf = torch.cumsum(pi, dim=-1).contiguous()
+    ns = min(num_sinks, plan.nk)
+    count = heavy.shape[-1]
+    fixed = ns + count
+    width = fixed + m_max
+    idx = torch.empty(bsz, hkv, nc, width, dtype=torch.long, device=device)
+    logw = torch.empty(bsz, hkv, nc, width, dtype=torch.float32, device=device)
+    idx[..., :ns] = torch.arange(ns, device=device)
+    logw[..., :ns] = 0.0
+    idx[..., ns:fixed] = heavy.clamp(min=0)
+    logw[..., ns:fixed] = torch.where(heavy >= 0, 0.0, float("-inf"))
+    if m_max and idx.numel():
+        _gather_kernel[(bsz * hkv * nc,)](
+            cdf, pi, csum, sizes.contiguous(), samples.long().contiguous(), cand_keys, heavy.contiguous(),
+            kv_heads.contiguous(), idx, logw, stream_hash(seed, 3), nc, hkv, nkb, plan.block, num_sinks, count, m_max,
+            width, fixed, STEPS=max(1, nkb.bit_length()), M_P=triton.next_power_of_2(m_max), num_warps=4)
+    return idx, logw

@@ -162,7 +162,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         if config.max_error is not None and not bool(pending.any()):
             break
         m = min(round(config.sample_size * factor), nk)
-        g_idx, g_logw = sel_ref.gather_columns(plan, c_scores, heavy, torch.full((bsz, hkv, nc), m, device=device),
+        g_idx, g_logw = select_impl.gather_columns(plan, c_scores, heavy, torch.full((bsz, hkv, nc), m, device=device),
                                                m, config.num_sinks, config.sample_mix, seed, kv_heads)
         kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
         sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
@@ -211,7 +211,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # any of them needs (more samples only lower a head's error).
     if config.max_error is not None:
         m_chunk = (factors.reshape(bsz, hkv, group, nc).amax(2) * config.sample_size).round().long().clamp(max=nk)
-        g_idx, g_logw = sel_ref.gather_columns(plan, c_scores, heavy, m_chunk,
+        g_idx, g_logw = select_impl.gather_columns(plan, c_scores, heavy, m_chunk,
                                                min(round(config.sample_size * tiers[-1]), nk), config.num_sinks,
                                                config.sample_mix, seed, kv_heads)
     # Without the guard the one trial drew every chunk's columns at the 1x tier already
