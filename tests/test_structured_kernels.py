@@ -243,15 +243,17 @@ def test_same_seed_same_output_whatever_the_heads(causal):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-def test_lsh_ranges_equal_the_reference(causal):
+@pytest.mark.parametrize("lsh_tiles", [S.LSH_TILES, 1], ids=["default-cut", "cut-to-one-tile"])
+def test_lsh_ranges_equal_the_reference(causal, lsh_tiles, monkeypatch):
     # The hashing kernel's products (tf32x3, fp32-accurate) and the reference's (fp32
     # matmul) round differently: a bucket may differ where a projection is within ~1e-6
-    # relative of 0 (expected: none or a handful of the 18k vectors here). With equal buckets the
-    # ranges are the reference's own code, so they must be equal too.
+    # relative of 0 (expected: none or a handful of the 18k vectors here). From the same
+    # buckets the kernels' ranges (binary searches, the cut) equal the reference's.
     from hyperattn.kernels import lsh as ker_lsh
     from hyperattn.kernels import selection as ker_sel
     from hyperattn.reference.lsh import draw_projections, lsh_buckets
 
+    monkeypatch.setattr(S, "LSH_TILES", lsh_tiles)  # 1: the cut of each sorted block's ranges changes many rows
     q, k, v = qkv(2, 4, 2, 1500, 1500, 64, device="cuda")
     proj = draw_projections(64, 7, torch.Generator().manual_seed(3)).cuda()
     for x in (q, k):

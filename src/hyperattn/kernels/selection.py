@@ -18,11 +18,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.lsh import draw_projections
-from ..reference.selection import Lsh, Plan, Pooled, bucket_ranges, finders, to_device
+from ..reference.selection import Lsh, Plan, Pooled, finders, to_device
 from .attention import _normalised, _precision, _tile_update
 from .sparse import _autotuned, _start
 
-__all__ = ["probe_exact", "block_scores", "pool", "probe_rows", "lsh_ranges", "gather_columns"]
+__all__ = ["probe_exact", "block_scores", "pool", "probe_rows", "lsh_ranges", "bucket_ranges", "gather_columns"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
@@ -482,3 +482,90 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
             kv_heads.contiguous(), idx, logw, stream_hash(seed, 3), nc, hkv, nkb, plan.block, num_sinks, count, m_max,
             width, fixed, STEPS=max(1, nkb.bit_length()), M_P=triton.next_power_of_2(m_max), num_warps=4)
     return idx, logw
+
+
+@triton.jit
+def _search_left(A, base, values, ok, n, STEPS: tl.constexpr):
+    # torch.searchsorted(a, values) (left) on the sorted row a = A[base:base + n]: the first
+    # index whose entry is not less than the value.
+    lo = tl.zeros(values.shape, dtype=tl.int64)
+    hi = tl.zeros(values.shape, dtype=tl.int64) + n
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        entry = tl.load(A + base + mid, mask=active & ok, other=0)
+        right = entry < values
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _ranges_kernel(COMPOSITE, QB, WIN_LO, LO, HI, num_heads, group, nq, nk, block, first, lsh_block,
+                   CAUSAL: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    # Each row's LSH range of sorted key slots (reference.selection.bucket_ranges, before the
+    # cut): its bucket's slots [start, end) and the slot e of its anchor position in it.
+    bh = tl.program_id(1).to(tl.int64)
+    bkv = (bh // num_heads) * (num_heads // group) + (bh % num_heads) // group
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < nq
+    qb = tl.load(QB + bh * nq + rows, mask=ok, other=0)
+    j = (rows // block).to(tl.int64)
+    if CAUSAL:
+        anchor = tl.load(WIN_LO + j, mask=ok, other=0).to(tl.int64) * block
+    else:
+        anchor = tl.minimum(j * block * nk // tl.maximum(nq, 1), nk - 1)
+    base = bkv * nk
+    start = _search_left(COMPOSITE, base, qb * nk, ok, nk, STEPS)
+    end = _search_left(COMPOSITE, base, (qb + 1) * nk, ok, nk, STEPS)
+    e = _search_left(COMPOSITE, base, qb * nk + anchor, ok, nk, STEPS)
+    if CAUSAL:
+        lo = tl.maximum(e - lsh_block, start)
+        hi = e
+    else:
+        lo = tl.maximum(tl.minimum(e - lsh_block // 2, end - lsh_block), start)
+        hi = tl.minimum(lo + lsh_block, end)
+    active = (j >= first) & (lsh_block > 0)
+    tl.store(LO + bh * nq + rows, tl.where(active, lo, 0), mask=ok)
+    tl.store(HI + bh * nq + rows, tl.where(active, hi, 0), mask=ok)
+
+
+@triton.jit
+def _cut_kernel(Q_ORDER, LO, HI, nq, lsh_tiles, BLOCK: tl.constexpr):
+    # Each sorted block's ranges cut to the lsh_tiles key tiles ending at its furthest slot
+    # (what the attention kernel's LSH pass reads); a row is in one sorted block: in place.
+    bh = tl.program_id(1).to(tl.int64)
+    slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = slots < nq
+    rows = tl.load(Q_ORDER + bh * nq + slots, mask=ok, other=0)
+    lo = tl.load(LO + bh * nq + rows, mask=ok, other=0)
+    hi = tl.load(HI + bh * nq + rows, mask=ok, other=0)
+    hi_max = tl.max(tl.where(ok & (lo < hi), hi, 0), 0)
+    floor = tl.maximum((hi_max + BLOCK - 1) // BLOCK - lsh_tiles, 0) * BLOCK
+    lo = tl.maximum(lo, floor)
+    tl.store(LO + bh * nq + rows, lo, mask=ok)
+    tl.store(HI + bh * nq + rows, tl.maximum(hi, lo), mask=ok)
+
+
+def bucket_ranges(q_bucket: Tensor, k_bucket: Tensor, plan: Plan, lsh_block: int) -> Lsh:
+    """:func:`hyperattn.reference.selection.bucket_ranges` on CUDA: the two sorts in PyTorch, the rest in two
+    launches (the same ranges)."""
+    from ..reference.selection import LSH_TILES
+
+    bsz, hq, nq = q_bucket.shape
+    hkv, nk = k_bucket.shape[1], k_bucket.shape[2]
+    device = q_bucket.device
+    pos = torch.arange(nk, device=device)
+    composite, order = torch.sort(k_bucket * nk + pos, dim=-1)
+    slot = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
+    rows = torch.arange(nq, device=device)
+    q_order = torch.sort(q_bucket * nq + rows, dim=-1).indices
+    lo = torch.empty(bsz, hq, nq, dtype=torch.long, device=device)
+    hi = torch.empty_like(lo)
+    if lo.numel():
+        block = 128
+        _ranges_kernel[(triton.cdiv(nq, block), bsz * hq)](
+            composite.contiguous(), q_bucket.contiguous(), plan.win_lo.to(device), lo, hi, hq, hq // hkv, nq, nk,
+            plan.block, plan.first, lsh_block, CAUSAL=plan.causal, STEPS=max(1, nk.bit_length()), BLOCK=block)
+        _cut_kernel[(plan.nqb, bsz * hq)](q_order.contiguous(), lo, hi, nq, LSH_TILES, BLOCK=plan.block)
+    return Lsh(order, slot, lo, hi, q_order)
