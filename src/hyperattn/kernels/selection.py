@@ -29,8 +29,8 @@ _MASS_ELEMENTS = 1 << 28
 
 
 @triton.jit
-def _probe_kernel(Q, K, V, ROWS, HEADS, DEST, OUT, LSE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                  stride_kn, stride_vb, stride_vh, stride_vn, kv_heads, chunks, nk, offset, width, split_rows,
+def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                  stride_kn, stride_vb, stride_vh, stride_vn, kv_heads, group, chunks, probe, nk, offset, split_rows,
                   qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # A tile of one chunk's probe rows, the query heads of one KV head stacked (they read
@@ -43,10 +43,13 @@ def _probe_kernel(Q, K, V, ROWS, HEADS, DEST, OUT, LSE, stride_qb, stride_qh, st
     part = tl.program_id(2)
     bkv = pid // chunks
     b = bkv // kv_heads
-    at = pid * width + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(ROWS + at)  # -1: none
+    # Slot i of the chunk's stacked rows: probe row i % P of the group's head i // P.
+    slot = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_group = slot < group * probe
+    heads = (bkv % kv_heads) * group + slot // probe  # int64: head x stride passes 2**31 at 1M keys
+    place = ((b * kv_heads * group + heads) * chunks + pid % chunks) * probe + slot % probe  # in (B, Hq, C * P)
+    rows = tl.load(ROWS + place, mask=in_group, other=-1)  # -1: none
     row_ok = rows >= 0
-    heads = tl.load(HEADS + at).to(tl.int64)  # int64: head x stride passes 2**31 at 1M keys
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.maximum(rows, 0)[:, None] * stride_qn
@@ -78,10 +81,9 @@ def _probe_kernel(Q, K, V, ROWS, HEADS, DEST, OUT, LSE, stride_qb, stride_qh, st
             valid = cols[None, :] <= limit[:, None]
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
-    dest = tl.load(DEST + at).to(tl.int64)  # the row's place in (B, Hq, C * P); -1: padding
-    dest_p = part * split_rows + dest
-    tl.store(OUT + dest_p[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(dest >= 0)[:, None])
-    tl.store(LSE + dest_p, lse, mask=dest >= 0)
+    dest = part * split_rows + place
+    tl.store(OUT + dest[:, None] * HEAD_DIM + offs_d[None, :], out, mask=in_group[:, None])
+    tl.store(LSE + dest, lse, mask=in_group)
 
 
 # Key splits of the probe rows' attention: one per this many keys, at most _PROBE_SPLITS.
@@ -91,27 +93,6 @@ _PROBE_SPLITS = 8
 _PROBE = _autotuned(_probe_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                                     for n, w, s in ((64, 8, 3), (128, 8, 3), (64, 4, 3), (32, 4, 2))],
                     ["HEAD_DIM", "CAUSAL", "BLOCK_M", "PRECISION"])
-
-
-def _stacked(rows: Tensor, hkv: int, pick: list[int], multiple: int):
-    """Probe rows ``pick`` of each (batch, KV head, chunk), its query heads' stacked, padded with rows -1.
-
-    Returns rows, query heads and places in ``(B, Hq, C * P)`` (``-1`` for padding), each
-    ``(B, Hkv, C, W)`` int32, with ``W`` a power of two, at least ``multiple``.
-    """
-    bsz, hq, nc, p = rows.shape
-    group = hq // hkv
-    width = group * len(pick)
-    w = max(multiple, triton.next_power_of_2(width))
-    sel = torch.tensor(pick, device=rows.device)
-    place = torch.arange(bsz * hq * nc * p, device=rows.device, dtype=torch.int32).reshape(rows.shape)
-    head = torch.arange(hq, device=rows.device, dtype=torch.int32).view(1, hq, 1, 1).expand(bsz, -1, nc, p)
-
-    def stacked(x):
-        x = x.reshape(bsz, hkv, group, nc, p)[..., sel].transpose(2, 3).reshape(bsz, hkv, nc, width)
-        return torch.nn.functional.pad(x, (0, w - width), value=-1).contiguous()
-
-    return stacked(rows.int()), stacked(head), stacked(place), w
 
 
 def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,12 +108,12 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     lse = torch.empty(splits, bsz, hq, nc * p, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out[0], lse[0]
-    rows_s, heads_s, dest, width = _stacked(rows, hkv, list(range(p)), 16)
-    block_m = min(width, 128)
-    _PROBE[(width // block_m, bsz * hkv * nc, splits)](
-        q, k, v, rows_s, heads_s, dest, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, nc, nk, plan.offset, width, bsz * hq * nc * p, scale,
-        CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype))
+    width = hq // hkv * p  # the rows of a chunk, the KV head's query heads stacked
+    block_m = min(max(16, triton.next_power_of_2(width)), 128)
+    _PROBE[(triton.cdiv(width, block_m), bsz * hkv * nc, splits)](
+        q, k, v, rows.contiguous(), out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, hq // hkv, nc, p, nk, plan.offset, bsz * hq * nc * p,
+        scale, CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype))
     if splits == 1:
         return out[0], lse[0]
     # The splits merged by LSE, in a fixed order; rows that saw no key: out 0, lse -inf.
@@ -145,13 +126,13 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 @triton.jit
-def _column_mass(Q, K, LSE, ROWS, HEADS, MASS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                 scale, nk, offset, kv_heads, chunks, chunk0, num_chunks,
+def _column_mass(Q, K, LSE, ROWS, MASS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 scale, nk, offset, kv_heads, group, chunks, probe, rows_per_block, finding, chunk0, num_chunks,
                  M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  PRECISION: tl.constexpr):
     # One tile of BLOCK_N keys of one (batch, KV head) against the finding probe rows of
     # every query head of the group, chunk after chunk (the key tile is loaded once): a
-    # chunk's M rows, all heads stacked, in one product, their softmax weights summed per key.
+    # chunk's rows, all heads stacked, in one product, their softmax weights summed per key.
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // kv_heads
@@ -159,10 +140,16 @@ def _column_mass(Q, K, LSE, ROWS, HEADS, MASS, stride_qb, stride_qh, stride_qn, 
     d = tl.arange(0, HEAD_DIM)
     k = tl.load(K + b * stride_kb + (bkv % kv_heads) * stride_kh + keys[:, None] * stride_kn + d[None, :],
                 mask=(keys < nk)[:, None], other=0.0)
+    # Slot i: the (i % finding)-th finding row (reference.selection.finders: the rows of the
+    # even probe blocks) of the group's head i // finding.
     slots = tl.arange(0, M)
+    in_group = slots < group * finding
+    j = slots % finding
+    heads = (bkv % kv_heads) * group + slots // finding  # int64: head x stride passes 2**31 at 1M keys
+    p = (j // rows_per_block) * 2 * rows_per_block + j % rows_per_block
     for c_local in range(num_chunks):
-        at = (bkv * chunks + chunk0 + c_local) * M + slots
-        rows = tl.load(ROWS + at)  # [M], -1: none
+        at = ((b * kv_heads * group + heads) * chunks + chunk0 + c_local) * probe + p  # in (B, Hq, C * P)
+        rows = tl.load(ROWS + at, mask=in_group, other=-1)  # [M], -1: none
         ok_rows = rows >= 0
         if CAUSAL:
             limit = tl.where(ok_rows, rows + offset, -1)
@@ -170,11 +157,10 @@ def _column_mass(Q, K, LSE, ROWS, HEADS, MASS, stride_qb, stride_qh, stride_qn, 
             limit = tl.where(ok_rows, nk - 1, -1)
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
         if pid_n * BLOCK_N <= tl.max(limit, 0):
-            heads = tl.load(HEADS + at).to(tl.int64)
             q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.maximum(rows, 0)[:, None] * stride_qn
                         + d[None, :], mask=ok_rows[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [M, BLOCK_N]
-            lse = tl.load(LSE + at)
+            lse = tl.load(LSE + at, mask=ok_rows, other=0.0)
             seen = (keys[None, :] <= limit[:, None]) & (keys[None, :] < nk)
             total = tl.sum(tl.where(seen, tl.exp(s - tl.where(ok_rows, lse, 0.0)[:, None]), 0.0), axis=0)
         tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
@@ -190,10 +176,10 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     count = min(heavy, nk)
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count:
-        # Only the finding probe rows count (reference: finders).
-        pick = torch.nonzero(finders(p, probe_blocks, "cpu")).flatten().tolist()
-        rows_f, heads_f, place, m = _stacked(rows, hkv, pick, 16)
-        lse_f = torch.where(place >= 0, lse.flatten()[place.clamp(min=0).long()], 0.0).contiguous()
+        # Only the finding probe rows count (reference: finders): the kernel stacks them.
+        finding = int(finders(p, probe_blocks, "cpu").sum())
+        m = max(16, triton.next_power_of_2((hq // hkv) * finding))
+        rows_c, lse_c = rows.contiguous(), lse.contiguous()
         qs, ks = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
         step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * nk))
         block_n = 128
@@ -201,9 +187,9 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             c1 = min(nc, c0 + step)
             mass = torch.empty(bsz, hkv, c1 - c0, nk, device=q.device, dtype=torch.float32)
             _column_mass[(triton.cdiv(nk, block_n), bsz * hkv)](
-                qs, ks, lse_f, rows_f, heads_f, mass, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0),
-                ks.stride(1), ks.stride(2), scale, nk, plan.offset, hkv, nc, c0, c1 - c0, M=m, HEAD_DIM=q.shape[-1],
-                BLOCK_N=block_n, CAUSAL=plan.causal,
+                qs, ks, lse_c, rows_c, mass, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1),
+                ks.stride(2), scale, nk, plan.offset, hkv, hq // hkv, nc, p, max(1, p // probe_blocks), finding, c0,
+                c1 - c0, M=m, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal,
                 # fp32 inputs: full-precision products, so heavy columns match the reference's.
                 PRECISION=_precision(q.dtype))
             mass[..., :num_sinks] = 0.0

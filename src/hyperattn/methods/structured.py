@@ -77,8 +77,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     ``head_offset`` numbers the heads globally (draws are per global head). Without the
     guard and with ``need_stats`` False the probe rows' trial is skipped (it only estimates
-    the error) and nothing waits for the GPU: the output is the same, ``stats.est_error``
-    is 0 and ``stats.keys_per_query`` NaN. Without the guard, the chunks that run exact are
+    the error) and nothing waits for the GPU: the output is the same, and the stats are
+    placeholders (``est_error`` 0, ``keys_per_query`` NaN, ``exact_heads`` False). Without the guard, the chunks that run exact are
     found without a host wait (the driver's ``maybe_exact``).
 
     Returns ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32 (``None`` when
@@ -270,11 +270,13 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
                 lse[b_i, h_i, r0:r1] = l[0]
             pairs[b_i, h_i] += exact_cost[c]
             est[b_i, h_i, c] = 0.0
+    if not need_stats and config.max_error is None:
+        # Nobody reads these stats (the public call drops them): no launches for them, and
+        # keys_per_query, a host number, would wait for the GPU.
+        return out, lse, AttentionStats("structured", float("nan"), zeros, zeros.bool(), exact_chunks=exact_chunk)
     weight = chunk_ok.double()
     est_head = torch.sqrt((est.double() ** 2 * weight).sum(-1) / weight.sum(-1).clamp(min=1)).float()
-    # keys_per_query is a host number (a wait for the GPU): computed only when asked for.
-    keys = float(pairs.mean()) / nq if need_stats or config.max_error is not None else float("nan")
-    stats = AttentionStats("structured", keys, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
+    stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
                            exact_chunks=exact_chunk)
     return out, lse, stats
 
