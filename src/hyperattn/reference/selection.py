@@ -33,6 +33,7 @@ device, and independent of which other heads run in the call.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -153,6 +154,9 @@ def first_block(nq: int, nk: int, causal: bool, block: int, min_seq_len: int) ->
     return 0 if nk > min_seq_len else nqb
 
 
+# Plans are immutable and depend on shapes only: a model calls with the same few shapes
+# layer after layer, so each is built once (its window tables copied to the device once).
+@functools.lru_cache(maxsize=64)
 def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: int, min_seq_len: int,
               device=None) -> Plan:
     """The :class:`Plan` of a call: ``block`` rows/keys per block, ``chunk`` rows per chunk (a multiple of ``block``).
