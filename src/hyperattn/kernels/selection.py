@@ -369,16 +369,20 @@ def lsh_ranges(q: Tensor, k: Tensor, plan: Plan, lsh_block: int, num_projs: int,
 
 
 @triton.jit
-def _search_right(A, base, values, ok, n, STEPS: tl.constexpr):
-    # torch.searchsorted(a, values, right=True) on the sorted row a = A[base:base + n]: the
-    # first index whose entry is greater than the value (a binary search per lane).
+def _search(A, base, values, ok, n, STEPS: tl.constexpr, RIGHT: tl.constexpr):
+    # torch.searchsorted(a, values, right=RIGHT) on the sorted row a = A[base:base + n]: the
+    # first index whose entry is greater than (RIGHT) or not less than (left) the value, a
+    # binary search per lane.
     lo = tl.zeros(values.shape, dtype=tl.int64)
     hi = tl.zeros(values.shape, dtype=tl.int64) + n
     for _ in tl.static_range(STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
         entry = tl.load(A + base + mid, mask=active & ok, other=0)
-        right = entry <= values
+        if RIGHT:
+            right = entry <= values
+        else:
+            right = entry < values
         lo = tl.where(active & right, mid + 1, lo)
         hi = tl.where(active & ~right, mid, hi)
     return lo
@@ -407,7 +411,7 @@ def _gather_kernel(CDF, PI, CSUM, SIZES, SAMPLES, CAND_KEYS, HEAVY, KV_HEADS, ID
     row = pid * nkb
     last = tl.load(CDF + row + nkb - 1)
     u = (r.to(tl.float64) + u01) / tl.maximum(m, 1).to(tl.float64) * last
-    s_blk = tl.minimum(_search_right(CDF, row, u, r_ok, nkb, STEPS), nkb - 1)
+    s_blk = tl.minimum(_search(CDF, row, u, r_ok, nkb, STEPS, True), nkb - 1)
     p_blk = tl.load(PI + row + s_blk, mask=r_ok, other=1.0)
     prev = tl.load(CDF + row + s_blk, mask=r_ok, other=0.0) - p_blk
     size = tl.load(SIZES + s_blk, mask=r_ok, other=1)
@@ -416,7 +420,7 @@ def _gather_kernel(CDF, PI, CSUM, SIZES, SAMPLES, CAND_KEYS, HEAVY, KV_HEADS, ID
     offset = tl.maximum(tl.minimum(offset, size - 1), 0)
     s_logw = (tl.log(size.to(tl.float64)) - tl.log(tl.maximum(m, 1).to(tl.float64)) - tl.log(p_safe)).to(tl.float32)
     # Every candidate once (weight 1) where the samples cover them: the r-th candidate key.
-    e_blk = tl.minimum(_search_right(CSUM, c * nkb, r, r_ok, nkb, STEPS), nkb - 1)
+    e_blk = tl.minimum(_search(CSUM, c * nkb, r, r_ok, nkb, STEPS, True), nkb - 1)
     e_end = tl.load(CSUM + c * nkb + e_blk, mask=r_ok, other=0)
     e_key = e_blk * block + r - (e_end - tl.load(SIZES + e_blk, mask=r_ok, other=0))
     full = m >= cand_keys
@@ -471,22 +475,6 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
 
 
 @triton.jit
-def _search_left(A, base, values, ok, n, STEPS: tl.constexpr):
-    # torch.searchsorted(a, values) (left) on the sorted row a = A[base:base + n]: the first
-    # index whose entry is not less than the value.
-    lo = tl.zeros(values.shape, dtype=tl.int64)
-    hi = tl.zeros(values.shape, dtype=tl.int64) + n
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        entry = tl.load(A + base + mid, mask=active & ok, other=0)
-        right = entry < values
-        lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    return lo
-
-
-@triton.jit
 def _ranges_kernel(COMPOSITE, QB, WIN_LO, LO, HI, num_heads, group, nq, nk, block, first, lsh_block,
                    CAUSAL: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     # Each row's LSH range of sorted key slots (reference.selection.bucket_ranges, before the
@@ -502,9 +490,9 @@ def _ranges_kernel(COMPOSITE, QB, WIN_LO, LO, HI, num_heads, group, nq, nk, bloc
     else:
         anchor = tl.minimum(j * block * nk // tl.maximum(nq, 1), nk - 1)
     base = bkv * nk
-    start = _search_left(COMPOSITE, base, qb * nk, ok, nk, STEPS)
-    end = _search_left(COMPOSITE, base, (qb + 1) * nk, ok, nk, STEPS)
-    e = _search_left(COMPOSITE, base, qb * nk + anchor, ok, nk, STEPS)
+    start = _search(COMPOSITE, base, qb * nk, ok, nk, STEPS, False)
+    end = _search(COMPOSITE, base, (qb + 1) * nk, ok, nk, STEPS, False)
+    e = _search(COMPOSITE, base, qb * nk + anchor, ok, nk, STEPS, False)
     if CAUSAL:
         lo = tl.maximum(e - lsh_block, start)
         hi = e
