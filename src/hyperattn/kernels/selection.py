@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.lsh import draw_projections
-from ..reference.selection import Lsh, Plan, Pooled, finders, to_device
+from ..reference.selection import Lsh, Plan, Pooled, finders, probe_pairs, to_device
 from .attention import _normalised, _precision, _tile_update
 from .sparse import _autotuned, _start
 
@@ -195,9 +195,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
-    seen = torch.where(flat >= 0, (flat + plan.offset + 1).clamp(0, nk) if plan.causal else nk, 0)
-    pairs = seen.sum(dtype=torch.float64) / (bsz * hq)  # a tensor: no host sync
-    return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs
+    return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat)
 
 
 @triton.jit
@@ -439,23 +437,14 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
                    sample_mix: float, seed: int, kv_heads: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`hyperattn.reference.selection.gather_columns` on CUDA (the same columns and weights).
 
-    The proposal and its CDF are the reference's PyTorch code (a few launches on
-    ``(B, Hkv, C, nkb)``); the draws, their keys and log-weights are one launch.
+    The proposal and its CDF are the reference's own (:func:`~hyperattn.reference.selection.residual_proposal`);
+    the draws, their keys and log-weights are one launch.
     """
-    from ..reference.selection import chunk_candidates, stream_hash
+    from ..reference.selection import residual_proposal, stream_hash
 
     device = chunk_scores.device
     bsz, hkv, nc, nkb = chunk_scores.shape
-    cand = chunk_candidates(plan, device)  # (C, nkb)
-    sizes = plan.block_sizes(device)
-    csum = torch.cumsum(cand * sizes, dim=-1).contiguous()  # (C, nkb)
-    cand_keys = csum[:, -1].contiguous()
-    score = torch.where(cand, chunk_scores.clamp(min=0), 0.0).double()
-    share = sizes.double() * cand / cand_keys.clamp(min=1).unsqueeze(-1).double()
-    total = score.sum(-1, keepdim=True)
-    guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
-    pi = (sample_mix * share + (1 - sample_mix) * guided).contiguous()  # proposal per key block
-    cdf = torch.cumsum(pi, dim=-1).contiguous()
+    sizes, csum, cand_keys, pi, cdf = (x.contiguous() for x in residual_proposal(plan, chunk_scores, sample_mix))
     ns = min(num_sinks, plan.nk)
     count = heavy.shape[-1]
     fixed = ns + count
@@ -468,7 +457,7 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
     logw[..., ns:fixed] = torch.where(heavy >= 0, 0.0, float("-inf"))
     if m_max and idx.numel():
         _gather_kernel[(bsz * hkv * nc,)](
-            cdf, pi, csum, sizes.contiguous(), samples.long().contiguous(), cand_keys, heavy.contiguous(),
+            cdf, pi, csum, sizes, samples.long().contiguous(), cand_keys, heavy.contiguous(),
             kv_heads.contiguous(), idx, logw, stream_hash(seed, 3), nc, hkv, nkb, plan.block, num_sinks, count, m_max,
             width, fixed, STEPS=max(1, nkb.bit_length()), M_P=triton.next_power_of_2(m_max), num_warps=4)
     return idx, logw

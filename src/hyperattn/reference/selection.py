@@ -44,7 +44,8 @@ from .lsh import draw_projections, lsh_buckets
 
 __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_hash", "uniforms", "first_block", "make_plan",
            "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
-           "estimating_rows", "lsh_ranges", "bucket_ranges", "exact_blocks", "chunk_candidates", "gather_columns"]
+           "estimating_rows", "lsh_ranges", "bucket_ranges", "exact_blocks", "chunk_candidates", "residual_proposal",
+           "probe_pairs", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -335,9 +336,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             best, pick = torch.topk(values, min(count, values.shape[-1]), dim=-1)
             best_idx = index.gather(-1, pick)
     heavy_idx = torch.where(best > 0, best_idx, -1)
-    seen = torch.where(flat >= 0, (flat + plan.offset + 1).clamp(0, plan.nk) if plan.causal else plan.nk, 0)
-    pairs = seen.sum(dtype=torch.float64) / (bsz * hq)  # a tensor: no host sync
-    return (out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, pairs)
+    return (out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat))
 
 
 @dataclass(frozen=True)
@@ -474,24 +473,15 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
     device = chunk_scores.device
     bsz, hkv, nc, nkb = chunk_scores.shape
     t = plan.block
-    cand = chunk_candidates(plan, device).expand(bsz, hkv, -1, -1)
-    sizes = plan.block_sizes(device)
-    cand_keys = (cand * sizes).sum(-1)  # (B, Hkv, C)
+    sizes, csum, cand_keys, pi, cdf = residual_proposal(plan, chunk_scores, sample_mix)
     sinks = torch.arange(min(num_sinks, plan.nk), device=device).expand(bsz, hkv, nc, -1)
     fixed = torch.cat([sinks, heavy], dim=-1)
     fixed_logw = torch.where(fixed >= 0, 0.0, float("-inf"))
     r = torch.arange(m_max, device=device)
     full = samples >= cand_keys  # every candidate once, weight 1
-    csum = torch.cumsum(cand * sizes, dim=-1)
+    csum = csum.expand(bsz, hkv, -1, -1).contiguous()
     e_blk = torch.searchsorted(csum, r.expand(bsz, hkv, nc, -1).contiguous(), right=True).clamp(max=nkb - 1)
     e_key = e_blk * t + r - (csum.gather(-1, e_blk) - sizes[e_blk])
-
-    score = torch.where(cand, chunk_scores.clamp(min=0), 0.0).double()
-    share = sizes.double() * cand / cand_keys.clamp(min=1).unsqueeze(-1).double()
-    total = score.sum(-1, keepdim=True)
-    guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
-    pi = sample_mix * share + (1 - sample_mix) * guided  # proposal per key block
-    cdf = torch.cumsum(pi, dim=-1)
     b_ix = torch.arange(bsz, device=device).view(-1, 1, 1, 1)
     h_ix = kv_heads.view(1, -1, 1, 1)
     c_ix = torch.arange(nc, device=device).view(1, 1, -1, 1)
@@ -509,6 +499,33 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
     ok &= ~((key < num_sinks) | ((key.unsqueeze(-1) == heavy.unsqueeze(-2)) & (heavy >= 0).unsqueeze(-2)).any(-1))
     idx = torch.cat([fixed.clamp(min=0), torch.where(ok, key, 0)], dim=-1)
     return idx, torch.cat([fixed_logw, torch.where(ok, logw, float("-inf"))], dim=-1)
+
+
+def residual_proposal(plan: Plan, chunk_scores: Tensor, sample_mix: float
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The residual samples' proposal over key blocks (:func:`gather_columns`).
+
+    Returns the block sizes ``(nkb,)``, the cumulative candidate keys ``(C, nkb)`` and
+    their total per chunk ``(C,)``, and the proposal ``pi`` with its CDF, ``(B, Hkv, C, nkb)``
+    float64: ``sample_mix`` uniform over the chunk's candidate keys, the rest by
+    ``chunk_scores``.
+    """
+    cand = chunk_candidates(plan, chunk_scores.device)  # (C, nkb)
+    sizes = plan.block_sizes(chunk_scores.device)
+    csum = torch.cumsum(cand * sizes, dim=-1)
+    cand_keys = csum[:, -1]
+    score = torch.where(cand, chunk_scores.clamp(min=0), 0.0).double()
+    share = sizes.double() * cand / cand_keys.clamp(min=1).unsqueeze(-1).double()
+    total = score.sum(-1, keepdim=True)
+    guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
+    pi = sample_mix * share + (1 - sample_mix) * guided  # proposal per key block
+    return sizes, csum, cand_keys, pi, torch.cumsum(pi, dim=-1)
+
+
+def probe_pairs(plan: Plan, rows: Tensor) -> Tensor:
+    """Keys the probe rows ``(B, Hq, R)`` score, per head on average (a float64 tensor: no host sync)."""
+    seen = torch.where(rows >= 0, (rows + plan.offset + 1).clamp(0, plan.nk) if plan.causal else plan.nk, 0)
+    return seen.sum(dtype=torch.float64) / (rows.shape[0] * rows.shape[1])
 
 
 def chunk_scores(scores: Tensor, first: int, plan: Plan, kv_heads: int) -> Tensor:
