@@ -144,19 +144,19 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))
     level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)
     est = torch.zeros(bsz, hq, nc, device=device)
-    exact_cost_host = [exact_pairs(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq), nq, nk, causal)
-                       for c in range(nc)]
+    # Each chunk's approximate rows [r0, r1) (empty before first_row) and their exact cost.
+    bounds = [(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq)) for c in range(nc)]
+    rows_host = [max(0, r1 - r0) for r0, r1 in bounds]
+    exact_cost_host = [exact_pairs(r0, r1, nq, nk, causal) for r0, r1 in bounds]
     exact_cost = sel_ref.to_device(torch.tensor(exact_cost_host, dtype=torch.float64), device)
-    c_start = torch.arange(nc, device=device) * config.chunk
-    chunk_rows = (torch.clamp(c_start + config.chunk, max=nq) - torch.clamp(c_start, min=first_row)).clamp(min=0)
+    chunk_rows = sel_ref.to_device(torch.tensor(rows_host), device)
     # Without the guard, the chunks that may run exact (their measured cost per row is only
     # known on the GPU): those whose nominal budget per row (exact blocks, gathered columns,
     # LSH block: an upper bound of the measured one) is not below exact attention's. Found
     # on the host from shapes, so the call never waits for the GPU; none at usual lengths.
     nominal = ((config.key_blocks + plan.win_width) * t + min(config.sample_size, nk) + config.heavy_columns
                + config.num_sinks + config.lsh_block)
-    maybe_exact = [c for c in range(nc) if exact_cost_host[c] > 0 and nominal * max(
-        0, min((c + 1) * config.chunk, nq) - max(c * config.chunk, first_row)) >= exact_cost_host[c]]
+    maybe_exact = [c for c in range(nc) if 0 < exact_cost_host[c] <= nominal * rows_host[c]]
     for i, factor in enumerate(tiers):
         pending = (level == len(tiers)) & chunk_ok
         if config.max_error is not None and not bool(pending.any()):
@@ -245,7 +245,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         # The chunks that may run exact, all heads in one SDPA call each, kept where the
         # measured cost chose exact: selected on the GPU, no host wait.
         for c in maybe_exact:
-            r0, r1 = max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq)
+            r0, r1 = bounds[c]
             k_end = r1 + plan.offset if causal else nk
             o, l = exact(q[:, :, r0:r1], k[:, :, :k_end], v[:, :, :k_end], scale, causal, need_lse)
             pick = exact_chunk[:, :, c]
@@ -259,7 +259,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
             pick = torch.nonzero(exact_chunk_cpu[:, :, c])
             if len(pick) == 0:
                 continue
-            r0, r1 = max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq)
+            r0, r1 = bounds[c]
             k_end = r1 + plan.offset if causal else nk
             b_i, h_i = pick[:, 0].to(device), pick[:, 1].to(device)
             qs = q[b_i, h_i, r0:r1].unsqueeze(0)
