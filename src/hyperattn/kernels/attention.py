@@ -57,6 +57,23 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _kv_at(K, V, cols, ok, k_base, v_base, stride_kn, stride_vn, offs_d):
+    # The keys and values at positions cols of one (batch, KV head); zeros where not ok.
+    k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)  # [N, D]
+    v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)  # [N, D]
+    return k, v
+
+
+@triton.jit
+def _sorted_kv(K, V, ORDER, slots, ok, k_base, v_base, stride_kn, stride_vn, offs_d):
+    # The keys and values at sorted slots (ORDER: a sort order of the KV head's positions):
+    # their positions, keys and values.
+    cols = tl.load(ORDER + slots, mask=ok, other=0)
+    k, v = _kv_at(K, V, cols, ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+    return cols, k, v
+
+
+@triton.jit
 def _tile_update(acc, m_i, l_i, q, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
                  PRECISION: tl.constexpr):
     # One online-softmax step over a key tile; logits in base 2.
@@ -120,11 +137,7 @@ def _range_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kn, stride_vn, l
         cols = start + t * BLOCK_N + offs_n
         if MASKED:
             valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
-            col_ok = cols < end
-            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
+            k, v = _kv_at(K, V, cols, cols < end, k_base, v_base, stride_kn, stride_vn, offs_d)
         else:
             valid = None
             k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :])  # [BLOCK_N, D]
@@ -214,8 +227,7 @@ def _sample_tile(K, V, SIDX, SBLK, SLOGW, s_base, piece, max_samples, sj, num_sa
     cols = tl.load(SIDX + s_base + sj, mask=s_ok, other=0)
     blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
     logw = tl.load(SLOGW + piece * max_samples + sj, mask=s_ok, other=0.0)
-    k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    k, v = _kv_at(K, V, cols, s_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
     return cols, s_ok & (blk != block_id), logw, k, v
 
 
@@ -249,11 +261,8 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
         for n0 in range(key_start, key_end, BLOCK_N):
             kslots = n0 + offs_n
             k_ok = kslots < key_end
-            cols = tl.load(KIDX + bkv * nkidx + kslots, mask=k_ok, other=0)
-            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
+            cols, k, v = _sorted_kv(K, V, KIDX + bkv * nkidx, kslots, k_ok, k_base, v_base, stride_kn, stride_vn,
+                                    offs_d)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, k_ok[None, :], qk_scale, True,
                                          PRECISION)
         # Gathered columns: log-weights added, the tile's own block masked (already counted).
@@ -325,10 +334,7 @@ def _range_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, LO, HI,
         cols = start + t * BLOCK_N + offs_n
         col_ok = cols < end
         valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
-        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None],
-                    other=0.0)  # [BLOCK_N, D]
-        v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None],
-                    other=0.0)  # [BLOCK_N, D]
+        k, v = _kv_at(K, V, cols, col_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
         dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
         g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(DK + g_ptrs, dk * scale, mask=col_ok[:, None])
@@ -370,11 +376,8 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, K
         for n0 in range(key_start, key_end, BLOCK_N):
             kslots = n0 + offs_n
             k_ok = kslots < key_end
-            cols = tl.load(KIDX + bkv * nkidx + kslots, mask=k_ok, other=0)
-            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None],
-                        other=0.0)  # [BLOCK_N, D]
+            cols, k, v = _sorted_kv(K, V, KIDX + bkv * nkidx, kslots, k_ok, k_base, v_base, stride_kn, stride_vn,
+                                    offs_d)
             valid = row_ok[:, None] & k_ok[None, :]
             dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
             g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]

@@ -19,13 +19,23 @@ from torch import Tensor
 
 from ..reference.lsh import draw_projections
 from ..reference.selection import Lsh, Plan, Pooled, finders, probe_pairs, to_device
-from .attention import _normalised, _precision, _tile_update
+from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned, _start
 
 __all__ = ["probe_exact", "block_scores", "pool", "probe_rows", "lsh_ranges", "bucket_ranges", "gather_columns"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
+
+
+@triton.jit
+def _last_key(rows, ok, offset, nk, CAUSAL: tl.constexpr):
+    # The last key each probe row sees; -1 for rows -1 (chunks with no approximate rows).
+    if CAUSAL:
+        limit = tl.where(ok, rows + offset, -1)
+    else:
+        limit = tl.where(ok, nk - 1, -1)
+    return limit
 
 
 @triton.jit
@@ -59,10 +69,7 @@ def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stri
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = b * stride_kb + (bkv % kv_heads) * stride_kh
     v_base = b * stride_vb + (bkv % kv_heads) * stride_vh
-    if CAUSAL:
-        limit = tl.where(row_ok, rows + offset, -1)
-    else:
-        limit = tl.where(row_ok, nk - 1, -1)
+    limit = _last_key(rows, row_ok, offset, nk, CAUSAL)
     seen = tl.minimum(tl.max(limit, 0) + 1, nk)
     step = tl.cdiv(tl.cdiv(seen, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = part * step
@@ -73,8 +80,7 @@ def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stri
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         k_ok = cols < nk
-        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
         if n0 + BLOCK_N - 1 <= low:
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, None, qk_scale, False, PRECISION)
         else:
@@ -151,10 +157,7 @@ def _column_mass(Q, K, LSE, ROWS, MASS, stride_qb, stride_qh, stride_qn, stride_
         at = ((b * kv_heads * group + heads) * chunks + chunk0 + c_local) * probe + p  # in (B, Hq, C * P)
         rows = tl.load(ROWS + at, mask=in_group, other=-1)  # [M], -1: none
         ok_rows = rows >= 0
-        if CAUSAL:
-            limit = tl.where(ok_rows, rows + offset, -1)
-        else:
-            limit = tl.where(ok_rows, nk - 1, -1)
+        limit = _last_key(rows, ok_rows, offset, nk, CAUSAL)
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
         if pid_n * BLOCK_N <= tl.max(limit, 0):
             q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.maximum(rows, 0)[:, None] * stride_qn

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.selection import Lsh, Plan, Selection
-from .attention import _lse_merge, _normalised, _precision, _tile_update
+from .attention import _kv_at, _lse_merge, _normalised, _precision, _sorted_kv, _tile_update
 
 __all__ = ["attend_triton", "attend_rows_triton"]
 
@@ -108,10 +108,7 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                     c0 = kb * T + n0
                     cols = c0 + offs_n
                     k_ok = cols < nk
-                    k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None],
-                                other=0.0)
-                    v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None],
-                                other=0.0)
+                    k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
                     # Tiles wholly visible to every row of the block skip the mask.
                     full = c0 + BLOCK_N <= nk
                     if CAUSAL:
@@ -169,9 +166,8 @@ def _lsh_kernel(Q, K, V, PRIOR_OUT, PRIOR_LSE, OUT, LSE, QORDER, KORDER, LO, HI,
         if tl.max((busy & (lo < n0 + BLOCK_N) & (hi > n0)).to(tl.int32), 0) > 0:
             ks = n0 + offs_n
             k_ok = ks < end
-            cols = tl.load(KORDER + (b * kv_heads + kvh) * nk + ks, mask=k_ok, other=0)
-            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
+                                    stride_vn, offs_d)
             valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None])
             kblk = cols // T
             for e in range(num_e):
@@ -291,8 +287,7 @@ def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GL
             for n0 in range(0, T, BLOCK_N):
                 cols = kb * T + n0 + offs_n
                 k_ok = cols < nk
-                k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-                v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+                k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
                 valid = k_ok[None, :] & row_ok[:, None]
                 if CAUSAL:
                     valid = valid & (cols[None, :] <= rows[:, None] + offset)
@@ -309,9 +304,8 @@ def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GL
         for n0 in range(r_lo, r_hi, BLOCK_N):
             ks = n0 + offs_n
             k_ok = ks < r_hi
-            cols = tl.load(KORDER + (b * kv_heads + kvh) * nk + ks, mask=k_ok, other=0)
-            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            v = tl.load(V + v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
+                                    stride_vn, offs_d)
             kblk = cols // T
             ok = k_ok
             for e in range(num_e):
