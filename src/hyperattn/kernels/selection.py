@@ -29,12 +29,15 @@ _MASS_ELEMENTS = 1 << 28
 
 
 @triton.jit
-def _last_key(rows, ok, offset, nk, CAUSAL: tl.constexpr):
+def _last_key(rows, offset, nk, CAUSAL: tl.constexpr):
     # The last key each probe row sees; -1 for rows -1 (chunks with no approximate rows).
+    # Integer arithmetic on the rows (seen: 1 for a row, 0 for -1), not a select on a mask:
+    # a boolean here trips Triton 3.6's layout pass on sm_90 in _column_mass.
+    seen = tl.minimum(rows + 1, 1)
     if CAUSAL:
-        limit = tl.where(ok, rows + offset, -1)
+        limit = rows + offset * seen
     else:
-        limit = tl.where(ok, nk - 1, -1)
+        limit = nk * seen - 1
     return limit
 
 
@@ -69,7 +72,7 @@ def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stri
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = b * stride_kb + (bkv % kv_heads) * stride_kh
     v_base = b * stride_vb + (bkv % kv_heads) * stride_vh
-    limit = _last_key(rows, row_ok, offset, nk, CAUSAL)
+    limit = _last_key(rows, offset, nk, CAUSAL)
     seen = tl.minimum(tl.max(limit, 0) + 1, nk)
     step = tl.cdiv(tl.cdiv(seen, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = part * step
@@ -149,15 +152,15 @@ def _column_mass(Q, K, LSE, ROWS, MASS, stride_qb, stride_qh, stride_qn, stride_
     # Slot i: the (i % finding)-th finding row (reference.selection.finders: the rows of the
     # even probe blocks) of the group's head i // finding.
     slots = tl.arange(0, M)
-    in_group = slots < group * finding
-    j = slots % finding
-    heads = (bkv % kv_heads) * group + slots // finding  # int64: head x stride passes 2**31 at 1M keys
-    p = (j // rows_per_block) * 2 * rows_per_block + j % rows_per_block
     for c_local in range(num_chunks):
+        in_group = slots < group * finding
+        j = slots % finding
+        heads = (bkv % kv_heads) * group + slots // finding  # int64: head x stride passes 2**31 at 1M keys
+        p = (j // rows_per_block) * 2 * rows_per_block + j % rows_per_block
         at = ((b * kv_heads * group + heads) * chunks + chunk0 + c_local) * probe + p  # in (B, Hq, C * P)
         rows = tl.load(ROWS + at, mask=in_group, other=-1)  # [M], -1: none
         ok_rows = rows >= 0
-        limit = _last_key(rows, ok_rows, offset, nk, CAUSAL)
+        limit = _last_key(rows, offset, nk, CAUSAL)
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
         if pid_n * BLOCK_N <= tl.max(limit, 0):
             q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.maximum(rows, 0)[:, None] * stride_qn
