@@ -116,11 +116,15 @@ def test_backward_saves_no_quadratic_tensor():
 _INTERPRETED = textwrap.dedent("""
     import json, sys
     import torch
+    from hyperattn.kernels import attention
     from hyperattn.kernels import hyper as kh
     from hyperattn.reference.hyper import hyper_attention_reference
 
     results = []
-    for causal, (b, hq, hkv, nq, nk, block, samples, min_len) in json.loads(sys.argv[1]):
+    cases, chunk_tiles = json.loads(sys.argv[1])
+    # Before any plan is built: how many tiles of a piece one program of the samples' dk, dv walks.
+    attention.SAMPLE_CHUNK_TILES = chunk_tiles
+    for causal, (b, hq, hkv, nq, nk, block, samples, min_len) in cases:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(b, h, n, 16, generator=gen) for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
         kw = dict(causal=causal, block_size=block, sample_size=samples, num_projs=3, min_seq_len=min_len, seed=0)
@@ -137,6 +141,8 @@ _INTERPRETED = textwrap.dedent("""
             "grads": [float((g - t.grad).norm() / t.grad.norm()) for g, t in zip(grads, leaves)],
             "finite": all(bool(torch.isfinite(g).all()) for g in grads),
             "groups": len(sel.plan.groups), "exact_launches": len(sel.plan.exact),
+            "most_chunks": max(int(g.chunks.shape[0]) for g in sel.plan.groups),
+            "most_tiles": max(int(g.tiles.shape[0]) for g in sel.plan.groups),
         })
     print(json.dumps(results))
 """)
@@ -152,9 +158,15 @@ INTERPRETED_CASES = [
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: the compiled kernels are tested above")
-def test_backward_kernels_under_the_interpreter_match_reference():
-    results = run_interpreted(_INTERPRETED, json.dumps(INTERPRETED_CASES))
+@pytest.mark.parametrize("chunk_tiles", [32, 1], ids=["default-chunks", "one-tile-chunks"])
+def test_backward_kernels_under_the_interpreter_match_reference(chunk_tiles):
+    # One tile per chunk: the samples' dk, dv of a piece come from several programs (atomic adds).
+    results = run_interpreted(_INTERPRETED, json.dumps([INTERPRETED_CASES, chunk_tiles]))
     assert len(results) == len(INTERPRETED_CASES)
+    if chunk_tiles == 1:
+        assert any(r["most_chunks"] > 1 for r in results)
+    else:
+        assert all(r["most_chunks"] < r["most_tiles"] for r in results if r["most_tiles"] > 1)
     # Both backward kernels ran: gathered (approximate pieces) and range (exact pieces).
     assert all(r["groups"] >= 1 for r in results) and any(r["exact_launches"] >= 1 for r in results)
     for result in results:

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["range_attention", "gathered_attention", "range_attention_bwd", "gathered_attention_bwd", "TILE_ROWS"]
+__all__ = ["range_attention", "gathered_attention", "range_attention_bwd", "gathered_attention_bwd", "range_key_tiles",
+           "sample_chunks", "TILE_ROWS", "SAMPLE_CHUNK_TILES"]
 
 #: Most rows in one tile of :func:`gathered_attention` (the largest BLOCK_M it tunes over).
 TILE_ROWS = 128
@@ -284,23 +285,34 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
 # ``delta = rowsum(dO * O) - dlse``, every scored entry ``z = scale * q.k + logw`` has
 # ``P = exp(z - lse)`` and ``dz = P * (dO.v - delta)``, whichever launch scored it. Each
 # backward launch recomputes its own entries (nothing of size N x N or N x budget is
-# saved), adds ``scale * dz @ k`` into its rows' dq (every row belongs to one program per
-# launch: a plain read-modify-write) and atomically adds ``scale * dz^T @ q`` and
-# ``P^T @ dO`` into dk, dv (fp32), which also sums the query heads of a KV head (GQA).
-# Sample log-weights are constants of the function: they enter P only.
+# saved) and adds ``scale * dz @ k`` into its rows' dq and ``scale * dz^T @ q``, ``P^T @ dO``
+# into dk, dv (fp32), which also sums the query heads of a KV head (GQA). Sample
+# log-weights are constants of the function: they enter P only.
+#
+# Where many query tiles score the same keys (an exact range's keys, a piece's gathered
+# columns), dk and dv come from a key-tile-outer launch that walks those rows and stores
+# once, as in flash-attention's backward: one atomic add per (query tile, key tile) into
+# shared keys serialises in L2 and took 24 times the forward at 131k. dq comes from the
+# row-outer launch, where every row belongs to one program (a plain read-modify-write).
 
 
 @triton.jit
-def _tile_grad(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
-               PRECISION: tl.constexpr):
-    # Gradients of one key tile: dq (unscaled) accumulated, dk (unscaled) and dv returned.
+def _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    # P and dz (unscaled) of one (row tile, key tile).
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
     if MASKED:
         s = tl.where(valid, s + s_bias, float("-inf"))
     # lse2 is +inf on rows that see no key, so their P is 0 (not exp2(-inf - -inf) = NaN).
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-    ds = p * (dp - delta[:, None])
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _tile_grad(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
+               PRECISION: tl.constexpr):
+    # Gradients of one key tile: dq (unscaled) accumulated, dk (unscaled) and dv returned.
+    p, ds = _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED, PRECISION)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)  # [BLOCK_N, D]
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)  # [BLOCK_N, D]
@@ -308,39 +320,91 @@ def _tile_grad(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl
 
 
 @triton.jit
-def _range_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, LO, HI,
+def _tile_dq(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    # dq (unscaled) of one key tile, accumulated; its dk and dv come from a key-outer launch.
+    p, ds = _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED, PRECISION)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb, stride_qh, stride_qn, nq, offs_d,
+                     HEAD_DIM: tl.constexpr):
+    # One row tile's q, dO, base-2 LSE (+inf: no key) and delta.
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    flat_rows = bh * nq + rows
+    do = tl.load(DO + flat_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE2 + flat_rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + flat_rows, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _range_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, LO, HI,
                                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                                 stride_vb, stride_vh, stride_vn,
-                                num_heads, kv_heads, group, nq, nk, scale,
+                                num_heads, group, nq, scale,
                                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dq of one row tile of one head (dk, dv: _range_attention_dkv_kernel).
     bh = tl.program_id(1)
     b, h, kvh, rows, row_ok, lo, hi, start, end = _range_program(LO, HI, num_heads, group, nq, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-    flat_rows = bh.to(tl.int64) * nq + rows
-    do = tl.load(DO + flat_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)  # [BLOCK_M, D]
-    lse2 = tl.load(LSE2 + flat_rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + flat_rows, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh.to(tl.int64), rows, row_ok, stride_qb,
+                                          stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634
     k_base = b * stride_kb + kvh * stride_kh
     v_base = b * stride_vb + kvh * stride_vh
-    g_base = (b * kv_heads + kvh) * nk * HEAD_DIM
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for t in range(0, tl.cdiv(end - start, BLOCK_N)):
         cols = start + t * BLOCK_N + offs_n
         col_ok = cols < end
         valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
         k, v = _kv_at(K, V, cols, col_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
-        dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
-        g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.atomic_add(DK + g_ptrs, dk * scale, mask=col_ok[:, None])
-        tl.atomic_add(DV + g_ptrs, dv, mask=col_ok[:, None])
-    dq_ptrs = DQ + flat_rows[:, None] * HEAD_DIM + offs_d[None, :]
+        dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+    dq_ptrs = DQ + (bh.to(tl.int64) * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0) + dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _range_attention_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, LO, HI, OFFSETS, ROW_TILES,
+                                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                                stride_vb, stride_vh, stride_vn,
+                                num_heads, kv_heads, group, nq, nk, scale,
+                                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dk, dv of one key tile of one (batch, KV head): the row tiles whose ranges reach it
+    # (ROW_TILES[OFFSETS[t]:OFFSETS[t + 1]]), every query head of the group, accumulated on
+    # chip and stored once (the tile is this program's alone in this launch).
+    t = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < nk
+    offs_d = tl.arange(0, HEAD_DIM)
+    k, v = _kv_at(K, V, cols, col_ok, b * stride_kb + kvh * stride_kh, b * stride_vb + kvh * stride_vh, stride_kn,
+                  stride_vn, offs_d)
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for i in range(tl.load(OFFSETS + t), tl.load(OFFSETS + t + 1)):
+        rows = tl.load(ROW_TILES + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < nq
+        lo = tl.load(LO + rows, mask=row_ok, other=0)
+        hi = tl.load(HI + rows, mask=row_ok, other=-1)
+        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
+        for g in range(group):
+            h = kvh * group + g
+            q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, b * num_heads + h, rows, row_ok,
+                                                  stride_qb, stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
+            p, ds = _tile_ds(q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + g_ptrs, tl.load(DK + g_ptrs, mask=col_ok[:, None], other=0.0) + dk * scale, mask=col_ok[:, None])
+    tl.store(DV + g_ptrs, tl.load(DV + g_ptrs, mask=col_ok[:, None], other=0.0) + dv, mask=col_ok[:, None])
 
 
 @triton.jit
@@ -383,18 +447,70 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, K
             g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
             tl.atomic_add(DK + g_ptrs, dk * scale, mask=k_ok[:, None])
             tl.atomic_add(DV + g_ptrs, dv, mask=k_ok[:, None])
+        # The gathered columns' dk, dv: _sample_dkv_kernel.
         for j0 in range(0, num_samples, BLOCK_N):
             sj = j0 + offs_n
             cols, keep, logw, k, v = _sample_tile(K, V, SIDX, SBLK, SLOGW, s_base, piece, max_samples, sj, num_samples,
                                                   block_id, k_base, v_base, stride_kn, stride_vn, offs_d)
             valid = row_ok[:, None] & keep[None, :]
-            dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, (logw * 1.4426950408889634)[None, :], valid,
-                                    qk_scale, True, PRECISION)
-            g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(DK + g_ptrs, dk * scale, mask=keep[:, None])
-            tl.atomic_add(DV + g_ptrs, dv, mask=keep[:, None])
+            dq = _tile_dq(dq, q, do, lse2, delta, k, v, (logw * 1.4426950408889634)[None, :], valid, qk_scale, True,
+                          PRECISION)
         dq_ptrs = DQ + flat_rows[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(dq_ptrs, tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0) + dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _sample_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, TILES, CHUNKS, SIDX, SLOGW, SBLK, NSAMP,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn,
+                       num_heads, kv_heads, group, nq, nk, nqidx, max_samples, scale,
+                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dk, dv of BLOCK_N of one head's gathered columns in one piece, from a chunk of the
+    # piece's tiles (CHUNKS: [first, last) tile rows of TILES, one piece each): the rows of
+    # every tile scored against the columns, accumulated on chip, then one atomic add (the
+    # chunks of a piece, and columns drawn twice, share keys).
+    chunk = tl.program_id(0) // group
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    h = kvh * group + tl.program_id(0) % group
+    bh = b * num_heads + h
+    tile0 = tl.load(CHUNKS + chunk * 2)
+    tile1 = tl.load(CHUNKS + chunk * 2 + 1)
+    piece = tl.load(TILES + tile0 * 6 + 4)
+    num_samples = tl.load(NSAMP + piece)
+    sj = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tl.program_id(2) * BLOCK_N < num_samples:
+        offs_d = tl.arange(0, HEAD_DIM)
+        s_base = (piece.to(tl.int64) * tl.num_programs(1) * group + bh) * max_samples
+        # Each tile's own block is masked below, tile by tile.
+        s_ok = sj < num_samples
+        cols, _, logw, k, v = _sample_tile(K, V, SIDX, SBLK, SLOGW, s_base, piece, max_samples, sj, num_samples,
+                                           0, b * stride_kb + kvh * stride_kh, b * stride_vb + kvh * stride_vh,
+                                           stride_kn, stride_vn, offs_d)
+        blk = tl.load(SBLK + s_base + sj, mask=s_ok, other=-1)
+        bias = (logw * 1.4426950408889634)[None, :]
+        qk_scale = scale * 1.4426950408889634
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for tile in range(tile0, tile1):
+            row_start = tl.load(TILES + tile * 6 + 0)
+            row_end = tl.load(TILES + tile * 6 + 1)
+            keep = s_ok & (blk != tl.load(TILES + tile * 6 + 5))
+            for r0 in range(row_start, row_end, BLOCK_M):
+                slots = r0 + tl.arange(0, BLOCK_M)
+                row_ok = slots < row_end
+                rows = tl.load(QIDX + bh * nqidx + slots, mask=row_ok, other=0)
+                q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb,
+                                                      stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
+                valid = row_ok[:, None] & keep[None, :]
+                p, ds = _tile_ds(q, do, lse2, delta, k, v, bias, valid, qk_scale, True, PRECISION)
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(DK + g_ptrs, dk * scale, mask=s_ok[:, None])
+        tl.atomic_add(DV + g_ptrs, dv, mask=s_ok[:, None])
 
 
 _RANGE_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
@@ -498,10 +614,14 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index
     )
 
 
-# One block shape for the backward launches: their dk/dv atomics would have to be reset
-# between autotuning trials, and 64 x 64 tiles fit every head dim and dtype (fp32 included)
-# in shared memory.
+# One block shape for the backward launches: their atomics would have to be reset between
+# autotuning trials, and 64 x 64 tiles fit every head dim and dtype (fp32 included) in
+# shared memory.
 _BWD_META = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+#: Most tiles of one piece a program of the gathered columns' dk, dv walks (atomic adds
+#: per column: the piece's tiles over this).
+SAMPLE_CHUNK_TILES = 32
 
 
 def _bwd_lse2(lse: Tensor) -> Tensor:
@@ -509,14 +629,59 @@ def _bwd_lse2(lse: Tensor) -> Tensor:
     return torch.where(torch.isinf(lse), float("inf"), lse * LOG2E).contiguous()
 
 
+def range_key_tiles(lo: Tensor, hi: Tensor, nk: int) -> tuple[Tensor, Tensor]:
+    """Which row tiles of :func:`range_attention_bwd` reach each key tile: ``offsets (T + 1,)``, ``row_tiles`` int32.
+
+    Key tile ``t`` (keys ``[64 t, 64 t + 64)``) is reached by row tiles
+    ``row_tiles[offsets[t]:offsets[t + 1]]`` (rows ``[64 i, 64 i + 64)``), ascending. Built on
+    the host from ``lo, hi (Nq,)``, once per plan; returned on their device.
+    """
+    bm, bn = _BWD_META["BLOCK_M"], _BWD_META["BLOCK_N"]
+    lo_c, hi_c = lo.cpu().long(), hi.cpu().long()
+    nq = lo_c.numel()
+    num_rt, num_kt = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    pad = num_rt * bm - nq
+    lo_c = torch.nn.functional.pad(lo_c, (0, pad), value=0)
+    hi_c = torch.nn.functional.pad(hi_c, (0, pad), value=-1)
+    some = lo_c <= hi_c
+    start = torch.where(some, lo_c, nk).reshape(num_rt, bm).amin(1)
+    end = torch.where(some, hi_c + 1, 0).reshape(num_rt, bm).amax(1)  # a tile's keys: [start, end)
+    counts, row_tiles = [], []
+    step = max(1, (1 << 24) // max(1, num_rt))  # bounds the (key tiles x row tiles) table at 1M
+    for t0 in range(0, num_kt, step):
+        first = torch.arange(t0, min(num_kt, t0 + step)) * bn
+        reach = (start[None, :] < first[:, None] + bn) & (end[None, :] > first[:, None])
+        counts.append(reach.sum(1))
+        row_tiles.append(reach.nonzero()[:, 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
+    return offsets.int().to(lo.device), torch.cat(row_tiles).int().to(lo.device)
+
+
+def sample_chunks(tiles: Tensor) -> Tensor:
+    """Runs of at most :data:`SAMPLE_CHUNK_TILES` consecutive rows of a tile table that share a piece: ``(C, 2)`` int32.
+
+    ``tiles`` as in :func:`gathered_attention` (host or device); each row ``[first, last)``.
+    """
+    piece = tiles[:, 4].cpu().tolist()
+    runs, first = [], 0
+    for i in range(1, len(piece) + 1):
+        if i == len(piece) or piece[i] != piece[first] or i - first == SAMPLE_CHUNK_TILES:
+            runs.append((first, i))
+            first = i
+    return torch.tensor(runs, dtype=torch.int32).reshape(-1, 2).to(tiles.device)
+
+
 def range_attention_bwd(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, grad_out: Tensor,
-                        lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+                        lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor,
+                        key_tiles: tuple[Tensor, Tensor] | None = None) -> None:
     """Adds the gradients of the entries :func:`range_attention` scored (same ``lo, hi``) into ``dq, dk, dv``.
 
     ``grad_out (B, Hq, Nq, D)`` contiguous; ``lse (B, Hq, Nq)`` fp32, the final log-sum-exp of
     every row (all launches merged); ``delta (B, Hq, Nq)`` fp32, ``rowsum(grad_out * out)``
     minus the gradient of ``lse``; ``dq (B, Hq, Nq, D)`` and ``dk, dv (B, Hkv, Nk, D)``
     contiguous fp32 accumulators (dk and dv summed over the query heads of each KV head).
+    ``key_tiles``: :func:`range_key_tiles` of ``lo, hi`` (``None``: built here, which reads
+    ``lo, hi`` on the host).
 
     Examples::
 
@@ -529,32 +694,46 @@ def range_attention_bwd(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor,
         >>> range_attention_bwd(q, k, v, torch.zeros_like(rows), rows, 0.125, do, lse, delta, dq, dk, dv)
     """
     bsz, hq, nq, dim = q.shape
-    grid = (triton.cdiv(nq, _BWD_META["BLOCK_M"]), bsz * hq)
-    _range_attention_bwd_kernel[grid](
-        q, k, v, grad_out, _bwd_lse2(lse), delta, dq, dk, dv, lo, hi,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        hq, k.shape[1], hq // k.shape[1], nq, k.shape[2], scale,
+    hkv, nk = k.shape[1], k.shape[2]
+    offsets, row_tiles = range_key_tiles(lo, hi, nk) if key_tiles is None else key_tiles
+    lse2 = _bwd_lse2(lse)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    _range_attention_bwd_kernel[(triton.cdiv(nq, _BWD_META["BLOCK_M"]), bsz * hq)](
+        q, k, v, grad_out, lse2, delta, dq, lo, hi, *strides, hq, hq // hkv, nq, scale,
         HEAD_DIM=dim, PRECISION=_precision(q.dtype), **_BWD_META,
+    )
+    _range_attention_dkv_kernel[(offsets.numel() - 1, bsz * hkv)](
+        q, k, v, grad_out, lse2, delta, dk, dv, lo, hi, offsets, row_tiles, *strides, hq, hkv, hq // hkv, nq, nk,
+        scale, HEAD_DIM=dim, PRECISION=_precision(q.dtype), **_BWD_META,
     )
 
 
 def gathered_attention_bwd(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, tiles: Tensor,
                            sample_index: Tensor, sample_logw: Tensor, sample_block: Tensor, num_samples: Tensor,
                            scale: float, grad_out: Tensor, lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor,
-                           dv: Tensor) -> None:
+                           dv: Tensor, chunks: Tensor | None = None) -> None:
     """Adds the gradients of the entries :func:`gathered_attention` scored (same tables) into ``dq, dk, dv``.
 
     Tables as in :func:`gathered_attention`; ``grad_out``, ``lse``, ``delta`` and the fp32
     accumulators as in :func:`range_attention_bwd`. The samples' log-weights are constants.
+    ``chunks``: :func:`sample_chunks` of ``tiles`` (``None``: built here, on the host).
     """
     bsz, hq, nq, dim = q.shape
-    grid = (tiles.shape[0] * (hq // k.shape[1]), bsz * k.shape[1])
-    _gathered_attention_bwd_kernel[grid](
-        q, k, v, grad_out, _bwd_lse2(lse), delta, dq, dk, dv, q_index, k_index, tiles, sample_index, sample_logw,
-        sample_block, num_samples,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        hq, k.shape[1], hq // k.shape[1], nq, k.shape[2], q_index.shape[-1], k_index.shape[-1],
+    hkv, group = k.shape[1], hq // k.shape[1]
+    chunks = sample_chunks(tiles) if chunks is None else chunks
+    lse2 = _bwd_lse2(lse)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    _gathered_attention_bwd_kernel[(tiles.shape[0] * group, bsz * hkv)](
+        q, k, v, grad_out, lse2, delta, dq, dk, dv, q_index, k_index, tiles, sample_index, sample_logw,
+        sample_block, num_samples, *strides, hq, hkv, group, nq, k.shape[2], q_index.shape[-1], k_index.shape[-1],
         sample_index.shape[-1], scale, HEAD_DIM=dim, PRECISION=_precision(q.dtype), **_BWD_META,
     )
+    width = sample_index.shape[-1]
+    if width and chunks.shape[0]:
+        _sample_dkv_kernel[(chunks.shape[0] * group, bsz * hkv, triton.cdiv(width, _BWD_META["BLOCK_N"]))](
+            q, k, v, grad_out, lse2, delta, dk, dv, q_index, tiles, chunks, sample_index, sample_logw, sample_block,
+            num_samples, *strides, hq, hkv, group, nq, k.shape[2], q_index.shape[-1], width, scale,
+            HEAD_DIM=dim, PRECISION=_precision(q.dtype), **_BWD_META,
+        )

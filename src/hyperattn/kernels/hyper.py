@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from ..reference.hyper import Piece, causal_plan, draw_randomness, noncausal_plan, stratified_samples
-from .attention import TILE_ROWS, gathered_attention, gathered_attention_bwd, range_attention, range_attention_bwd
+from .attention import (TILE_ROWS, gathered_attention, gathered_attention_bwd, range_attention, range_attention_bwd,
+                        range_key_tiles, sample_chunks)
 from .lsh import lsh_sort_keys
 
 __all__ = ["KernelPlan", "kernel_plan", "HyperSelection", "hyper_select", "hyper_attend", "hyper_forward",
@@ -51,6 +52,7 @@ class _Group:
 
     pieces: tuple[Piece, ...]
     tiles: Tensor  # (T, 6) int32, see gathered_attention
+    chunks: Tensor  # (C, 2) int32: attention.sample_chunks of tiles, for the backward
     k_base: Tensor  # (p,) first slot of each piece in the group's sorted key order
     k0: Tensor  # (p,) first key position of each piece
     num_samples: Tensor  # (p,) int32 columns each piece samples: min(m, its key count)
@@ -73,6 +75,7 @@ class KernelPlan:
     """
 
     exact: list[tuple[Tensor, Tensor, Tensor | None]]
+    exact_keys: list[tuple[Tensor, Tensor]]  # attention.range_key_tiles of each exact range, for the backward
     groups: list[_Group]
     seg_q: Tensor
     seg_k: Tensor
@@ -138,8 +141,9 @@ def _groups(plan: list[Piece], block_size: int, sample_size: int, device: torch.
              torch.tensor([i for (i, _), m in zip(run, lengths) if m == n], device=device))
             for n in sorted(set(lengths)))
         counts = [min(sample_size, n) for n in lengths]
+        tiles = _tiles(pieces, q_base, k_base, block_size)
         groups.append(_Group(
-            pieces=pieces, tiles=_tiles(pieces, q_base, k_base, block_size).to(device),
+            pieces=pieces, tiles=tiles.to(device), chunks=sample_chunks(tiles).to(device),
             k_base=torch.tensor(k_base, device=device), k0=torch.tensor([p.k0 for p in pieces], device=device),
             num_samples=torch.tensor(counts, dtype=torch.int32, device=device), width=max(counts),
             by_length=by_length))
@@ -180,16 +184,17 @@ def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, sample_size
         groups[g] = dataclasses.replace(group, prior=None if prior is None else prior.to(dev))
         for p in group.pieces:
             covered[p.q0:p.q1] = True
-    exact = []
+    exact, exact_keys = [], []
     for lo, hi in _exact_ranges(plan, nq, nk):
         prior = _prior(covered)
         exact.append((lo.to(dev), hi.to(dev), None if prior is None else prior.to(dev)))
+        exact_keys.append(tuple(x.to(dev) for x in range_key_tiles(lo, hi, nk)))
         covered[:] = True  # a range launch writes every row, empty ranges as out 0, lse -inf
     # The last launch must write every row: exact ranges always do; without them the one
     # approximate piece is the non-causal call over all rows.
     assert exact or (len(groups) == 1 and all(p.q0 == 0 and p.q1 == nq for p in groups[0].pieces))
-    return KernelPlan(exact, groups, _segments(groups, nq, True).to(dev), _segments(groups, nk, False).to(dev),
-                      sum(len(g.pieces) for g in groups))
+    return KernelPlan(exact, exact_keys, groups, _segments(groups, nq, True).to(dev),
+                      _segments(groups, nk, False).to(dev), sum(len(g.pieces) for g in groups))
 
 
 def _group_samples(group: _Group, u: Tensor, k_slot: Tensor, bsz: int, hq: int, hkv: int, block_size: int):
@@ -294,9 +299,10 @@ def hyper_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, gr
     for g, group in enumerate(plan.groups):
         sample_idx, sample_logw, sample_block = selection.samples[g]
         gathered_attention_bwd(q, k, v, selection.q_perm[g], selection.k_perm[g], group.tiles, sample_idx,
-                               sample_logw, sample_block, group.num_samples, scale, grad_out, lse, delta, dq, dk, dv)
-    for lo, hi, _ in plan.exact:
-        range_attention_bwd(q, k, v, lo, hi, scale, grad_out, lse, delta, dq, dk, dv)
+                               sample_logw, sample_block, group.num_samples, scale, grad_out, lse, delta, dq, dk, dv,
+                               group.chunks)
+    for (lo, hi, _), keys in zip(plan.exact, plan.exact_keys):
+        range_attention_bwd(q, k, v, lo, hi, scale, grad_out, lse, delta, dq, dk, dv, keys)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
