@@ -126,4 +126,8 @@ def test_cli_backward_flag_writes_backward_rows(tmp_path):
     import json
 
     rows = json.loads(path.read_text())["rows"]
-    assert rows and all(r["backward"] is True for r in rows) and all(r["ms"] is not None for r in rows)
+    assert rows and all(r["backward"] is True for r in rows)
+    # Every row ran, except those the bench skips by design (on CUDA: flex-sink-window below
+    # its lengths), which say so.
+    assert all(r["ms"] is not None or r["error"].startswith("skipped:") for r in rows)
+    assert any(r["ms"] is not None for r in rows)
