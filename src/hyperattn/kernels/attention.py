@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["range_attention", "gathered_attention", "range_attention_bwd", "gathered_attention_bwd", "range_key_tiles",
-           "sample_chunks", "TILE_ROWS", "SAMPLE_CHUNK_TILES"]
+           "sample_chunks", "key_blocks", "TILE_ROWS", "SAMPLE_CHUNK_TILES"]
 
 #: Most rows in one tile of :func:`gathered_attention` (the largest BLOCK_M it tunes over).
 TILE_ROWS = 128
@@ -201,15 +201,21 @@ def _range_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, LO, HI,
 
 
 @triton.jit
-def _tile_program(TILES, num_heads, kv_heads, group):
-    # The program's (batch, KV head, query head) and its row of the tile table: the query
-    # heads of one KV head run as adjacent programs on the same tile.
-    tile = tl.program_id(0) // group
+def _group_program(num_heads, kv_heads, group):
+    # The program's table row and (batch, KV head, query head): grid (rows x group, B x Hkv),
+    # the query heads of one KV head run as adjacent programs on the same row.
+    index = tl.program_id(0) // group
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // kv_heads
     kvh = bkv % kv_heads
     h = kvh * group + tl.program_id(0) % group
-    bh = b * num_heads + h
+    return index, b, kvh, h, b * num_heads + h, bkv
+
+
+@triton.jit
+def _tile_program(TILES, num_heads, kv_heads, group):
+    # The program's (batch, KV head, query head) and its row of the tile table.
+    tile, b, kvh, h, bh, bkv = _group_program(num_heads, kv_heads, group)
     row_start = tl.load(TILES + tile * 6 + 0)
     row_end = tl.load(TILES + tile * 6 + 1)
     key_start = tl.load(TILES + tile * 6 + 2)
@@ -408,13 +414,13 @@ def _range_attention_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, LO, HI, OFFSET
 
 
 @triton.jit
-def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK,
+def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, QIDX, KIDX, TILES, SIDX, SLOGW, SBLK,
                                    NSAMP, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                                    stride_vb, stride_vh, stride_vn,
-                                   num_heads, kv_heads, group, nq, nk, nqidx, nkidx, max_samples, scale,
+                                   num_heads, kv_heads, group, nq, nqidx, nkidx, max_samples, scale,
                                    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Same grid and walk as _gathered_attention_kernel.
+    # dq; same grid and walk as _gathered_attention_kernel.
     b, kvh, h, bh, bkv, row_start, row_end, key_start, key_end, piece, block_id = _tile_program(
         TILES, num_heads, kv_heads, group)
     offs_n = tl.arange(0, BLOCK_N)
@@ -422,20 +428,14 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, K
     qk_scale = scale * 1.4426950408889634
     k_base = b * stride_kb + kvh * stride_kh
     v_base = b * stride_vb + kvh * stride_vh
-    g_base = bkv * nk * HEAD_DIM
     num_samples = tl.load(NSAMP + piece)
     s_base = (piece.to(tl.int64) * tl.num_programs(1) * group + bh) * max_samples
     for r0 in range(row_start, row_end, BLOCK_M):
         slots = r0 + tl.arange(0, BLOCK_M)
         row_ok = slots < row_end
         rows = tl.load(QIDX + bh * nqidx + slots, mask=row_ok, other=0)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-        flat_rows = bh * nq + rows
-        do = tl.load(DO + flat_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)  # [BLOCK_M, D]
-        lse2 = tl.load(LSE2 + flat_rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + flat_rows, mask=row_ok, other=0.0)
+        q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb, stride_qh,
+                                              stride_qn, nq, offs_d, HEAD_DIM)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for n0 in range(key_start, key_end, BLOCK_N):
             kslots = n0 + offs_n
@@ -443,11 +443,8 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, K
             cols, k, v = _sorted_kv(K, V, KIDX + bkv * nkidx, kslots, k_ok, k_base, v_base, stride_kn, stride_vn,
                                     offs_d)
             valid = row_ok[:, None] & k_ok[None, :]
-            dq, dk, dv = _tile_grad(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
-            g_ptrs = g_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(DK + g_ptrs, dk * scale, mask=k_ok[:, None])
-            tl.atomic_add(DV + g_ptrs, dv, mask=k_ok[:, None])
-        # The gathered columns' dk, dv: _sample_dkv_kernel.
+            dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        # The key block's dk, dv: _block_dkv_kernel; the gathered columns': _sample_dkv_kernel.
         for j0 in range(0, num_samples, BLOCK_N):
             sj = j0 + offs_n
             cols, keep, logw, k, v = _sample_tile(K, V, SIDX, SBLK, SLOGW, s_base, piece, max_samples, sj, num_samples,
@@ -455,8 +452,57 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, QIDX, K
             valid = row_ok[:, None] & keep[None, :]
             dq = _tile_dq(dq, q, do, lse2, delta, k, v, (logw * 1.4426950408889634)[None, :], valid, qk_scale, True,
                           PRECISION)
-        dq_ptrs = DQ + flat_rows[:, None] * HEAD_DIM + offs_d[None, :]
+        dq_ptrs = DQ + (bh * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(dq_ptrs, tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0) + dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _block_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, KIDX, TILES, BLOCKS,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn,
+                      num_heads, kv_heads, group, nq, nk, nqidx, nkidx, scale,
+                      HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dk, dv of BLOCK_N keys of one sorted key block of one (batch, KV head): the rows of
+    # every tile on that block (BLOCKS: [first, last) tile rows of TILES) for every query
+    # head of the group, accumulated on chip and stored once. A key sits in one block of
+    # one piece per launch, so the tile is this program's alone.
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    tile0 = tl.load(BLOCKS + tl.program_id(0) * 2)
+    tile1 = tl.load(BLOCKS + tl.program_id(0) * 2 + 1)
+    key_start = tl.load(TILES + tile0 * 6 + 2)
+    key_end = tl.load(TILES + tile0 * 6 + 3)
+    n0 = key_start + tl.program_id(2) * BLOCK_N
+    if n0 < key_end:
+        offs_d = tl.arange(0, HEAD_DIM)
+        kslots = n0 + tl.arange(0, BLOCK_N)
+        k_ok = kslots < key_end
+        cols, k, v = _sorted_kv(K, V, KIDX + bkv * nkidx, kslots, k_ok, b * stride_kb + kvh * stride_kh,
+                                b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, offs_d)
+        qk_scale = scale * 1.4426950408889634
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for tile in range(tile0, tile1):
+            row_start = tl.load(TILES + tile * 6 + 0)
+            row_end = tl.load(TILES + tile * 6 + 1)
+            for g in range(group):
+                h = kvh * group + g
+                bh = b * num_heads + h
+                for r0 in range(row_start, row_end, BLOCK_M):
+                    slots = r0 + tl.arange(0, BLOCK_M)
+                    row_ok = slots < row_end
+                    rows = tl.load(QIDX + bh * nqidx + slots, mask=row_ok, other=0)
+                    q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb,
+                                                          stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
+                    valid = row_ok[:, None] & k_ok[None, :]
+                    p, ds = _tile_ds(q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+                    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+                    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + g_ptrs, tl.load(DK + g_ptrs, mask=k_ok[:, None], other=0.0) + dk * scale, mask=k_ok[:, None])
+        tl.store(DV + g_ptrs, tl.load(DV + g_ptrs, mask=k_ok[:, None], other=0.0) + dv, mask=k_ok[:, None])
 
 
 @triton.jit
@@ -470,12 +516,7 @@ def _sample_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, TILES, CHUNKS, SI
     # piece's tiles (CHUNKS: [first, last) tile rows of TILES, one piece each): the rows of
     # every tile scored against the columns, accumulated on chip, then one atomic add (the
     # chunks of a piece, and columns drawn twice, share keys).
-    chunk = tl.program_id(0) // group
-    bkv = tl.program_id(1).to(tl.int64)
-    b = bkv // kv_heads
-    kvh = bkv % kv_heads
-    h = kvh * group + tl.program_id(0) % group
-    bh = b * num_heads + h
+    chunk, b, kvh, h, bh, bkv = _group_program(num_heads, kv_heads, group)
     tile0 = tl.load(CHUNKS + chunk * 2)
     tile1 = tl.load(CHUNKS + chunk * 2 + 1)
     piece = tl.load(TILES + tile0 * 6 + 4)
@@ -657,18 +698,28 @@ def range_key_tiles(lo: Tensor, hi: Tensor, nk: int) -> tuple[Tensor, Tensor]:
     return offsets.int().to(lo.device), torch.cat(row_tiles).int().to(lo.device)
 
 
+def _tile_runs(tiles: Tensor, columns: list[int], most: int) -> Tensor:
+    # Runs of at most `most` consecutive rows of a tile table equal in `columns`: (R, 2) int32 [first, last).
+    keys = [tuple(row) for row in tiles[:, columns].cpu().tolist()]
+    runs, first = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[first] or i - first == most:
+            runs.append((first, i))
+            first = i
+    return torch.tensor(runs, dtype=torch.int32).reshape(-1, 2).to(tiles.device)
+
+
 def sample_chunks(tiles: Tensor) -> Tensor:
     """Runs of at most :data:`SAMPLE_CHUNK_TILES` consecutive rows of a tile table that share a piece: ``(C, 2)`` int32.
 
     ``tiles`` as in :func:`gathered_attention` (host or device); each row ``[first, last)``.
     """
-    piece = tiles[:, 4].cpu().tolist()
-    runs, first = [], 0
-    for i in range(1, len(piece) + 1):
-        if i == len(piece) or piece[i] != piece[first] or i - first == SAMPLE_CHUNK_TILES:
-            runs.append((first, i))
-            first = i
-    return torch.tensor(runs, dtype=torch.int32).reshape(-1, 2).to(tiles.device)
+    return _tile_runs(tiles, [4], SAMPLE_CHUNK_TILES)
+
+
+def key_blocks(tiles: Tensor) -> Tensor:
+    """The runs of consecutive rows of a tile table on one sorted key block: ``(K, 2)`` int32 ``[first, last)``."""
+    return _tile_runs(tiles, [2, 3, 4], len(tiles))
 
 
 def range_attention_bwd(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, grad_out: Tensor,
@@ -712,25 +763,36 @@ def range_attention_bwd(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor,
 def gathered_attention_bwd(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, tiles: Tensor,
                            sample_index: Tensor, sample_logw: Tensor, sample_block: Tensor, num_samples: Tensor,
                            scale: float, grad_out: Tensor, lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor,
-                           dv: Tensor, chunks: Tensor | None = None) -> None:
+                           dv: Tensor, chunks: Tensor | None = None, blocks: Tensor | None = None,
+                           block_keys: int | None = None) -> None:
     """Adds the gradients of the entries :func:`gathered_attention` scored (same tables) into ``dq, dk, dv``.
 
     Tables as in :func:`gathered_attention`; ``grad_out``, ``lse``, ``delta`` and the fp32
     accumulators as in :func:`range_attention_bwd`. The samples' log-weights are constants.
-    ``chunks``: :func:`sample_chunks` of ``tiles`` (``None``: built here, on the host).
+    ``chunks``, ``blocks``: :func:`sample_chunks` and :func:`key_blocks` of ``tiles``;
+    ``block_keys``: the widest key block of ``tiles`` (``None``: found here, on the host).
     """
     bsz, hq, nq, dim = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
     chunks = sample_chunks(tiles) if chunks is None else chunks
+    blocks = key_blocks(tiles) if blocks is None else blocks
+    if block_keys is None:
+        block_keys = int((tiles[:, 3] - tiles[:, 2]).max()) if tiles.shape[0] else 0
     lse2 = _bwd_lse2(lse)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     _gathered_attention_bwd_kernel[(tiles.shape[0] * group, bsz * hkv)](
-        q, k, v, grad_out, lse2, delta, dq, dk, dv, q_index, k_index, tiles, sample_index, sample_logw,
-        sample_block, num_samples, *strides, hq, hkv, group, nq, k.shape[2], q_index.shape[-1], k_index.shape[-1],
+        q, k, v, grad_out, lse2, delta, dq, q_index, k_index, tiles, sample_index, sample_logw,
+        sample_block, num_samples, *strides, hq, hkv, group, nq, q_index.shape[-1], k_index.shape[-1],
         sample_index.shape[-1], scale, HEAD_DIM=dim, PRECISION=_precision(q.dtype), **_BWD_META,
     )
     width = sample_index.shape[-1]
+    if blocks.shape[0]:
+        _block_dkv_kernel[(blocks.shape[0], bsz * hkv, triton.cdiv(block_keys, _BWD_META["BLOCK_N"]))](
+            q, k, v, grad_out, lse2, delta, dk, dv, q_index, k_index, tiles, blocks, *strides, hq, hkv, group, nq,
+            k.shape[2], q_index.shape[-1], k_index.shape[-1], scale, HEAD_DIM=dim, PRECISION=_precision(q.dtype),
+            **_BWD_META,
+        )
     if width and chunks.shape[0]:
         _sample_dkv_kernel[(chunks.shape[0] * group, bsz * hkv, triton.cdiv(width, _BWD_META["BLOCK_N"]))](
             q, k, v, grad_out, lse2, delta, dk, dv, q_index, tiles, chunks, sample_index, sample_logw, sample_block,

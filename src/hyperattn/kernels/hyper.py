@@ -19,7 +19,9 @@ The backward (:func:`hyper_backward`) keeps the call's :class:`HyperSelection` (
 orders and sample tables, O(N)) and runs one backward launch per forward launch
 (:func:`~hyperattn.kernels.attention.gathered_attention_bwd`,
 :func:`~hyperattn.kernels.attention.range_attention_bwd`), recomputing scores from the
-saved fp32 ``lse``.
+saved fp32 ``lse``. In fp16/bf16 the exact pieces' gradients come from SDPA's flash
+backward instead, one call per piece, given the call's final output and ``lse`` (so its
+softmax is the merged one: the same gradient, at flash-attention's speed).
 
 Plans (segments, tile tables, exact ranges) depend only on the shapes and the budget and
 are cached per device; the draws (hyperplanes, stratum offsets) come from
@@ -38,8 +40,8 @@ import torch
 from torch import Tensor
 
 from ..reference.hyper import Piece, causal_plan, draw_randomness, noncausal_plan, stratified_samples
-from .attention import (TILE_ROWS, gathered_attention, gathered_attention_bwd, range_attention, range_attention_bwd,
-                        range_key_tiles, sample_chunks)
+from .attention import (TILE_ROWS, gathered_attention, gathered_attention_bwd, key_blocks, range_attention,
+                        range_attention_bwd, range_key_tiles, sample_chunks)
 from .lsh import lsh_sort_keys
 
 __all__ = ["KernelPlan", "kernel_plan", "HyperSelection", "hyper_select", "hyper_attend", "hyper_forward",
@@ -53,6 +55,8 @@ class _Group:
     pieces: tuple[Piece, ...]
     tiles: Tensor  # (T, 6) int32, see gathered_attention
     chunks: Tensor  # (C, 2) int32: attention.sample_chunks of tiles, for the backward
+    blocks: Tensor  # (K, 2) int32: attention.key_blocks of tiles, for the backward
+    block_keys: int  # the widest key block of tiles
     k_base: Tensor  # (p,) first slot of each piece in the group's sorted key order
     k0: Tensor  # (p,) first key position of each piece
     num_samples: Tensor  # (p,) int32 columns each piece samples: min(m, its key count)
@@ -75,6 +79,7 @@ class KernelPlan:
     """
 
     exact: list[tuple[Tensor, Tensor, Tensor | None]]
+    exact_pieces: tuple[Piece, ...]  # the plan's exact pieces, for the flash backward
     exact_keys: list[tuple[Tensor, Tensor]]  # attention.range_key_tiles of each exact range, for the backward
     groups: list[_Group]
     seg_q: Tensor
@@ -144,6 +149,7 @@ def _groups(plan: list[Piece], block_size: int, sample_size: int, device: torch.
         tiles = _tiles(pieces, q_base, k_base, block_size)
         groups.append(_Group(
             pieces=pieces, tiles=tiles.to(device), chunks=sample_chunks(tiles).to(device),
+            blocks=key_blocks(tiles).to(device), block_keys=int((tiles[:, 3] - tiles[:, 2]).max()),
             k_base=torch.tensor(k_base, device=device), k0=torch.tensor([p.k0 for p in pieces], device=device),
             num_samples=torch.tensor(counts, dtype=torch.int32, device=device), width=max(counts),
             by_length=by_length))
@@ -193,8 +199,9 @@ def kernel_plan(nq: int, nk: int, min_seq_len: int, block_size: int, sample_size
     # The last launch must write every row: exact ranges always do; without them the one
     # approximate piece is the non-causal call over all rows.
     assert exact or (len(groups) == 1 and all(p.q0 == 0 and p.q1 == nq for p in groups[0].pieces))
-    return KernelPlan(exact, exact_keys, groups, _segments(groups, nq, True).to(dev),
-                      _segments(groups, nk, False).to(dev), sum(len(g.pieces) for g in groups))
+    return KernelPlan(exact, tuple(p for p in plan if not p.approx), exact_keys, groups,
+                      _segments(groups, nq, True).to(dev), _segments(groups, nk, False).to(dev),
+                      sum(len(g.pieces) for g in groups))
 
 
 def _group_samples(group: _Group, u: Tensor, k_slot: Tensor, bsz: int, hq: int, hkv: int, block_size: int):
@@ -300,10 +307,50 @@ def hyper_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, gr
         sample_idx, sample_logw, sample_block = selection.samples[g]
         gathered_attention_bwd(q, k, v, selection.q_perm[g], selection.k_perm[g], group.tiles, sample_idx,
                                sample_logw, sample_block, group.num_samples, scale, grad_out, lse, delta, dq, dk, dv,
-                               group.chunks)
-    for (lo, hi, _), keys in zip(plan.exact, plan.exact_keys):
-        range_attention_bwd(q, k, v, lo, hi, scale, grad_out, lse, delta, dq, dk, dv, keys)
+                               group.chunks, group.blocks, group.block_keys)
+    if not (grad_lse is None and _flash_exact_bwd(q, k, v, out, lse, grad_out, scale, plan.exact_pieces, dq, dk, dv)):
+        for (lo, hi, _), keys in zip(plan.exact, plan.exact_keys):
+            range_attention_bwd(q, k, v, lo, hi, scale, grad_out, lse, delta, dq, dk, dv, keys)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# Set when this torch's flash backward refused a call: the Triton range kernels from then on.
+_FLASH_REFUSED: list[str] = []
+
+
+def _flash_exact_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, scale: float,
+                     pieces: tuple[Piece, ...], dq: Tensor, dk: Tensor, dv: Tensor) -> bool:
+    """Adds the exact pieces' gradients into ``dq, dk, dv`` through SDPA's flash backward; ``False`` if it cannot.
+
+    The flash backward recomputes ``P = exp(scale q.k - lse)`` from the ``lse`` it is given
+    and ``delta = rowsum(dO * out)`` from the ``out`` it is given. Given the call's merged
+    output and LSE (and no gradient on ``lse``), that is this piece's share of the gradient
+    of the whole call, as the ring-attention backward uses it. A causal piece is square
+    (the reference's diagonal leaves), where top-left and bottom-right alignment agree.
+    """
+    dim = q.shape[-1]
+    if (_FLASH_REFUSED or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dim % 8 or dim > 256
+            or any(p.causal and p.q1 - p.q0 != p.k1 - p.k0 for p in pieces)):
+        return False
+    # Dropout is off: the generator state is never read, but the op takes one.
+    seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    grads = []
+    try:
+        for p in pieces:
+            rows, keys = slice(p.q0, p.q1), slice(p.k0, p.k1)
+            grads.append(torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+                lse[:, :, rows].contiguous(), None, None, p.q1 - p.q0, p.k1 - p.k0, 0.0, p.causal, seed, offset,
+                scale=scale))
+    except RuntimeError as exc:  # an older torch or an unsupported shape: the range kernels instead
+        _FLASH_REFUSED.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return False
+    for p, (gq, gk, gv) in zip(pieces, grads):
+        dq[:, :, p.q0:p.q1] += gq
+        dk[:, :, p.k0:p.k1] += gk
+        dv[:, :, p.k0:p.k1] += gv
+    return True
 
 
 def hyper_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, block_size: int,

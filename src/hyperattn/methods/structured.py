@@ -228,10 +228,12 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
 
     # 1 and 5. Exact rows: before min_seq_len, and the chunks the guard sent to exact.
-    out = torch.empty(bsz, hq, nq, v.shape[-1], dtype=q.dtype, device=device)
+    out = _trailing_rows_of(out_a, nq) if out_a.dtype == q.dtype and not out_a.requires_grad else None
+    if out is None:
+        out = torch.empty(bsz, hq, nq, v.shape[-1], dtype=q.dtype, device=device)
+        out[:, :, first_row:] = out_a.to(q.dtype)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty(bsz, hq, nq, dtype=lse_dtype, device=device) if need_lse or not kernels else None
-    out[:, :, first_row:] = out_a.to(q.dtype)
     if lse is not None:
         lse[:, :, first_row:] = lse_a
     if first_row > 0:
@@ -279,6 +281,20 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
                            exact_chunks=exact_chunk)
     return out, lse, stats
+
+
+def _trailing_rows_of(part: Tensor, nq: int) -> Tensor | None:
+    """The full-length contiguous tensor whose last rows ``part`` is a view of, else ``None``.
+
+    The CUDA attention pass writes its rows into a full-length output in the inputs' dtype;
+    taking that tensor spares a copy of the whole output (0.6 ms at 131k on an H200).
+    """
+    base = part._base
+    if base is None or base.dim() != 4 or base.shape[:2] != part.shape[:2] or base.shape[2:] != (nq, part.shape[3]):
+        return None
+    if not base.is_contiguous() or part.stride() != base.stride():
+        return None
+    return base if part.data_ptr() == base[:, :, nq - part.shape[2]:].data_ptr() else None
 
 
 def _keys_per_row(plan, sel, lsh, rows) -> Tensor:
