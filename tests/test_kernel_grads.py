@@ -192,6 +192,7 @@ _INTERPRETED = textwrap.dedent("""
             "groups": len(sel.plan.groups), "exact_launches": len(sel.plan.exact),
             "most_chunks": max(int(g.chunks.shape[0]) for g in sel.plan.groups),
             "most_tiles": max(int(g.tiles.shape[0]) for g in sel.plan.groups),
+            "most_block_tiles": max(int((g.blocks[:, 1] - g.blocks[:, 0]).max()) for g in sel.plan.groups),
         })
     print(json.dumps(results))
 """)
@@ -203,6 +204,7 @@ INTERPRETED_CASES = [
     (False, (1, 4, 2, 70, 90, 16, 8, 16)),
     (True, (1, 2, 1, 90, 50, 16, 8, 16)),
     (True, (2, 2, 2, 50, 90, 16, 8, 16)),
+    (False, (1, 2, 1, 1100, 256, 128, 32, 64)),  # sorted query blocks of 550 rows: 5 tiles on one key block
 ]
 
 
@@ -212,6 +214,8 @@ def test_backward_kernels_under_the_interpreter_match_reference(chunk_tiles):
     # One tile per chunk: the samples' dk, dv of a piece come from several programs (atomic adds).
     results = run_interpreted(_INTERPRETED, json.dumps([INTERPRETED_CASES, chunk_tiles]))
     assert len(results) == len(INTERPRETED_CASES)
+    # The key-block-outer dk, dv walk several tiles of rows on one key block.
+    assert any(r["most_block_tiles"] > 1 for r in results)
     if chunk_tiles == 1:
         assert any(r["most_chunks"] > 1 for r in results)
     else:
