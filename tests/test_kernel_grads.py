@@ -208,6 +208,48 @@ INTERPRETED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["causal-plan", "noncausal-plan", "monotone", "scattered"])
+def test_range_key_tiles_list_exactly_the_row_tiles_that_reach_each_key_tile(kind):
+    # Against the definition: row tile i reaches key tile t when a row of i has a key of t in
+    # [lo, hi]. Plans' ranges are monotone (binary searches); scattered ones take the table.
+    from hyperattn.kernels.attention import range_key_tiles
+    from hyperattn.kernels.hyper import _exact_ranges
+    from hyperattn.reference.hyper import causal_plan, noncausal_plan
+
+    gen = torch.Generator().manual_seed(0)
+    nq, nk = 1000, 1300
+    if kind == "causal-plan":
+        (lo, hi), = _exact_ranges(causal_plan(nq, nk, 128), nq, nk)[:1]
+    elif kind == "noncausal-plan":
+        (lo, hi), = _exact_ranges(noncausal_plan(nq, nk, 2048), nq, nk)
+    elif kind == "monotone":
+        lo = torch.sort(torch.randint(0, nk, (nq,), generator=gen)).values
+        hi = torch.minimum(lo + torch.randint(-5, 300, (nq,), generator=gen), torch.tensor(nk - 1))
+        hi = torch.cummax(hi, 0).values
+    else:
+        lo = torch.randint(0, nk, (nq,), generator=gen)
+        hi = lo + torch.randint(-50, 200, (nq,), generator=gen)
+    lo, hi = lo.int(), hi.clamp(max=nk - 1).int()
+    offsets, row_tiles = range_key_tiles(lo, hi, nk)
+    keys = torch.arange(nk)
+    sees = (keys[None, :] >= lo[:, None].long()) & (keys[None, :] <= hi[:, None].long())  # (Nq, Nk)
+    rows_pad = -(-nq // 64) * 64 - nq
+    reach = torch.nn.functional.pad(sees, (0, -(-nk // 64) * 64 - nk, 0, rows_pad))
+    reach = reach.reshape(-(-nq // 64), 64, -1, 64).any(3).any(1)  # (row tiles, key tiles)
+    # A row tile's hull: [its smallest lo, its largest hi + 1) over rows that see a key.
+    some = torch.nn.functional.pad(lo <= hi, (0, rows_pad)).reshape(-1, 64)
+    lo_t = torch.where(some, torch.nn.functional.pad(lo.long(), (0, rows_pad)).reshape(-1, 64), nk).amin(1)
+    hi_t = torch.where(some, torch.nn.functional.pad(hi.long(), (0, rows_pad)).reshape(-1, 64) + 1, 0).amax(1)
+    assert offsets.numel() == reach.shape[1] + 1
+    for t in range(reach.shape[1]):
+        listed = row_tiles[offsets[t]:offsets[t + 1]].tolist()
+        # Exactly the tiles whose hull meets the key tile, ascending; so never one that a row
+        # reaches is missed (a hull may span a gap between rows' ranges: the kernel masks it).
+        hull = (lo_t < 64 * t + 64) & (hi_t > 64 * t)
+        assert listed == torch.nonzero(hull).squeeze(1).tolist()
+        assert set(torch.nonzero(reach[:, t]).squeeze(1).tolist()) <= set(listed)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: the compiled kernels are tested above")
 @pytest.mark.parametrize("chunk_tiles", [32, 1], ids=["default-chunks", "one-tile-chunks"])
 def test_backward_kernels_under_the_interpreter_match_reference(chunk_tiles):
