@@ -315,21 +315,25 @@ def _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.const
 
 
 @triton.jit
-def _tile_grad(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
-               PRECISION: tl.constexpr):
-    # Gradients of one key tile: dq (unscaled) accumulated, dk (unscaled) and dv returned.
+def _tile_dq(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    # dq (unscaled) of one key tile, accumulated (row-outer launches).
     p, ds = _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED, PRECISION)
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)  # [BLOCK_N, D]
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)  # [BLOCK_N, D]
-    return dq, dk, dv
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.jit
-def _tile_dq(dq, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    # dq (unscaled) of one key tile, accumulated; its dk and dv come from a key-outer launch.
-    p, ds = _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED, PRECISION)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+def _tile_dkv(dk, dv, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, PRECISION: tl.constexpr):
+    # dk (unscaled) and dv of one key tile from one row tile, accumulated (key-outer launches).
+    p, ds = _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, True, PRECISION)
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _add_into(PTR, offsets, value, mask):
+    # A plain read-modify-write: the rows are this program's alone in its launch.
+    tl.store(PTR + offsets, tl.load(PTR + offsets, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit
@@ -369,8 +373,7 @@ def _range_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, LO, HI,
         valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
         k, v = _kv_at(K, V, cols, col_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
         dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
-    dq_ptrs = DQ + (bh.to(tl.int64) * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0) + dq * scale, mask=row_ok[:, None])
+    _add_into(DQ, (bh.to(tl.int64) * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, row_ok[:, None])
 
 
 @triton.jit
@@ -405,12 +408,10 @@ def _range_attention_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, LO, HI, OFFSET
             h = kvh * group + g
             q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, b * num_heads + h, rows, row_ok,
                                                   stride_qb, stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
-            p, ds = _tile_ds(q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
     g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + g_ptrs, tl.load(DK + g_ptrs, mask=col_ok[:, None], other=0.0) + dk * scale, mask=col_ok[:, None])
-    tl.store(DV + g_ptrs, tl.load(DV + g_ptrs, mask=col_ok[:, None], other=0.0) + dv, mask=col_ok[:, None])
+    _add_into(DK, g_ptrs, dk * scale, col_ok[:, None])
+    _add_into(DV, g_ptrs, dv, col_ok[:, None])
 
 
 @triton.jit
@@ -452,8 +453,7 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, QIDX, KIDX, TIL
             valid = row_ok[:, None] & keep[None, :]
             dq = _tile_dq(dq, q, do, lse2, delta, k, v, (logw * 1.4426950408889634)[None, :], valid, qk_scale, True,
                           PRECISION)
-        dq_ptrs = DQ + (bh * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(dq_ptrs, tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0) + dq * scale, mask=row_ok[:, None])
+        _add_into(DQ, (bh * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, row_ok[:, None])
 
 
 @triton.jit
@@ -497,12 +497,10 @@ def _block_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, KIDX, TILES, BLOCK
                     q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb,
                                                           stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
                     valid = row_ok[:, None] & k_ok[None, :]
-                    p, ds = _tile_ds(q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
-                    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-                    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+                    dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
         g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(DK + g_ptrs, tl.load(DK + g_ptrs, mask=k_ok[:, None], other=0.0) + dk * scale, mask=k_ok[:, None])
-        tl.store(DV + g_ptrs, tl.load(DV + g_ptrs, mask=k_ok[:, None], other=0.0) + dv, mask=k_ok[:, None])
+        _add_into(DK, g_ptrs, dk * scale, k_ok[:, None])
+        _add_into(DV, g_ptrs, dv, k_ok[:, None])
 
 
 @triton.jit
@@ -546,9 +544,7 @@ def _sample_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, TILES, CHUNKS, SI
                 q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb,
                                                       stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
                 valid = row_ok[:, None] & keep[None, :]
-                p, ds = _tile_ds(q, do, lse2, delta, k, v, bias, valid, qk_scale, True, PRECISION)
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+                dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, bias, valid, qk_scale, PRECISION)
         g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(DK + g_ptrs, dk * scale, mask=s_ok[:, None])
         tl.atomic_add(DV + g_ptrs, dv, mask=s_ok[:, None])
