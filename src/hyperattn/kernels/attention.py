@@ -457,6 +457,22 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, QIDX, KIDX, TIL
 
 
 @triton.jit
+def _sorted_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, ROW_SLOTS, b, h, bh, row_start, row_end, keep, k, v, s_bias,
+                     qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d, HEAD_DIM: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    # dk, dv of a key tile (columns where keep) from the rows at sorted slots [row_start, row_end).
+    for r0 in range(row_start, row_end, BLOCK_M):
+        slots = r0 + tl.arange(0, BLOCK_M)
+        row_ok = slots < row_end
+        rows = tl.load(ROW_SLOTS + slots, mask=row_ok, other=0)
+        q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb, stride_qh,
+                                              stride_qn, nq, offs_d, HEAD_DIM)
+        valid = row_ok[:, None] & keep[None, :]
+        dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, s_bias, valid, qk_scale, PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _block_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, KIDX, TILES, BLOCKS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn,
@@ -490,14 +506,9 @@ def _block_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, KIDX, TILES, BLOCK
             for g in range(group):
                 h = kvh * group + g
                 bh = b * num_heads + h
-                for r0 in range(row_start, row_end, BLOCK_M):
-                    slots = r0 + tl.arange(0, BLOCK_M)
-                    row_ok = slots < row_end
-                    rows = tl.load(QIDX + bh * nqidx + slots, mask=row_ok, other=0)
-                    q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb,
-                                                          stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
-                    valid = row_ok[:, None] & k_ok[None, :]
-                    dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
+                dk, dv = _sorted_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, QIDX + bh * nqidx, b, h, bh, row_start, row_end,
+                                          k_ok, k, v, 0.0, qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d,
+                                          HEAD_DIM, PRECISION, BLOCK_M)
         g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
         _add_into(DK, g_ptrs, dk * scale, k_ok[:, None])
         _add_into(DV, g_ptrs, dv, k_ok[:, None])
@@ -537,14 +548,9 @@ def _sample_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, TILES, CHUNKS, SI
             row_start = tl.load(TILES + tile * 6 + 0)
             row_end = tl.load(TILES + tile * 6 + 1)
             keep = s_ok & (blk != tl.load(TILES + tile * 6 + 5))
-            for r0 in range(row_start, row_end, BLOCK_M):
-                slots = r0 + tl.arange(0, BLOCK_M)
-                row_ok = slots < row_end
-                rows = tl.load(QIDX + bh * nqidx + slots, mask=row_ok, other=0)
-                q, do, lse2, delta = _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb,
-                                                      stride_qh, stride_qn, nq, offs_d, HEAD_DIM)
-                valid = row_ok[:, None] & keep[None, :]
-                dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, bias, valid, qk_scale, PRECISION)
+            dk, dv = _sorted_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, QIDX + bh * nqidx, b, h, bh, row_start, row_end,
+                                      keep, k, v, bias, qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d,
+                                      HEAD_DIM, PRECISION, BLOCK_M)
         g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(DK + g_ptrs, dk * scale, mask=s_ok[:, None])
         tl.atomic_add(DV + g_ptrs, dv, mask=s_ok[:, None])
