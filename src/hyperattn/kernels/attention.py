@@ -295,11 +295,12 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
 # into dk, dv (fp32), which also sums the query heads of a KV head (GQA). Sample
 # log-weights are constants of the function: they enter P only.
 #
-# Where many query tiles score the same keys (an exact range's keys, a piece's gathered
-# columns), dk and dv come from a key-tile-outer launch that walks those rows and stores
-# once, as in flash-attention's backward: one atomic add per (query tile, key tile) into
-# shared keys serialises in L2 and took 24 times the forward at 131k. dq comes from the
-# row-outer launch, where every row belongs to one program (a plain read-modify-write).
+# Many query tiles score the same keys (an exact range's keys, a sorted key block, a
+# piece's gathered columns), so dk and dv come from key-tile-outer launches that walk those
+# rows and store once, as in flash-attention's backward: one atomic add per (query tile,
+# key tile) into shared keys serialises in L2 and took 24 times the forward at 131k. dq
+# comes from the row-outer launches, where every row belongs to one program (a plain
+# read-modify-write).
 
 
 @triton.jit
@@ -657,9 +658,9 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index
     )
 
 
-# One block shape for the backward launches: their atomics would have to be reset between
-# autotuning trials, and 64 x 64 tiles fit every head dim and dtype (fp32 included) in
-# shared memory.
+# One block shape for the backward launches: they add into dq, dk, dv in place, which
+# would have to be reset between autotuning trials, and 64 x 64 tiles fit every head dim
+# and dtype (fp32 included) in shared memory.
 _BWD_META = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 #: Most tiles of one piece a program of the gathered columns' dk, dv walks (atomic adds
