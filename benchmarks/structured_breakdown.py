@@ -53,10 +53,11 @@ def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = F
     row["probe_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks,
                                                             cfg.probe_blocks))
     heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, cfg.probe_blocks)[2]
-    row["pool_ms"] = _ms(lambda: S.pool(q, k, plan, cfg.score_group))
-    pooled = S.pool(q, k, plan, cfg.score_group)
-    row["lsh_ms"] = _ms(lambda: S.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0))
-    lsh = S.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0)
+    # The CUDA path's stages (kernels.selection), as the driver calls them.
+    row["pool_ms"] = _ms(lambda: ker_sel.pool(q, k, plan, cfg.score_group))
+    pooled = ker_sel.pool(q, k, plan, cfg.score_group)
+    row["lsh_ms"] = _ms(lambda: ker_sel.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0))
+    lsh = ker_sel.lsh_ranges(q, k, plan, cfg.lsh_block, cfg.lsh_num_projs, 0)
     blocks = torch.arange(plan.first, plan.nqb, device="cuda").expand(1, 32, -1)
 
     def scores():
@@ -68,7 +69,8 @@ def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = F
     m = torch.full((1, 8, plan.num_chunks), cfg.sample_size, device="cuda")
 
     def select():
-        g = S.gather_columns(plan, c_scores, heavy, m, cfg.sample_size, cfg.num_sinks, cfg.sample_mix, 0, kv_heads)
+        g = ker_sel.gather_columns(plan, c_scores, heavy, m, cfg.sample_size, cfg.num_sinks, cfg.sample_mix, 0,
+                                   kv_heads)
         e = S.exact_blocks(plan, blocks, ranked, torch.full_like(blocks, cfg.key_blocks))
         return S.Selection(blocks, e, torch.ones_like(blocks, dtype=torch.bool), *g)
 
