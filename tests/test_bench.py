@@ -1,4 +1,4 @@
-"""The benchmark harness on the CPU: results schema, table, plot, SDPA extrapolation."""
+"""The benchmark harness: results schema, table, plot, SDPA extrapolation (CPU); the stage profile (CUDA)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hyperattn.bench import cli
-from hyperattn.bench.forward import BenchShape, exact_pairs, run_forward_bench
+from hyperattn.bench.forward import BenchShape, exact_pairs, profile_hyper, run_forward_bench
 from hyperattn.bench.plot import plot_results
 
 ROW_KEYS = {"n", "causal", "backward", "impl", "config", "ms", "peak_gb"}
@@ -131,3 +131,17 @@ def test_cli_backward_flag_writes_backward_rows(tmp_path):
     # its lengths), which say so.
     assert all(r["ms"] is not None or r["error"].startswith("skipped:") for r in rows)
     assert any(r["ms"] is not None for r in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the profile times the CUDA path")
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+def test_profile_splits_the_call_into_stages(backward):
+    shape = BenchShape(batch=1, heads=4, kv_heads=2, head_dim=64, dtype="bfloat16")
+    prof = profile_hyper(8192, True, shape, torch.device("cuda"), reps=1, backward=backward)
+    stages = prof["stages_ms"]
+    assert prof["backward"] is backward
+    assert abs(sum(stages.values()) - prof["total_ms"]) < 1e-6 and prof["total_ms"] > 0
+    assert stages["exact pieces"] > 0 and stages["approximate pieces"] > 0
+    # The backward's own launches are found and counted only when there is a backward.
+    assert (stages.get("exact pieces backward", 0.0) > 0) is backward
+    assert (stages.get("approximate pieces backward", 0.0) > 0) is backward

@@ -23,9 +23,9 @@ Results file (stable schema, one JSON object)::
          "error": "..."}             # only on failed or skipped rows
       ],
       "profile": [                   # only with --profile: GPU time per stage of method="hyper"
-        {"n": 131072, "causal": true, "total_ms": 40.7,
+        {"n": 131072, "causal": true, "backward": false, "total_ms": 40.7,   # backward: with --backward,
          "stages_ms": {"hashing": ..., "sorting": ..., "exact pieces": ..., "approximate pieces": ...,
-                       "other": ...},
+                       "other": ...},  # + "exact pieces backward", "approximate pieces backward"
          "top_kernels_ms": [{"name": "...", "ms": ...}]}
       ]
     }

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time forward+backward (gradients of q, k, v) instead of the forward; rows carry "
                              "\"backward\": true and speed-ups are to SDPA's fastest forward+backward")
     parser.add_argument("--profile", type=positive_int, nargs="*", metavar="N",
-                        help="also profile the CUDA path of method='hyper' at these lengths (stage breakdown)")
+                        help="also profile the CUDA path of method='hyper' at these lengths (stage breakdown; "
+                             "with --backward, of forward+backward)")
     parser.add_argument("--json", metavar="PATH", type=writable_file, help="write the results file here")
     parser.add_argument("--plot", metavar="PNG", type=writable_file, help="write a log-log plot here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -138,11 +139,13 @@ def run(args: argparse.Namespace) -> int:
                                 only={"flex-sink-window": set(args.flex_lengths)}, budget_ms=args.budget_ms,
                                 progress=not args.no_progress, on_row=save, backward=args.backward)
     if args.profile and cuda:
-        results["profile"] = [profile_hyper(n, causal, shape, device) for n in args.profile for causal in modes]
+        results["profile"] = [profile_hyper(n, causal, shape, device, backward=args.backward)
+                              for n in args.profile for causal in modes]
     print(format_table(results))
     for prof in results.get("profile", []):
         stages = ", ".join(f"{k} {v:.2f}" for k, v in prof["stages_ms"].items())
-        print(f"profile n={prof['n']} causal={prof['causal']}: total {prof['total_ms']:.2f} ms ({stages})")
+        what = "fwd+bwd" if prof.get("backward") else "fwd"
+        print(f"profile n={prof['n']} causal={prof['causal']} {what}: total {prof['total_ms']:.2f} ms ({stages})")
     save(results)
     if args.plot:
         from .plot import plot_results

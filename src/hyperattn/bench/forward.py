@@ -302,25 +302,39 @@ _STAGES = (
     ("sorting", ("sort", "Sort", "radix", "Radix", "scatter", "Scatter")),
     ("exact pieces", ("_range_attention_kernel",)),
     ("approximate pieces", ("_gathered_attention_kernel",)),
+    # Backward: exact pieces through the Triton range kernels or SDPA's flash backward.
+    ("exact pieces backward", ("_range_attention_bwd_kernel", "_range_attention_dkv_kernel", "flash_bwd")),
+    ("approximate pieces backward", ("_gathered_attention_bwd_kernel", "_block_dkv_kernel", "_sample_dkv_kernel")),
 )
 
 
-def profile_hyper(n: int, causal: bool, shape: BenchShape, device: torch.device, reps: int = 3) -> dict:
+def profile_hyper(n: int, causal: bool, shape: BenchShape, device: torch.device, reps: int = 3,
+                  backward: bool = False) -> dict:
     """GPU time per stage of one ``method="hyper"`` call (torch.profiler, mean over ``reps``), in ms.
 
     Stages: hashing, sorting (sorts and the inverse permutation), exact pieces,
-    approximate pieces, other (input checks, sample tables, casts); plus ``total`` and
-    the ten most expensive kernels.
+    approximate pieces, with ``backward`` their backward launches too, and other (input
+    checks, sample tables, casts, gradient sums); plus ``total`` and the ten most expensive
+    kernels.
     """
     from torch.profiler import ProfilerActivity, profile
 
     q, k, v = _inputs(n, shape, device)
     config = HyperAttentionConfig(method="hyper")
-    hyper_attention(q, k, v, causal=causal, config=config)
+    if backward:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        grad = torch.randn_like(q)
+
+    def call():
+        out = hyper_attention(q, k, v, causal=causal, config=config)
+        if backward:
+            out.backward(grad)
+
+    call()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            hyper_attention(q, k, v, causal=causal, config=config)
+            call()
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
     for event in prof.events():
@@ -331,5 +345,7 @@ def profile_hyper(n: int, causal: bool, shape: BenchShape, device: torch.device,
         stage = next((s for s, keys in _STAGES if any(key in name for key in keys)), "other")
         stages[stage] += ms
     top = sorted(per_kernel.items(), key=lambda item: -item[1])[:10]
-    return {"n": n, "causal": causal, "stages_ms": stages, "total_ms": sum(stages.values()),
+    if not backward:
+        stages = {name: ms for name, ms in stages.items() if not name.endswith("backward")}
+    return {"n": n, "causal": causal, "backward": backward, "stages_ms": stages, "total_ms": sum(stages.values()),
             "top_kernels_ms": [{"name": name[:120], "ms": ms} for name, ms in top]}
