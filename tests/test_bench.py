@@ -137,7 +137,8 @@ def test_cli_backward_flag_writes_backward_rows(tmp_path):
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 def test_profile_splits_the_call_into_stages(backward):
     shape = BenchShape(batch=1, heads=4, kv_heads=2, head_dim=64, dtype="bfloat16")
-    prof = profile_hyper(8192, True, shape, torch.device("cuda"), reps=1, backward=backward)
+    # 16k: the smallest causal length with an approximate piece at the default min_seq_len (4096).
+    prof = profile_hyper(16384, True, shape, torch.device("cuda"), reps=1, backward=backward)
     stages = prof["stages_ms"]
     assert prof["backward"] is backward
     assert abs(sum(stages.values()) - prof["total_ms"]) < 1e-6 and prof["total_ms"] > 0
