@@ -335,21 +335,23 @@ def _flash_exact_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, 
     # Dropout is off: the generator state is never read, but the op takes one.
     seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
     offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-    grads = []
-    try:
-        for p in pieces:
-            rows, keys = slice(p.q0, p.q1), slice(p.k0, p.k1)
-            grads.append(torch.ops.aten._scaled_dot_product_flash_attention_backward(
+    for i, p in enumerate(pieces):
+        rows, keys = slice(p.q0, p.q1), slice(p.k0, p.k1)
+        try:
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
                 grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
                 lse[:, :, rows].contiguous(), None, None, p.q1 - p.q0, p.k1 - p.k0, 0.0, p.causal, seed, offset,
-                scale=scale))
-    except RuntimeError as exc:  # an older torch or an unsupported shape: the range kernels instead
-        _FLASH_REFUSED.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return False
-    for p, (gq, gk, gv) in zip(pieces, grads):
-        dq[:, :, p.q0:p.q1] += gq
-        dk[:, :, p.k0:p.k1] += gk
-        dv[:, :, p.k0:p.k1] += gv
+                scale=scale)
+        except RuntimeError as exc:
+            if i:  # pieces already added: no clean fallback, and the first call ran, so a real error
+                raise
+            # This torch refuses the op (its signature, a shape): the range kernels, from now on.
+            _FLASH_REFUSED.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return False
+        # Added piece by piece: one piece's gradients alive at a time (memory stays that of the inputs).
+        dq[:, :, rows] += gq
+        dk[:, :, keys] += gk
+        dv[:, :, keys] += gv
     return True
 
 
