@@ -249,10 +249,15 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         # The shortest path to SDPA: no seed, plan or stats (per-call host time shows at 4k).
         from .methods.exact import exact
 
-        return exact(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale), causal, False)[0]
+        return exact(q, k, v, _scale(q, scale), causal, False)[0]
     if check and not sdpa_only:
         _check_finite(q, k, v)
     return _attention(q, k, v, causal, scale, cfg, return_lse=return_lse, return_stats=return_stats)
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    # The logit scale: the caller's, or D ** -0.5.
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def _below_crossover(q: Tensor, k: Tensor, causal: bool, cfg: HyperAttentionConfig) -> bool:
@@ -270,7 +275,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | Non
     heads returns that slice of the call on all of them (:mod:`hyperattn.distributed`); the
     peers draw per call, and callers pass them all heads.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale)
     if _shape_only(q):
         return _pack(*_shape_only_result(q, v, cfg.method), return_lse, return_stats)
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -320,7 +325,7 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         torch.Size([1, 4, 128, 32])
     """
     _check_inputs(q, k, v, causal, scale, None, check_finite)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale)
     if not return_lse and (not causal or q.shape[2] == k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])

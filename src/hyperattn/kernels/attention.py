@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["range_attention", "gathered_attention", "range_attention_bwd", "gathered_attention_bwd", "range_key_tiles",
-           "sample_chunks", "key_blocks", "TILE_ROWS", "SAMPLE_CHUNK_TILES"]
+           "sample_chunks", "key_blocks", "key_block_width", "TILE_ROWS", "SAMPLE_CHUNK_TILES"]
 
 #: Most rows in one tile of :func:`gathered_attention` (the largest BLOCK_M it tunes over).
 TILE_ROWS = 128
@@ -458,10 +458,13 @@ def _gathered_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, QIDX, KIDX, TIL
 
 
 @triton.jit
-def _sorted_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, ROW_SLOTS, b, h, bh, row_start, row_end, keep, k, v, s_bias,
-                     qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d, HEAD_DIM: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    # dk, dv of a key tile (columns where keep) from the rows at sorted slots [row_start, row_end).
+def _tile_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, ROW_SLOTS, TILES, tile, b, h, bh, keep, k, v, s_bias, qk_scale,
+                   stride_qb, stride_qh, stride_qn, nq, offs_d, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    # dk, dv of a key tile (columns where keep) from the rows of one tile of the tile table
+    # (sorted slots [row_start, row_end) of ROW_SLOTS).
+    row_start = tl.load(TILES + tile * 6 + 0)
+    row_end = tl.load(TILES + tile * 6 + 1)
     for r0 in range(row_start, row_end, BLOCK_M):
         slots = r0 + tl.arange(0, BLOCK_M)
         row_ok = slots < row_end
@@ -502,14 +505,12 @@ def _block_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, KIDX, TILES, BLOCK
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         for tile in range(tile0, tile1):
-            row_start = tl.load(TILES + tile * 6 + 0)
-            row_end = tl.load(TILES + tile * 6 + 1)
             for g in range(group):
                 h = kvh * group + g
                 bh = b * num_heads + h
-                dk, dv = _sorted_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, QIDX + bh * nqidx, b, h, bh, row_start, row_end,
-                                          k_ok, k, v, 0.0, qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d,
-                                          HEAD_DIM, PRECISION, BLOCK_M)
+                dk, dv = _tile_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, QIDX + bh * nqidx, TILES, tile, b, h, bh, k_ok, k,
+                                        v, 0.0, qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d, HEAD_DIM,
+                                        PRECISION, BLOCK_M)
         g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
         _add_into(DK, g_ptrs, dk * scale, k_ok[:, None])
         _add_into(DV, g_ptrs, dv, k_ok[:, None])
@@ -546,12 +547,10 @@ def _sample_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QIDX, TILES, CHUNKS, SI
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         for tile in range(tile0, tile1):
-            row_start = tl.load(TILES + tile * 6 + 0)
-            row_end = tl.load(TILES + tile * 6 + 1)
             keep = s_ok & (blk != tl.load(TILES + tile * 6 + 5))
-            dk, dv = _sorted_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, QIDX + bh * nqidx, b, h, bh, row_start, row_end,
-                                      keep, k, v, bias, qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d,
-                                      HEAD_DIM, PRECISION, BLOCK_M)
+            dk, dv = _tile_rows_dkv(dk, dv, Q, DO, LSE2, DELTA, QIDX + bh * nqidx, TILES, tile, b, h, bh, keep, k, v,
+                                    bias, qk_scale, stride_qb, stride_qh, stride_qn, nq, offs_d, HEAD_DIM, PRECISION,
+                                    BLOCK_M)
         g_ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(DK + g_ptrs, dk * scale, mask=s_ok[:, None])
         tl.atomic_add(DV + g_ptrs, dv, mask=s_ok[:, None])
@@ -697,21 +696,21 @@ def range_key_tiles(lo: Tensor, hi: Tensor, nk: int) -> tuple[Tensor, Tensor]:
         # Monotone ranges (the plans' causal segments and blocks): the row tiles reaching a
         # key tile are a run, found by two binary searches (1M keys: ms, not seconds).
         a = torch.searchsorted(e_t, first, right=True)
-        b = torch.searchsorted(s_t, first + bn, right=False)
-        counts = [(b - a).clamp(min=0)]
-        runs = torch.repeat_interleave(a, counts[0])
-        row_tiles = [tiles[runs + torch.arange(runs.numel()) - torch.repeat_interleave(
-            torch.cumsum(counts[0], 0) - counts[0], counts[0])]]
+        counts = (torch.searchsorted(s_t, first + bn, right=False) - a).clamp(min=0)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        # Entry j of key tile t: run start a[t] plus its place j - offsets[t] in the run.
+        row_tiles = tiles[torch.repeat_interleave(a - offsets[:-1], counts) + torch.arange(int(offsets[-1]))]
     else:
-        counts, row_tiles = [], []
+        counts, found = [], []
         step = max(1, (1 << 24) // max(1, num_rt))  # bounds the (key tiles x row tiles) table at 1M
         for t0 in range(0, num_kt, step):
             lead = first[t0:t0 + step]
             reach = (start[None, :] < lead[:, None] + bn) & (end[None, :] > lead[:, None])
             counts.append(reach.sum(1))
-            row_tiles.append(reach.nonzero()[:, 1])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
-    return offsets.int().to(lo.device), torch.cat(row_tiles).int().to(lo.device)
+            found.append(reach.nonzero()[:, 1])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
+        row_tiles = torch.cat(found)
+    return offsets.int().to(lo.device), row_tiles.int().to(lo.device)
 
 
 def _tile_runs(tiles: Tensor, columns: list[int], most: int) -> Tensor:
@@ -736,6 +735,11 @@ def sample_chunks(tiles: Tensor) -> Tensor:
 def key_blocks(tiles: Tensor) -> Tensor:
     """The runs of consecutive rows of a tile table on one sorted key block: ``(K, 2)`` int32 ``[first, last)``."""
     return _tile_runs(tiles, [2, 3, 4], len(tiles))
+
+
+def key_block_width(tiles: Tensor) -> int:
+    """The widest sorted key block of a tile table (0 for none); reads ``tiles`` on the host."""
+    return int((tiles[:, 3] - tiles[:, 2]).max()) if tiles.shape[0] else 0
 
 
 def range_attention_bwd(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, grad_out: Tensor,
@@ -785,15 +789,14 @@ def gathered_attention_bwd(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_i
 
     Tables as in :func:`gathered_attention`; ``grad_out``, ``lse``, ``delta`` and the fp32
     accumulators as in :func:`range_attention_bwd`. The samples' log-weights are constants.
-    ``chunks``, ``blocks``: :func:`sample_chunks` and :func:`key_blocks` of ``tiles``;
-    ``block_keys``: the widest key block of ``tiles`` (``None``: found here, on the host).
+    ``chunks``, ``blocks``, ``block_keys``: :func:`sample_chunks`, :func:`key_blocks` and
+    :func:`key_block_width` of ``tiles`` (``None``: found here, on the host).
     """
     bsz, hq, nq, dim = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
     chunks = sample_chunks(tiles) if chunks is None else chunks
     blocks = key_blocks(tiles) if blocks is None else blocks
-    if block_keys is None:
-        block_keys = int((tiles[:, 3] - tiles[:, 2]).max()) if tiles.shape[0] else 0
+    block_keys = key_block_width(tiles) if block_keys is None else block_keys
     lse2 = _bwd_lse2(lse)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))

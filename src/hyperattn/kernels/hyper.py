@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from ..reference.hyper import Piece, causal_plan, draw_randomness, noncausal_plan, stratified_samples
-from .attention import (TILE_ROWS, gathered_attention, gathered_attention_bwd, key_blocks, range_attention,
-                        range_attention_bwd, range_key_tiles, sample_chunks)
+from .attention import (TILE_ROWS, gathered_attention, gathered_attention_bwd, key_block_width, key_blocks,
+                        range_attention, range_attention_bwd, range_key_tiles, sample_chunks)
 from .lsh import lsh_sort_keys
 
 __all__ = ["KernelPlan", "kernel_plan", "HyperSelection", "hyper_select", "hyper_attend", "hyper_forward",
@@ -56,7 +56,7 @@ class _Group:
     tiles: Tensor  # (T, 6) int32, see gathered_attention
     chunks: Tensor  # (C, 2) int32: attention.sample_chunks of tiles, for the backward
     blocks: Tensor  # (K, 2) int32: attention.key_blocks of tiles, for the backward
-    block_keys: int  # the widest key block of tiles
+    block_keys: int  # attention.key_block_width of tiles
     k_base: Tensor  # (p,) first slot of each piece in the group's sorted key order
     k0: Tensor  # (p,) first key position of each piece
     num_samples: Tensor  # (p,) int32 columns each piece samples: min(m, its key count)
@@ -149,7 +149,7 @@ def _groups(plan: list[Piece], block_size: int, sample_size: int, device: torch.
         tiles = _tiles(pieces, q_base, k_base, block_size)
         groups.append(_Group(
             pieces=pieces, tiles=tiles.to(device), chunks=sample_chunks(tiles).to(device),
-            blocks=key_blocks(tiles).to(device), block_keys=int((tiles[:, 3] - tiles[:, 2]).max()),
+            blocks=key_blocks(tiles).to(device), block_keys=key_block_width(tiles),
             k_base=torch.tensor(k_base, device=device), k0=torch.tensor([p.k0 for p in pieces], device=device),
             num_samples=torch.tensor(counts, dtype=torch.int32, device=device), width=max(counts),
             by_length=by_length))

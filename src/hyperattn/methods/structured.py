@@ -78,8 +78,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     ``head_offset`` numbers the heads globally (draws are per global head). Without the
     guard and with ``need_stats`` False the probe rows' trial is skipped (it only estimates
     the error) and nothing waits for the GPU: the output is the same, and the stats are
-    placeholders (``est_error`` 0, ``keys_per_query`` NaN, ``exact_heads`` False). Without the guard, the chunks that run exact are
-    found without a host wait (the driver's ``maybe_exact``).
+    placeholders (``est_error`` 0, ``keys_per_query`` NaN, ``exact_heads`` False). Without
+    the guard, the chunks that run exact are found without a host wait (the driver's
+    ``maybe_exact``).
 
     Returns ``out (B, Hq, Nq, D)`` in q's dtype, ``lse (B, Hq, Nq)`` fp32 (``None`` when
     ``need_lse`` is False and SDPA computed a part) and :class:`~hyperattn.stats.AttentionStats`.
