@@ -326,6 +326,24 @@ def test_output_does_not_depend_on_asking_for_stats():
     assert float(stats.est_error.max()) > 0  # the trial ran when stats were asked for
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_probe_rows_for_heavy_columns_alone(causal):
+    # need_out=False (no guard, no stats) scores the finding rows only: the same heavy
+    # columns and the same LSE on those rows, bit for bit (the same operations on them).
+    q, k, v = qkv(1, 4, 2, 1500, 1300, 32, seed=1)
+    k[:, :, 700] *= 5
+    plan = S.make_plan(1500, 1300, causal, 128, 128, 512, 256)
+    probe = S.probe_rows(plan, 0, 1, torch.arange(4), 4, 4)
+    out, lse, heavy, _ = S.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 4)
+    none, lse_f, heavy_f, pairs_f = S.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 4, need_out=False)
+    find = S.finders(16, 4, "cpu")
+    assert none is None and out is not None
+    assert torch.equal(heavy_f, heavy) and bool((heavy >= 0).any())
+    assert torch.equal(lse_f[..., find], lse[..., find])
+    assert bool(torch.isneginf(lse_f[..., ~find]).all()) and bool(torch.isfinite(lse[..., ~find]).any())
+    assert float(pairs_f) == float(S.probe_pairs(plan, torch.where(find, probe, -1).reshape(1, 4, -1)))
+
+
 def test_without_the_guard_chunks_costlier_than_exact_run_exact():
     # A budget that covers about every key: the chunks where it costs as much as exact
     # attention run exact (SDPA's role on CUDA), the others approximate, without a host wait.

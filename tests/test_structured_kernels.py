@@ -151,6 +151,12 @@ def test_probe_exact_matches_reference(causal, split_keys, monkeypatch):
     assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4
     # Same heavy columns as sets (ties in the mass may order them differently).
     assert torch.equal(heavy_k.sort(-1).values, heavy_r.sort(-1).values)
+    # The heavy columns alone (no guard, no stats): the finding rows' LSE, no values.
+    none, lse_f, heavy_f, _ = ker_sel.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2, need_out=False)
+    find = S.finders(probe.shape[-1], 2, "cpu").cuda()
+    assert none is None and torch.equal(heavy_f.sort(-1).values, heavy_r.sort(-1).values)
+    assert float((lse_f - lse_r)[finite & find].abs().max()) < 1e-4
+    assert bool(torch.isneginf(lse_f[..., ~find]).all())
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

@@ -45,7 +45,7 @@ def _last_key(rows, offset, nk, CAUSAL: tl.constexpr):
 def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                   stride_kn, stride_vb, stride_vh, stride_vn, kv_heads, group, chunks, probe, nk, offset, split_rows,
                   qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NEED_OUT: tl.constexpr):
     # A tile of one chunk's probe rows, the query heads of one KV head stacked (they read
     # the same keys: one K/V load serves them all), over one of the splits of the keys they
     # see: exact attention, one online softmax (the splits are merged by LSE afterwards;
@@ -83,15 +83,26 @@ def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stri
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         k_ok = cols < nk
-        k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
-        if n0 + BLOCK_N - 1 <= low:
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, None, qk_scale, False, PRECISION)
+        if NEED_OUT:
+            k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+            if n0 + BLOCK_N - 1 <= low:
+                acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, None, qk_scale, False, PRECISION)
+            else:
+                valid = cols[None, :] <= limit[:, None]
+                acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
         else:
-            valid = cols[None, :] <= limit[:, None]
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+            # The log-sum-exp alone (the heavy columns need no output): no V, one product.
+            k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(cols[None, :] <= limit[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
     out, lse = _normalised(acc, m_i, l_i)
     dest = part * split_rows + place
-    tl.store(OUT + dest[:, None] * HEAD_DIM + offs_d[None, :], out, mask=in_group[:, None])
+    if NEED_OUT:
+        tl.store(OUT + dest[:, None] * HEAD_DIM + offs_d[None, :], out, mask=in_group[:, None])
     tl.store(LSE + dest, lse, mask=in_group)
 
 
@@ -101,36 +112,40 @@ _PROBE_SPLITS = 8
 
 _PROBE = _autotuned(_probe_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                                     for n, w, s in ((64, 8, 3), (128, 8, 3), (64, 4, 3), (32, 4, 2))],
-                    ["HEAD_DIM", "CAUSAL", "BLOCK_M", "PRECISION"])
+                    ["HEAD_DIM", "CAUSAL", "BLOCK_M", "PRECISION", "NEED_OUT"])
 
 
-def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor) -> tuple[Tensor, Tensor]:
+def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, need_out: bool = True
+                ) -> tuple[Tensor | None, Tensor]:
     """Exact attention of the probe rows ``(B, Hq, C, P)`` (``-1``: none, out 0 and lse -inf): ``out (B, Hq, C * P, D)``
-    fp32, ``lse``."""
+    fp32 (``None`` without ``need_out``), ``lse``."""
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     # Key splits per row: from the length alone, never from the heads in the call, so a call
     # on some of the heads rounds as the call on all of them (context parallelism).
     splits = min(_PROBE_SPLITS, max(1, nk // _PROBE_SPLIT_KEYS))
-    out = torch.empty(splits, bsz, hq, nc * p, v.shape[-1], device=q.device, dtype=torch.float32)
+    out = torch.empty(splits, bsz, hq, nc * p, v.shape[-1] if need_out else 0, device=q.device, dtype=torch.float32)
     lse = torch.empty(splits, bsz, hq, nc * p, device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out[0], lse[0]
+    if lse.numel() == 0:
+        return (out[0] if need_out else None), lse[0]
     width = hq // hkv * p  # the rows of a chunk, the KV head's query heads stacked
     block_m = min(max(16, triton.next_power_of_2(width)), 128)
     _PROBE[(triton.cdiv(width, block_m), bsz * hkv * nc, splits)](
         q, k, v, rows.contiguous(), out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, hq // hkv, nc, p, nk, plan.offset, bsz * hq * nc * p,
-        scale, CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype))
+        scale, CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype),
+        NEED_OUT=need_out)
     if splits == 1:
-        return out[0], lse[0]
+        return (out[0] if need_out else None), lse[0]
     # The splits merged by LSE, in a fixed order; rows that saw no key: out 0, lse -inf.
     top = lse.amax(0)
     top = torch.where(torch.isfinite(top), top, 0.0)
     w = torch.exp(lse - top)
     total = w.sum(0)
-    merged = (w.unsqueeze(-1) * out).sum(0) / total.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    merged = None
+    if need_out:
+        merged = (w.unsqueeze(-1) * out).sum(0) / total.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
     return merged, torch.where(total > 0, top + torch.log(total), float("-inf"))
 
 
@@ -173,12 +188,25 @@ def _column_mass(Q, K, LSE, ROWS, MASS, stride_qb, stride_qh, stride_qn, stride_
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract)."""
+                num_sinks: int, probe_blocks: int, need_out: bool = True
+                ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract).
+
+    Without ``need_out`` the kernel runs on the finding rows alone, for their LSE only (a
+    quarter of the work: half the rows, no values).
+    """
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
+    if need_out:
+        out, lse = _exact_rows(q, k, v, scale, plan, rows)
+    else:
+        find = finders(p, probe_blocks, "cpu")
+        picked = to_device(find.nonzero().squeeze(-1), rows.device)
+        rows = torch.where(to_device(find, rows.device), rows, -1)
+        out, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False)
+        lse = torch.full((bsz, hq, nc, p), float("-inf"), device=q.device)
+        lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, -1))
     flat = rows.reshape(bsz, hq, nc * p)
-    out, lse = _exact_rows(q, k, v, scale, plan, rows)
     count = min(heavy, nk)
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count:
@@ -201,54 +229,80 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
-    return out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat)
+    out = out.reshape(bsz, hq, nc, p, -1) if need_out else None
+    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat)
 
 
 @triton.jit
 def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads, group, kv_heads, c_blocks, nqb, nkb,
-                         G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
-                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    # One selected query block of one head: the softmax of its pooled queries over the
-    # candidate key blocks' pooled keys (two passes: max and sum, then weights), summed
-    # over the block's pooled rows. No (pooled rows x key blocks) table leaves the chip.
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    j = tl.load(BLOCKS + bh * c_blocks + i).to(tl.int64)
-    offs_g = tl.arange(0, GP)
+                         G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    # QB selected query blocks of every query head of one KV head, their pooled rows
+    # stacked (one load of a pooled-key tile serves them all): the softmax of each pooled
+    # query over the candidate key blocks' pooled keys (two passes: max and sum, then
+    # weights), summed over each block's pooled rows. No (pooled rows x key blocks) table
+    # leaves the chip. Row slot: ((query block * HP) + head) * GP + pooled row.
+    pid = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    M: tl.constexpr = QB * HP * GP
+    slot = tl.arange(0, M)
+    i = pid * QB + slot // (HP * GP)
+    head_l = (slot // GP) % HP
+    g = slot % GP
+    ok = (i < c_blocks) & (head_l < group) & (g < G)
+    bh = b * num_heads + kvh * group + head_l
+    j = tl.load(BLOCKS + bh * c_blocks + i, mask=ok, other=0).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_k = tl.arange(0, BLOCK_K)
-    g_ok = offs_g < G
-    qp = tl.load(QP + ((bh * nqb + j) * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], mask=g_ok[:, None],
-                 other=0.0)
-    g_w = tl.load(VALID + j * G + offs_g, mask=g_ok, other=0).to(tl.float32)
-    wlo = tl.load(WLO + j)
-    whi = tl.load(WHI + j)
+    qp = tl.load(QP + ((bh * nqb + j) * G + g)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+    g_w = tl.load(VALID + j * G + g, mask=ok, other=0).to(tl.float32)
+    wlo = tl.load(WLO + j, mask=ok, other=0)
+    whi = tl.load(WHI + j, mask=ok, other=0)
     k_base = (b * kv_heads + kvh) * nkb
-    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
     for k0 in range(0, nkb, BLOCK_K):
         kb = k0 + offs_k
         kp = tl.load(KP + (k_base + kb)[:, None] * HEAD_DIM + offs_d[None, :], mask=(kb < nkb)[:, None], other=0.0)
-        cand = kb < wlo if CAUSAL else (kb < wlo) | ((kb > whi) & (kb < nkb))
+        if CAUSAL:
+            cand = kb[None, :] < wlo[:, None]
+        else:
+            cand = (kb[None, :] < wlo[:, None]) | ((kb[None, :] > whi[:, None]) & (kb[None, :] < nkb))
         s = tl.dot(qp, tl.trans(kp), input_precision=PRECISION).to(tl.float32) * scale
-        s = tl.where(cand[None, :], s, float("-inf"))
+        s = tl.where(cand, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m_i = m_new
     w_row = tl.where(l_i > 0, g_w / tl.where(l_i > 0, l_i, 1.0), 0.0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    out = OUT + (bh * c_blocks + i) * nkb
+    # One output row per (query block, head): the slots' first pooled row carries its place.
+    R: tl.constexpr = QB * HP
+    r = tl.arange(0, R)
+    i_r = pid * QB + r // HP
+    head_r = r % HP
+    ok_r = (i_r < c_blocks) & (head_r < group)
+    bh_r = b * num_heads + kvh * group + head_r
+    j_r = tl.load(BLOCKS + bh_r * c_blocks + i_r, mask=ok_r, other=0)
+    wlo_r = tl.load(WLO + j_r, mask=ok_r, other=0)
+    whi_r = tl.load(WHI + j_r, mask=ok_r, other=0)
+    out = OUT + (bh_r * c_blocks + i_r) * nkb
     for k0 in range(0, nkb, BLOCK_K):
         kb = k0 + offs_k
         kp = tl.load(KP + (k_base + kb)[:, None] * HEAD_DIM + offs_d[None, :], mask=(kb < nkb)[:, None], other=0.0)
-        cand = kb < wlo if CAUSAL else (kb < wlo) | ((kb > whi) & (kb < nkb))
+        if CAUSAL:
+            cand = kb[None, :] < wlo[:, None]
+            cand_r = kb[None, :] < wlo_r[:, None]
+        else:
+            cand = (kb[None, :] < wlo[:, None]) | ((kb[None, :] > whi[:, None]) & (kb[None, :] < nkb))
+            cand_r = (kb[None, :] < wlo_r[:, None]) | ((kb[None, :] > whi_r[:, None]) & (kb[None, :] < nkb))
         s = tl.dot(qp, tl.trans(kp), input_precision=PRECISION).to(tl.float32) * scale
-        p = tl.exp(tl.where(cand[None, :], s, float("-inf")) - m_safe[:, None]) * w_row[:, None]
-        tl.store(out + kb, tl.where(cand, tl.sum(p, 0), -1.0), mask=kb < nkb)
+        p = tl.exp(tl.where(cand, s, float("-inf")) - m_safe[:, None]) * w_row[:, None]
+        score = tl.sum(tl.reshape(p, [R, GP, BLOCK_K]), 1)
+        tl.store(out[:, None] + kb[None, :], tl.where(cand_r, score, -1.0), mask=ok_r[:, None] & (kb < nkb)[None, :])
 
 
 def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Tensor:
@@ -262,11 +316,14 @@ def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Te
 
         return reference(pooled, scale, plan, blocks)
     device = blocks.device
-    _block_scores_kernel[(c, bsz * hq)](
+    gp, hp = triton.next_power_of_2(groups), triton.next_power_of_2(hq // hkv)
+    # Query blocks per program: up to 64 stacked pooled rows (at least 16, a dot's least).
+    qb = max(1, 64 // (gp * hp))
+    _block_scores_kernel[(triton.cdiv(c, qb), bsz * hkv)](
         pooled.q.contiguous(), pooled.valid.to(torch.int8).contiguous(), pooled.k.contiguous(),
         blocks.int().contiguous(), plan.win_lo.to(device=device, dtype=torch.int32),
         plan.win_hi.to(device=device, dtype=torch.int32), out, scale, hq, hq // hkv, hkv, c, plan.nqb, plan.nkb,
-        G=groups, GP=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK_K=64, CAUSAL=plan.causal,
+        G=groups, GP=gp, HP=hp, QB=qb, HEAD_DIM=dim, BLOCK_K=64, CAUSAL=plan.causal,
         # fp32 inputs: full-precision products, so the ranking matches the reference's.
         PRECISION=_precision(pooled.q.dtype), num_warps=4)
     return out

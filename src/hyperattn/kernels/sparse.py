@@ -2,14 +2,18 @@
 
 :func:`attend_triton` computes :func:`hyperattn.reference.structured.attend` (forward only):
 
-1. ``_sparse_kernel``: every selected query block of every head over its exact blocks
-   (tiles wholly visible to the block unmasked) and then its chunk's gathered columns
-   (log-weights as a bias, masked outside the block's complement and inside each row's
-   LSH range), one online softmax; fp32 result and LSE;
-2. ``_lsh_kernel``: every tile of bucket-sorted rows over the sorted key slots its rows'
+1. ``_lsh_kernel``: every tile of bucket-sorted rows over the sorted key slots its rows'
    ranges span, keys read through the sort order, masked to each row's range minus its
-   exact blocks; LSE-merged with (1) and stored in the inputs' dtype at the rows' original
-   positions.
+   exact blocks; its output and LSE stored at the rows' original positions, in the
+   output tensor itself (in the inputs' dtype);
+2. ``_sparse_kernel``: every selected query block of every head over its exact blocks
+   (the leading tiles every row sees whole in an unmasked loop, the rest masked) and then
+   its chunk's gathered columns (log-weights as a bias, masked outside the block's
+   complement and inside each row's LSH range), one online softmax; LSE-merged with (1),
+   read back from the output in contiguous rows, and stored in place.
+
+Running the LSH pass first keeps the scattered accesses to one store per row (the other
+order reads an fp32 intermediate back at scattered rows: 2 GB more traffic at 131k).
 
 FlexAttention runs the same function as three passes plus merges
 (:func:`hyperattn.kernels.structured.attend_flex`); ``benchmarks/NOTES.md`` has both timed.
@@ -81,9 +85,9 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
                    num_heads, group, kv_heads, nq, nk, offset, first, c_blocks, num_e, chunk_blocks, num_chunks,
-                   s_pad, qk_scale,
+                   s_pad, win_width, qk_scale,
                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, NE_P: tl.constexpr):
     # One query block of one head: its exact blocks, then its chunk's gathered columns, in
     # one online softmax (the block-sparse and the gathered pass of attend_flex, fused).
     jj = tl.program_id(0)
@@ -101,45 +105,61 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                                               stride_kh, stride_vb, stride_vh, T, HEAD_DIM)
     sel = bh * c_blocks + jj
     if tl.load(ACTIVE + sel) != 0:
-        for e in range(num_e):
-            kb = tl.load(EB + sel * num_e + e)
-            if kb >= 0:
-                for n0 in range(0, T, BLOCK_N):
-                    c0 = kb * T + n0
-                    cols = c0 + offs_n
-                    k_ok = cols < nk
-                    k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
-                    # Tiles wholly visible to every row of the block skip the mask.
-                    full = c0 + BLOCK_N <= nk
-                    if CAUSAL:
-                        full = full & (c0 + BLOCK_N - 1 <= j * T + offset)
-                    if full:
-                        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, None, qk_scale, False, PRECISION)
-                    else:
-                        valid = k_ok[None, :]
-                        if CAUSAL:
-                            valid = valid & (cols[None, :] <= rows[:, None] + offset)
-                        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        # The exact blocks' tiles, the entries after the window's first (the top blocks),
+        # then the window's in ascending order: under exact_blocks' layout the tiles that
+        # need a mask (the diagonal's, a ragged last block) come last. The leading run of
+        # tiles every row sees whole (or padding, -1, whose scores a scalar -inf drops) is
+        # one unmasked loop the compiler can pipeline; the rest is masked.
+        TPB: tl.constexpr = T // BLOCK_N
+        n_tiles = num_e * TPB
+        tiles = tl.arange(0, NE_P * TPB)
+        kb_t = tl.load(EB + sel * num_e + (tiles // TPB + win_width) % tl.maximum(num_e, 1), mask=tiles < n_tiles,
+                       other=-1)
+        c0_t = kb_t * T + (tiles % TPB) * BLOCK_N
+        whole = c0_t + BLOCK_N <= nk
+        if CAUSAL:
+            whole = whole & (c0_t + BLOCK_N - 1 <= j * T + offset)
+        n_whole = tl.min(tl.where((tiles < n_tiles) & (kb_t >= 0) & ~whole, tiles, n_tiles), 0)
+        for t in range(0, n_whole):
+            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
+            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
+            k, v = _kv_at(K, V, cols, cols < nk, k_base, v_base, stride_kn, stride_vn, offs_d)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, kb >= 0, qk_scale, True, PRECISION)
+        for t in range(n_whole, n_tiles):
+            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
+            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
+            k_ok = (cols < nk) & (kb >= 0)
+            k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+            valid = k_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None] + offset)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
         g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
         acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e,
                                         j, bh, rows, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL,
                                         HEAD_DIM, T, BLOCK_N, PRECISION)
+    # LSE-merged with the LSH part the first launch left in OUT/LSE (contiguous rows here,
+    # where the LSH pass's rows are scattered), in place: the one store of the result.
     out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
-    tl.store(OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    o_ptrs = OUT + flat[:, None] * HEAD_DIM + offs_d[None, :]
+    prev_lse = tl.load(LSE + flat, mask=row_ok, other=float("-inf"))
+    prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    out, lse = _lse_merge(prev, prev_lse, out, lse)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + flat, lse, mask=row_ok)
 
 
 @triton.jit
-def _lsh_kernel(Q, K, V, PRIOR_OUT, PRIOR_LSE, OUT, LSE, QORDER, KORDER, LO, HI, EB,
+def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 num_heads, group, kv_heads, nq, nk, row0, first, c_blocks, num_e, qk_scale,
                 HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
     # A tile of bucket-sorted rows over the sorted key slots their ranges span (keys read
-    # through the sort order), minus each row's exact blocks; then the LSE-merge with the
-    # sparse kernel's result for those rows, stored at the rows' original positions.
+    # through the sort order), minus each row's exact blocks; stored at the rows' original
+    # positions, where the sparse kernel merges it with the rest.
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
@@ -176,9 +196,6 @@ def _lsh_kernel(Q, K, V, PRIOR_OUT, PRIOR_LSE, OUT, LSE, QORDER, KORDER, LO, HI,
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
-    prev_lse = tl.load(PRIOR_LSE + flat, mask=row_ok, other=float("-inf"))
-    prev = tl.load(PRIOR_OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    out, lse = _lse_merge(prev, prev_lse, out, lse)
     tl.store(OUT + flat[:, None] * HEAD_DIM + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + flat, lse, mask=row_ok)
 
@@ -190,22 +207,29 @@ def _prune(configs, named_args, **kwargs):
     if named_args["Q"].dtype == torch.float32:
         smallest = min(c.kwargs["BLOCK_N"] for c in configs)
         configs = [c for c in configs if c.kwargs["BLOCK_N"] == smallest]
+    # A key tile never spans two key blocks (the sparse kernel walks a block in whole tiles).
+    block = kwargs.get("T", named_args.get("T"))
+    if block is not None:
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= block] or configs[-1:]
     if os.environ.get("HYPERATTN_AUTOTUNE", "1") == "0":
         configs = configs[:1]
     return configs
 
 
-def _autotuned(kernel, configs, key):
+def _autotuned(kernel, configs, key, restore_value=None):
+    # restore_value: arguments a launch updates in place, put back after each timed run.
     if triton.knobs.runtime.interpret:  # no timing without a GPU
         return triton.autotune(configs=configs[:1], key=key)(kernel)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune},
+                           restore_value=restore_value)(kernel)
 
 
 _SPARSE = _autotuned(_sparse_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                                       for n, w, s in ((64, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2))],
-                     ["HEAD_DIM", "CAUSAL", "T", "PRECISION"])
+                     ["HEAD_DIM", "CAUSAL", "T", "PRECISION", "NE_P"], restore_value=["OUT", "LSE"])
 _LSH = _autotuned(_lsh_kernel, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                                for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2))],
+                                for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2), (64, 64, 4, 1),
+                                                   (32, 64, 4, 1), (64, 32, 4, 2))],
                   ["HEAD_DIM", "T", "PRECISION"])
 
 
@@ -213,10 +237,10 @@ def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
                   ) -> tuple[Tensor, Tensor]:
     """:func:`hyperattn.reference.structured.attend` in two Triton launches (forward only).
 
-    1. every selected query block over its exact blocks and its chunk's gathered columns
-       (one online softmax; fp32 result and LSE);
-    2. every tile of bucket-sorted rows over its LSH key slots, LSE-merged with (1) and
-       stored in the inputs' dtype at the rows' original positions.
+    1. every tile of bucket-sorted rows over its LSH key slots, stored at the rows'
+       original positions in the output (inputs' dtype) and LSE;
+    2. every selected query block over its exact blocks and its chunk's gathered columns
+       (one online softmax), LSE-merged with (1) in place.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -231,18 +255,11 @@ def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
     active = sel.active.to(torch.int8).contiguous()
     lo, hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
     win_lo, win_hi = plan.win_lo.to(device=device, dtype=torch.int32), plan.win_hi.to(device=device, dtype=torch.int32)
-    prior = torch.empty(bsz, hq, nq, dim, device=device, dtype=torch.float32)
-    prior_lse = torch.empty(bsz, hq, nq, device=device, dtype=torch.float32)
+    out = torch.empty(bsz, hq, nq, dim, device=device, dtype=q.dtype)
+    lse = torch.empty(bsz, hq, nq, device=device, dtype=torch.float32)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     precision = _precision(q.dtype)
-    if c_blocks:
-        _SPARSE[(c_blocks, bsz * hq)](q, k, v, k_g, v_g, prior, prior_lse, eb, active, win_lo, win_hi, g_idx32, g_logw,
-                                      g_slot, lo, hi, *strides, hq, hq // hkv, hkv, nq, nk, plan.offset, plan.first,
-                                      c_blocks, num_e, plan.chunk_blocks, nc, s_pad, scale, CAUSAL=plan.causal,
-                                      HEAD_DIM=dim, T=t, PRECISION=precision)
-    out = torch.empty(bsz, hq, nq, dim, device=device, dtype=q.dtype)
-    lse = torch.empty(bsz, hq, nq, device=device, dtype=torch.float32)
     q_order = lsh.q_order.int().contiguous()
     k_order = lsh.order.int().contiguous()
     row0 = plan.first * t
@@ -250,8 +267,14 @@ def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
     def grid(meta):
         return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
 
-    _LSH[grid](q, k, v, prior, prior_lse, out, lse, q_order, k_order, lo, hi, eb, *strides, hq, hq // hkv, hkv, nq, nk,
+    _LSH[grid](q, k, v, out, lse, q_order, k_order, lo, hi, eb, *strides, hq, hq // hkv, hkv, nq, nk,
                row0, plan.first, c_blocks, num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision)
+    if c_blocks:
+        _SPARSE[(c_blocks, bsz * hq)](q, k, v, k_g, v_g, out, lse, eb, active, win_lo, win_hi, g_idx32, g_logw,
+                                      g_slot, lo, hi, *strides, hq, hq // hkv, hkv, nq, nk, plan.offset, plan.first,
+                                      c_blocks, num_e, plan.chunk_blocks, nc, s_pad, min(plan.win_width, num_e),
+                                      scale, CAUSAL=plan.causal, HEAD_DIM=dim, T=t, PRECISION=precision,
+                                      NE_P=triton.next_power_of_2(max(num_e, 1)))
     return out[:, :, row0:], lse[:, :, row0:]
 
 

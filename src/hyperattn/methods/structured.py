@@ -121,8 +121,10 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # 2. Probe rows (heavy columns per KV head from the group's summed mass), block scores
     #    (ranked per query block, summed per chunk for the residual proposal), LSH blocks.
     probe = select_impl.probe_rows(plan, seed, bsz, heads, pb, rpb)  # (B, Hq, C, P)
+    # Without the guard and the stats only the heavy columns are wanted from the probe rows.
+    trial = config.max_error is not None or need_stats
     probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qd, kd, vd, scale, plan, probe, config.heavy_columns,
-                                                               config.num_sinks, pb)
+                                                               config.num_sinks, pb, need_out=trial)
     pooled = select_impl.pool(qd, kd, plan, config.score_group)
     ranked = torch.full((bsz, hq, plan.nqb, min(kmax, plan.nkb)), -1, dtype=torch.long, device=device)
     c_scores = torch.zeros(bsz, hkv, nc, plan.nkb, device=device)
@@ -172,7 +174,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         # exact attention (the nominal budget bounds the measured one): no count needed.
         counted = config.max_error is not None or need_stats or bool(maybe_exact)
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1) if counted else None
-        if config.max_error is not None or need_stats:
+        if trial:
             approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
             err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
             pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()

@@ -299,12 +299,15 @@ def estimating_rows(rows: Tensor, probe_blocks: int) -> Tensor:
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                num_sinks: int, probe_blocks: int, need_out: bool = True
+                ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """Exact attention of the probe rows and each chunk's heavy columns.
 
     ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
     ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
-    the scores computed per head (a float64 tensor). A chunk's heavy columns are the
+    the scores computed per head (a float64 tensor). With ``need_out`` False only the
+    heavy columns are wanted (no guard, no stats): only the finding rows are scored, ``out``
+    is ``None``, the estimating rows' ``lse`` is ``-inf`` and the scores count the finding rows. A chunk's heavy columns are the
     ``heavy`` keys outside the sinks with the largest summed softmax weight over the rows of the chunk's even
     probe blocks (:func:`finders`), for all query heads of the KV head: its vertical lines (delimiters,
     sinks past ``num_sinks``), found from rows of the chunk alone. The other probe blocks
@@ -314,6 +317,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     """
     bsz, hq, nc, p = rows.shape
     hkv = k.shape[1]
+    if not need_out:
+        rows = torch.where(finders(p, probe_blocks, rows.device), rows, -1)
     flat = rows.reshape(bsz, hq, nc * p)
     lse = torch.full((bsz, hq, nc * p), float("-inf"), device=q.device)
     for k0, k1 in _pieces(plan.nk, bsz * hq * nc * p):
@@ -326,7 +331,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     best_idx = torch.zeros((bsz, hkv, nc, 0), dtype=torch.long, device=q.device)
     for k0, k1 in _pieces(plan.nk, bsz * hq * nc * p):
         w = torch.exp(_row_scores(q, k, flat, scale, plan, k0, k1) - shift)
-        out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
+        if need_out:
+            out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
         if count:
             # Heavy columns are per KV head: the mass of all its query heads' probe rows.
             mass = (w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0) * finders(p, probe_blocks, q.device).float().view(-1, 1)).sum((2, 4))
@@ -336,7 +342,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             best, pick = torch.topk(values, min(count, values.shape[-1]), dim=-1)
             best_idx = index.gather(-1, pick)
     heavy_idx = torch.where(best > 0, best_idx, -1)
-    return (out.reshape(bsz, hq, nc, p, -1), lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat))
+    out = out.reshape(bsz, hq, nc, p, -1) if need_out else None
+    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat)
 
 
 @dataclass(frozen=True)
