@@ -86,7 +86,7 @@ _RECORD = textwrap.dedent("""
 """)
 
 # Pointer arguments in the inputs' dtype on the GPU (fp32 under the recording run).
-_INPUT_POINTERS = ("Q", "K", "V", "KG", "VG", "DO")
+_INPUT_POINTERS = ("Q", "K", "V", "KG", "VG", "DO", "QS", "KS", "VS")
 
 
 def _variants(types: dict, consts: dict):

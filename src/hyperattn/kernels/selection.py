@@ -150,13 +150,15 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 @triton.jit
-def _column_mass(Q, K, LSE, ROWS, MASS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                 scale, nk, offset, kv_heads, group, chunks, probe, rows_per_block, finding, chunk0, num_chunks,
-                 M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    # One tile of BLOCK_N keys of one (batch, KV head) against the finding probe rows of
-    # every query head of the group, chunk after chunk (the key tile is loaded once): a
-    # chunk's rows, all heads stacked, in one product, their softmax weights summed per key.
+def _column_mass(QS, K, LSES, ROWS, MASS, stride_kb, stride_kh, stride_kn, scale, nk, offset, kv_heads,
+                 chunk_rows, chunks, chunk0, num_chunks, M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    # One tile of BLOCK_N keys of one (batch, KV head) against each chunk's finding probe
+    # rows, the group's query heads stacked (QS, LSES, ROWS: (B, Hkv, C, M), gathered once,
+    # so each chunk's rows are one contiguous load and the loop has no branch to stall its
+    # pipelining), chunk after chunk with the key tile loaded once; the rows' softmax
+    # weights summed per key. Causal: the chunks whose rows all end before the tile are
+    # skipped (MASS starts at zero).
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // kv_heads
@@ -164,27 +166,44 @@ def _column_mass(Q, K, LSE, ROWS, MASS, stride_qb, stride_qh, stride_qn, stride_
     d = tl.arange(0, HEAD_DIM)
     k = tl.load(K + b * stride_kb + (bkv % kv_heads) * stride_kh + keys[:, None] * stride_kn + d[None, :],
                 mask=(keys < nk)[:, None], other=0.0)
-    # Slot i: the (i % finding)-th finding row (reference.selection.finders: the rows of the
-    # even probe blocks) of the group's head i // finding.
     slots = tl.arange(0, M)
-    for c_local in range(num_chunks):
-        in_group = slots < group * finding
-        j = slots % finding
-        heads = (bkv % kv_heads) * group + slots // finding  # int64: head x stride passes 2**31 at 1M keys
-        p = (j // rows_per_block) * 2 * rows_per_block + j % rows_per_block
-        at = ((b * kv_heads * group + heads) * chunks + chunk0 + c_local) * probe + p  # in (B, Hq, C * P)
-        rows = tl.load(ROWS + at, mask=in_group, other=-1)  # [M], -1: none
-        ok_rows = rows >= 0
+    c_lo = 0
+    if CAUSAL:
+        # A row r of chunk c sees keys up to r + offset < (c + 1) * chunk_rows + offset.
+        c_lo = tl.maximum(pid_n * BLOCK_N - offset, 0) // chunk_rows - chunk0
+        c_lo = tl.maximum(c_lo, 0)
+    for c_local in range(c_lo, num_chunks):
+        at = (bkv * chunks + chunk0 + c_local) * M + slots
+        rows = tl.load(ROWS + at)  # [M], -1: none
+        q = tl.load(QS + at[:, None] * HEAD_DIM + d[None, :])
+        lse = tl.load(LSES + at)
         limit = _last_key(rows, offset, nk, CAUSAL)
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if pid_n * BLOCK_N <= tl.max(limit, 0):
-            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.maximum(rows, 0)[:, None] * stride_qn
-                        + d[None, :], mask=ok_rows[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [M, BLOCK_N]
-            lse = tl.load(LSE + at, mask=ok_rows, other=0.0)
-            seen = (keys[None, :] <= limit[:, None]) & (keys[None, :] < nk)
-            total = tl.sum(tl.where(seen, tl.exp(s - tl.where(ok_rows, lse, 0.0)[:, None]), 0.0), axis=0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [M, BLOCK_N]
+        seen = (keys[None, :] <= limit[:, None]) & (keys[None, :] < nk)
+        total = tl.sum(tl.where(seen, tl.exp(s - lse[:, None]), 0.0), axis=0)
         tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
+
+
+def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, find: Tensor, m: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The finding rows ``(B, Hq, C, P)`` of each chunk, the KV head's query heads stacked and
+    padded to ``m``: their queries ``(B, Hkv, C, m, D)``, rows (``-1``: none) and LSE (0 there)."""
+    bsz, hq, nc, _ = rows.shape
+    picked = to_device(find.nonzero().squeeze(-1), rows.device)
+    r = rows.index_select(-1, picked)
+    pf = r.shape[-1]
+    l = torch.where(r >= 0, lse.index_select(-1, picked), 0.0)
+    qs = q.gather(2, r.clamp(min=0).reshape(bsz, hq, nc * pf, 1).expand(-1, -1, -1, q.shape[-1]))
+
+    def stack(x, fill):
+        x = x.reshape(bsz, hkv, hq // hkv, nc, pf, *x.shape[4:]).transpose(2, 3)
+        x = x.reshape(bsz, hkv, nc, (hq // hkv) * pf, *x.shape[5:])
+        pad = m - x.shape[3]
+        if pad:
+            x = torch.cat([x, x.new_full((*x.shape[:3], pad, *x.shape[4:]), fill)], dim=3)
+        return x.contiguous()
+
+    return stack(qs.reshape(bsz, hq, nc, pf, -1), 0), stack(r, -1), stack(l, 0.0)
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
@@ -210,20 +229,20 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     count = min(heavy, nk)
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count:
-        # Only the finding probe rows count (reference: finders): the kernel stacks them.
-        finding = int(finders(p, probe_blocks, "cpu").sum())
-        m = max(16, triton.next_power_of_2((hq // hkv) * finding))
-        rows_c, lse_c = rows.contiguous(), lse.contiguous()
-        qs, ks = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+        # Only the finding probe rows count (reference: finders), the group's heads stacked.
+        find = finders(p, probe_blocks, "cpu")
+        m = max(16, triton.next_power_of_2((hq // hkv) * int(find.sum())))
+        qs, rows_s, lse_s = _stacked_finders(q, rows, lse.reshape(bsz, hq, nc, p), hkv, find, m)
+        ks = k if k.stride(-1) == 1 else k.contiguous()
         step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * nk))
         block_n = 128
         for c0 in range(0, nc, step):
             c1 = min(nc, c0 + step)
-            mass = torch.empty(bsz, hkv, c1 - c0, nk, device=q.device, dtype=torch.float32)
+            mass = torch.zeros(bsz, hkv, c1 - c0, nk, device=q.device, dtype=torch.float32)
             _column_mass[(triton.cdiv(nk, block_n), bsz * hkv)](
-                qs, ks, lse_c, rows_c, mass, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1),
-                ks.stride(2), scale, nk, plan.offset, hkv, hq // hkv, nc, p, max(1, p // probe_blocks), finding, c0,
-                c1 - c0, M=m, HEAD_DIM=q.shape[-1], BLOCK_N=block_n, CAUSAL=plan.causal,
+                qs, ks, lse_s, rows_s, mass, ks.stride(0), ks.stride(1), ks.stride(2), scale, nk, plan.offset, hkv,
+                plan.chunk_blocks * plan.block, nc, c0, c1 - c0, M=m, HEAD_DIM=q.shape[-1], BLOCK_N=block_n,
+                CAUSAL=plan.causal,
                 # fp32 inputs: full-precision products, so heavy columns match the reference's.
                 PRECISION=_precision(q.dtype))
             mass[..., :num_sinks] = 0.0
