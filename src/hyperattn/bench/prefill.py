@@ -23,7 +23,7 @@ Results file (stable schema, one JSON object)::
      "model": {"name": "llama3-8b", "layers": 32, "hidden": 4096, ..., "dtype": "bfloat16"},
      "rows": [{"n": 131072,
                "impl": "sdpa" | "hyper" | "hyper-last-half",
-               "method": null | "hyper" | "structured",   # the hyper rows' method
+               "method": null | "hyper" | "paper-plan" | "default" | "structured-fixed",
                "config": {...} | null,                    # its HyperAttentionConfig fields
                "ms": 1234.5 | null,                       # median prefill time; null: failed/skipped
                "reps": 3, "peak_gb": 40.1 | null,
@@ -63,10 +63,12 @@ MODELS = {
 #: Implementations (the ``impl`` of a row).
 IMPLS = ("sdpa", "hyper", "hyper-last-half")
 #: Methods the hyper rows run with: the paper's method, the authors' code's recursion plan
-#: (see :data:`hyperattn.bench.forward.PAPER_PLAN_CONFIG`), and the package default.
+#: (see :data:`hyperattn.bench.forward.PAPER_PLAN_CONFIG`), the package default, and the
+#: default's budget without the guard (the forward benchmark's ``structured-fixed``).
 METHOD_CONFIGS = {"hyper": HyperAttentionConfig(method="hyper"),
                   "paper-plan": PAPER_PLAN_CONFIG,
-                  "default": HyperAttentionConfig()}
+                  "default": HyperAttentionConfig(),
+                  "structured-fixed": HyperAttentionConfig(seed=0, max_error=None, min_seq_len=4096)}
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):

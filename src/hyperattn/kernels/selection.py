@@ -11,6 +11,7 @@ the reference's own PyTorch code, run on the GPU.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -184,15 +185,25 @@ def _column_mass(QS, K, LSES, ROWS, MASS, stride_kb, stride_kh, stride_kn, scale
         tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
 
 
-def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, find: Tensor, m: int
+def _finding_slots(p: int, probe_blocks: int, device) -> Tensor:
+    """The slots of :func:`~hyperattn.reference.selection.finders`' rows among ``p``, ascending.
+
+    Built on the device from their closed form (the even probe blocks), not copied from the
+    host: a pinned host buffer per call stalled the queue (10 ms per call at 131k).
+    """
+    rpb = max(1, p // probe_blocks)
+    j = torch.arange(int(finders(p, probe_blocks, "cpu").sum()), device=device)
+    return (j // rpb) * 2 * rpb + j % rpb
+
+
+def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, probe_blocks: int, m: int
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The finding rows ``(B, Hq, C, P)`` of each chunk, the KV head's query heads stacked and
     padded to ``m``: their queries ``(B, Hkv, C, m, D)``, rows (``-1``: none) and LSE (0 there)."""
-    bsz, hq, nc, _ = rows.shape
-    picked = to_device(find.nonzero().squeeze(-1), rows.device)
-    r = rows.index_select(-1, picked)
+    bsz, hq, nc, p = rows.shape
+    r = rows.index_select(-1, _finding_slots(p, probe_blocks, rows.device))
     pf = r.shape[-1]
-    l = torch.where(r >= 0, lse.index_select(-1, picked), 0.0)
+    l = torch.where(r >= 0, lse.index_select(-1, _finding_slots(p, probe_blocks, rows.device)), 0.0)
     qs = q.gather(2, r.clamp(min=0).reshape(bsz, hq, nc * pf, 1).expand(-1, -1, -1, q.shape[-1]))
 
     def stack(x, fill):
@@ -219,9 +230,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     if need_out:
         out, lse = _exact_rows(q, k, v, scale, plan, rows)
     else:
-        find = finders(p, probe_blocks, "cpu")
-        picked = to_device(find.nonzero().squeeze(-1), rows.device)
-        rows = torch.where(to_device(find, rows.device), rows, -1)
+        picked = _finding_slots(p, probe_blocks, rows.device)
+        rows = torch.where(finders(p, probe_blocks, rows.device), rows, -1)
         out, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False)
         lse = torch.full((bsz, hq, nc, p), float("-inf"), device=q.device)
         lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, -1))
@@ -230,9 +240,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count:
         # Only the finding probe rows count (reference: finders), the group's heads stacked.
-        find = finders(p, probe_blocks, "cpu")
-        m = max(16, triton.next_power_of_2((hq // hkv) * int(find.sum())))
-        qs, rows_s, lse_s = _stacked_finders(q, rows, lse.reshape(bsz, hq, nc, p), hkv, find, m)
+        m = max(16, triton.next_power_of_2((hq // hkv) * int(finders(p, probe_blocks, "cpu").sum())))
+        qs, rows_s, lse_s = _stacked_finders(q, rows, lse.reshape(bsz, hq, nc, p), hkv, probe_blocks, m)
         ks = k if k.stride(-1) == 1 else k.contiguous()
         step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * nk))
         block_n = 128
@@ -443,9 +452,15 @@ def lsh_ranges(q: Tensor, k: Tensor, plan: Plan, lsh_block: int, num_projs: int,
     """:func:`hyperattn.reference.selection.lsh_ranges` on CUDA: the hashing in one launch per tensor."""
     from .lsh import lsh_buckets
 
-    # Drawn on the host like the reference's, copied once without a host wait.
-    proj = to_device(draw_projections(q.shape[-1], num_projs, torch.Generator().manual_seed(seed)), q.device)
+    proj = _projections(q.shape[-1], num_projs, seed, q.device)
     return bucket_ranges(lsh_buckets(q, proj), lsh_buckets(k, proj), plan, lsh_block)
+
+
+@functools.lru_cache(maxsize=16)
+def _projections(dim: int, num_projs: int, seed: int, device: torch.device) -> Tensor:
+    # Drawn on the host like the reference's and copied without a host wait, once per seed:
+    # a fixed seed's layers and calls reuse them (a pinned copy per call costs host time).
+    return to_device(draw_projections(dim, num_projs, torch.Generator().manual_seed(seed)), device)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ A call runs, per (batch, head):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -95,7 +96,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         out, lse = exact(q, k, v, scale, causal, need_lse)
         return out, lse, AttentionStats("structured", exact_pairs(0, nq, nq, nk, causal) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device))
-    plan = sel_ref.make_plan(nq, nk, causal, config.query_block, config.window, config.chunk, min_len, device)
+    plan = _plan(nq, nk, causal, config.query_block, config.window, config.chunk, min_len, device)
     kernels = _kernels_ok(q)
     if kernels:
         from ..kernels import selection as select_impl
@@ -148,11 +149,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)
     est = torch.zeros(bsz, hq, nc, device=device)
     # Each chunk's approximate rows [r0, r1) (empty before first_row) and their exact cost.
-    bounds = [(max(c * config.chunk, first_row), min((c + 1) * config.chunk, nq)) for c in range(nc)]
-    rows_host = [max(0, r1 - r0) for r0, r1 in bounds]
-    exact_cost_host = [exact_pairs(r0, r1, nq, nk, causal) for r0, r1 in bounds]
-    exact_cost = sel_ref.to_device(torch.tensor(exact_cost_host, dtype=torch.float64), device)
-    chunk_rows = sel_ref.to_device(torch.tensor(rows_host), device)
+    bounds, rows_host, exact_cost_host, exact_cost, chunk_rows = _chunk_costs(nq, nk, causal, config.chunk, first_row,
+                                                                              nc, device)
     # Without the guard, the chunks that may run exact (their measured cost per row is only
     # known on the GPU): those whose nominal budget per row (exact blocks, gathered columns,
     # LSH block: an upper bound of the measured one) is not below exact attention's. Found
@@ -284,6 +282,24 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
                            exact_chunks=exact_chunk)
     return out, lse, stats
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: int, min_len: int, device: torch.device):
+    # One plan per shape and device, its tables copied to the device once: every layer of a
+    # model and every call of a benchmark reuse them (a pinned copy per call costs host
+    # time; the plan is never written to).
+    return sel_ref.make_plan(nq, nk, causal, block, window, chunk, min_len, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_costs(nq: int, nk: int, causal: bool, chunk: int, first_row: int, nc: int, device: torch.device):
+    """Each chunk's approximate rows ``[r0, r1)``, their count and exact cost, on the host and (read-only) on the device."""
+    bounds = [(max(c * chunk, first_row), min((c + 1) * chunk, nq)) for c in range(nc)]
+    rows_host = [max(0, r1 - r0) for r0, r1 in bounds]
+    exact_cost_host = [exact_pairs(r0, r1, nq, nk, causal) for r0, r1 in bounds]
+    exact_cost = sel_ref.to_device(torch.tensor(exact_cost_host, dtype=torch.float64), device)
+    return bounds, rows_host, exact_cost_host, exact_cost, sel_ref.to_device(torch.tensor(rows_host), device)
 
 
 def _trailing_rows_of(part: Tensor, nq: int) -> Tensor | None:
