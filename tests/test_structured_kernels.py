@@ -175,6 +175,15 @@ def test_block_scores_match_reference(causal):
     assert float((ref_scores - ker_scores).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("nkb, count", [(10, 4), (1024, 32), (5000, 4)])
+def test_rank_blocks_matches_reference(nkb, count):
+    from hyperattn.kernels import selection as ker_sel
+
+    scores = torch.rand(2, 3, 7, nkb, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    scores[..., ::3] = -1.0  # non-candidates
+    assert torch.equal(ker_sel.rank_blocks(scores, count), S.rank_blocks(scores, count))
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_attend_rows_matches_reference(causal):
     q, k, v = qkv(1, 4, 2, 1500, 1500, 64, device="cuda")

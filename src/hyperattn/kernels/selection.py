@@ -5,7 +5,7 @@ probe rows' exact output and log-sum-exp (``_probe_kernel``, a flash forward ove
 gathered rows), then each chunk's column mass ``sum_r exp(s_rc - lse_r)`` with the
 group's query heads stacked in one product (``_column_mass``; no (rows x keys) matrix in
 memory), whose top columns are the chunk's heavy columns. :func:`block_scores`,
-:func:`pool` and :func:`probe_rows` are one launch each; the other selection steps are
+:func:`rank_blocks`, :func:`pool` and :func:`probe_rows` are one launch each; the other selection steps are
 the reference's own PyTorch code, run on the GPU.
 """
 
@@ -23,7 +23,8 @@ from ..reference.selection import Lsh, Plan, Pooled, finders, probe_pairs, to_de
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned, _start
 
-__all__ = ["probe_exact", "block_scores", "pool", "probe_rows", "lsh_ranges", "bucket_ranges", "gather_columns"]
+__all__ = ["probe_exact", "block_scores", "rank_blocks", "pool", "probe_rows", "lsh_ranges", "bucket_ranges",
+           "gather_columns"]
 
 # Column-mass elements (chunks x keys) held at once per call; bounds memory at 1M keys.
 _MASS_ELEMENTS = 1 << 28
@@ -354,6 +355,38 @@ def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Te
         G=groups, GP=gp, HP=hp, QB=qb, HEAD_DIM=dim, BLOCK_K=64, CAUSAL=plan.causal,
         # fp32 inputs: full-precision products, so the ranking matches the reference's.
         PRECISION=_precision(pooled.q.dtype), num_warps=4)
+    return out
+
+
+@triton.jit
+def _rank_kernel(SCORES, OUT, rows, nkb, COUNT: tl.constexpr, ROWS: tl.constexpr, NKB_P: tl.constexpr):
+    # ROWS rows of block scores: their COUNT largest, best first (ties to the lower key
+    # block), as reference.selection.rank_blocks; -1 where the value is a non-candidate's.
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    kb = tl.arange(0, NKB_P)
+    ok = (r < rows)[:, None] & (kb < nkb)[None, :]
+    x = tl.load(SCORES + r[:, None] * nkb + kb[None, :], mask=ok, other=float("-inf"))
+    for i in tl.static_range(COUNT):
+        best = tl.max(x, 1)
+        pick = tl.min(tl.where(x == best[:, None], kb[None, :], NKB_P), 1)
+        tl.store(OUT + r * COUNT + i, tl.where(best > -0.5, pick, -1).to(tl.int64), mask=r < rows)
+        x = tl.where(kb[None, :] == pick[:, None], float("-inf"), x)
+
+
+def rank_blocks(scores: Tensor, count: int) -> Tensor:
+    """:func:`hyperattn.reference.selection.rank_blocks` on CUDA in one launch (ties to the lower key block)."""
+    nkb = scores.shape[-1]
+    count = min(count, nkb)
+    out = torch.empty(*scores.shape[:-1], count, dtype=torch.long, device=scores.device)
+    rows = out.numel() // max(count, 1)
+    if count == 0 or rows == 0 or count > 64:
+        from ..reference.selection import rank_blocks as reference
+
+        return reference(scores, count)
+    nkb_p = triton.next_power_of_2(nkb)
+    per = max(1, min(4, 4096 // nkb_p))  # rows per program: at most 4096 scores held at once
+    _rank_kernel[(triton.cdiv(rows, per),)](scores.contiguous(), out, rows, nkb, COUNT=count, ROWS=per,
+                                          NKB_P=nkb_p, num_warps=4)
     return out
 
 

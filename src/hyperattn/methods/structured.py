@@ -134,7 +134,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     for j0 in range(plan.first, plan.nqb, step):
         blocks = j_all[j0:j0 + step].expand(bsz, hq, -1)
         scores = select_impl.block_scores(pooled, scale, plan, blocks)
-        ranked[:, :, j0:j0 + step] = sel_ref.rank_blocks(scores, kmax)
+        ranked[:, :, j0:j0 + step] = select_impl.rank_blocks(scores, kmax)
         c_scores += sel_ref.chunk_scores(scores, j0, plan, hkv)
     lsh = select_impl.lsh_ranges(qd, kd, plan, config.lsh_block, config.lsh_num_projs, seed)
     pairs = probe_pairs + torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal), dtype=torch.float64,
