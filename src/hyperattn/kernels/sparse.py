@@ -156,7 +156,7 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
                 stride_vb, stride_vh, stride_vn,
                 num_heads, group, kv_heads, nq, nk, row0, first, c_blocks, num_e, qk_scale,
                 HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr, NE_P: tl.constexpr):
+                PRECISION: tl.constexpr):
     # A tile of bucket-sorted rows over the sorted key slots their ranges span (keys read
     # through the sort order: sorted copies of K and V cost more to make, 0.9 ms at 131k,
     # than they saved here, 0.3), minus each row's exact blocks; stored at the rows'
@@ -183,17 +183,18 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
     sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
     # No test for key tiles that meet no row's range (a tile straddling two buckets): such
     # gaps are rare, and a branch around the product would stop the loop's pipelining.
-    # Each row's exact blocks, loaded once (not once per key tile): [BLOCK_M, NE_P].
-    e_idx = tl.arange(0, NE_P)
-    eb = tl.load(EB + sel[:, None] * num_e + e_idx[None, :], mask=busy[:, None] & (e_idx < num_e)[None, :], other=-1)
     for n0 in range(start, end, BLOCK_N):
         ks = n0 + offs_n
         k_ok = ks < end
         cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
                                 stride_vn, offs_d)
         kblk = cols // T
-        in_exact = tl.max((kblk[None, :, None] == eb[:, None, :]).to(tl.int32), 2)  # [BLOCK_M, BLOCK_N]
-        valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None]) & (in_exact == 0)
+        valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None])
+        # Each row's exact blocks, reloaded per key tile (from L1/L2): holding them as one
+        # [rows, blocks] tile and comparing in 3-D measured slower (4.2 against 3.9 ms at 131k).
+        for e in range(num_e):
+            eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
+            valid = valid & (kblk[None, :] != eb[:, None])
         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
@@ -226,16 +227,14 @@ def _autotuned(kernel, configs, key, restore_value=None):
 
 
 _SPARSE = _autotuned(_sparse_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                                      # Two stages of 64 keys fit two programs per SM (shared memory);
-                                      # a program runs ~10 tiles, so overlapping programs' loads and
-                                      # epilogues may pay more than deeper pipelining.
-                                      for n, w, s in ((64, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2), (64, 8, 2),
-                                                      (64, 4, 2), (128, 8, 1))],
+                                      # (64 keys, 2 stages: two programs per SM, and 128 keys, 1 stage,
+                                      # were tried: never the fastest at 131k on an H200.)
+                                      for n, w, s in ((64, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2))],
                      ["HEAD_DIM", "CAUSAL", "T", "PRECISION", "NE_P"], restore_value=["OUT", "LSE"])
 _LSH = _autotuned(_lsh_kernel, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                                 for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2), (64, 64, 4, 1),
                                                    (32, 64, 4, 1), (64, 32, 4, 2))],
-                  ["HEAD_DIM", "T", "PRECISION", "NE_P"])
+                  ["HEAD_DIM", "T", "PRECISION"])
 
 
 def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
@@ -273,8 +272,7 @@ def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
         return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
 
     _LSH[grid](q, k, v, out, lse, q_order, k_order, lo, hi, eb, *strides, hq, hq // hkv, hkv, nq, nk,
-               row0, plan.first, c_blocks, num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision,
-               NE_P=triton.next_power_of_2(max(num_e, 1)))
+               row0, plan.first, c_blocks, num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision)
     if c_blocks:
         _SPARSE[(c_blocks, bsz * hq)](q, k, v, k_g, v_g, out, lse, eb, active, win_lo, win_hi, g_idx32, g_logw,
                                       g_slot, lo, hi, *strides, hq, hq // hkv, hkv, nq, nk, plan.offset, plan.first,
