@@ -50,9 +50,11 @@ def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = F
     row = {"n": n, "causal": causal, "impl": "structured-fixed"}
     row["probe_rows_ms"] = _ms(lambda: ker_sel.probe_rows(plan, 0, 1, heads, cfg.probe_blocks,
                                                           cfg.probe_rows // cfg.probe_blocks))
+    # As the call runs it without the guard and stats: the heavy columns alone.
     row["probe_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks,
-                                                            cfg.probe_blocks))
-    heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, cfg.probe_blocks)[2]
+                                                      cfg.probe_blocks, need_out=False))
+    heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, cfg.probe_blocks,
+                                need_out=False)[2]
     # The CUDA path's stages (kernels.selection), as the driver calls them.
     row["pool_ms"] = _ms(lambda: ker_sel.pool(q, k, plan, cfg.score_group))
     pooled = ker_sel.pool(q, k, plan, cfg.score_group)
@@ -62,7 +64,7 @@ def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = F
 
     def scores():
         sc = ker_sel.block_scores(pooled, scale, plan, blocks)
-        return S.rank_blocks(sc, cfg.key_blocks), S.chunk_scores(sc, plan.first, plan, 8)
+        return ker_sel.rank_blocks(sc, cfg.key_blocks), S.chunk_scores(sc, plan.first, plan, 8)
 
     row["block_scores_ms"] = _ms(scores)
     ranked, c_scores = scores()

@@ -93,11 +93,36 @@ def test_compiled_backward_runs_through_aot():
         assert torch.allclose(got, want, atol=FP32_ATOL)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("need_lse", [True, False], ids=["lse", "no-lse"])
+def test_opcheck(need_lse):
     q, k, v = qkv(1, 2, 1, 100, 100, 16, seed=5)
     q.requires_grad_()
-    args = (q, k, v, True, None, *(getattr(CFG, name) for name in _CONFIG_FIELDS))
+    args = (q, k, v, True, None, *(getattr(CFG, name) for name in _CONFIG_FIELDS), need_lse)
     torch.library.opcheck(torch.ops.hyperattn.attention.default, args)
+
+
+def test_the_op_asks_for_an_lse_only_when_its_caller_does(monkeypatch):
+    # An LSE sends the structured default below its crossover to its own exact path, where
+    # without one it is a single SDPA call on CUDA; transformers' integration asks for none
+    # (with one, an 8B prefill at 131k took minutes against SDPA's 12 s).
+    import hyperattn.custom_op as op
+
+    seen = []
+    real = op.hyper_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("return_lse", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(op, "hyper_attention", spy)
+    q, k, v = qkv(1, 2, 1, 300, 300, 16, seed=6)
+    q.requires_grad_()
+    attention(q, k, v, True, None, CFG).sum().backward()
+    assert seen == [False, False]  # the forward and the backward's recompute
+    assert q.grad is not None and bool(torch.isfinite(q.grad).all())
+    seen.clear()
+    out, lse = attention(q, k, v, True, None, CFG, return_lse=True)
+    assert seen == [True] and lse.shape == (1, 2, 300)
 
 
 def test_largest_seed_crosses_the_op_boundary():

@@ -135,6 +135,15 @@ def test_default_is_sdpa_below_the_crossover():
     assert rel_err(out, expect) < 1e-2  # another backend's bf16 rounding
 
 
+def test_default_through_the_registered_op_is_sdpa_below_the_crossover():
+    # transformers' integration calls the registered op: without return_lse it must take the
+    # same single SDPA call as hyper_attention (the same bits).
+    from hyperattn.custom_op import attention
+
+    q, k, v = qkv(1, 4, 2, 4096, 4096, 64, dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(attention(q, k, v, True), exact(q, k, v, 64 ** -0.5, True, False)[0])
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("split_keys", [16384, 300], ids=["one-split", "key-splits"])
 def test_probe_exact_matches_reference(causal, split_keys, monkeypatch):

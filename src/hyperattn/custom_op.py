@@ -61,8 +61,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
                   seed: Optional[int], window: int, num_sinks: int, heavy_columns: int, probe_rows: int,
                   max_error: Optional[float], check_finite: bool, query_block: int, key_blocks: int,
                   score_group: int, chunk: int, probe_blocks: int, lsh_block: int,
-                  sample_mix: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``out (B, Hq, Nq, D)``, ``lse (B, Hq, Nq)`` fp32 and the seed used, a ``()`` int64 CPU tensor."""
+                  sample_mix: float, need_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``out (B, Hq, Nq, D)``, ``lse (B, Hq, Nq)`` fp32 (``(0,)`` when ``need_lse`` is False) and the seed
+    used, a ``()`` int64 CPU tensor."""
     if seed is None:  # fresh randomness from torch's global generator, as hyper_attention draws it
         seed = int(torch.randint(0, 2**62, (1,)).item())
     cfg = _config(method, lsh_num_projs, block_size, sample_size, min_seq_len, seed, window, num_sinks,
@@ -71,16 +72,28 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
     # Gradients come from the backward op; without grad mode the methods take their
     # forward-only kernels on CUDA.
     with torch.no_grad():
-        out, lse = hyper_attention(q, k, v, causal=causal, scale=scale, config=cfg, return_lse=True)
+        out, lse = _forward(q, k, v, causal, scale, cfg, need_lse)
     return out, lse, torch.tensor(seed, dtype=torch.int64)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], cfg: HyperAttentionConfig,
+             need_lse: bool) -> tuple[Tensor, Tensor]:
+    # Only a caller that asks for the LSE gets one: an LSE makes the structured default run
+    # its own exact path below its crossover, where without it the call is one SDPA call
+    # (through transformers at 131k: minutes per prefill instead of SDPA's 12 s).
+    if need_lse:
+        return hyper_attention(q, k, v, causal=causal, scale=scale, config=cfg, return_lse=True)
+    out = hyper_attention(q, k, v, causal=causal, scale=scale, config=cfg)
+    return out, q.new_empty((0,), dtype=torch.float32)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, causal, scale, method, *config_args):
     # hyper_attention validates shapes and returns empty outputs for fake tensors
     # without computing (see ops._shape_only), so errors surface at trace time too.
+    *config_args, need_lse = config_args
     cfg = _config(method, *config_args)
-    out, lse = hyper_attention(q, k, v, causal=causal, scale=scale, config=cfg, return_lse=True)
+    out, lse = _forward(q, k, v, causal, scale, cfg, need_lse)
     return out, lse, torch.empty((), dtype=torch.int64)
 
 
@@ -90,7 +103,8 @@ def _attention_backward_op(grad_out: Optional[Tensor], grad_lse: Optional[Tensor
                            block_size: int, sample_size: int, min_seq_len: Optional[int], window: int,
                            num_sinks: int, heavy_columns: int, probe_rows: int, max_error: Optional[float],
                            check_finite: bool, query_block: int, key_blocks: int, score_group: int,
-                           chunk: int, probe_blocks: int, lsh_block: int, sample_mix: float) -> tuple[Tensor, Tensor, Tensor]:
+                           chunk: int, probe_blocks: int, lsh_block: int, sample_mix: float,
+                           need_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``: the forward recomputed with ``seed`` through the differentiable path, differentiated."""
     cfg = _config(method, lsh_num_projs, block_size, sample_size, min_seq_len, int(seed), window, num_sinks,
                   heavy_columns, probe_rows, max_error, check_finite, query_block, key_blocks, score_group,
@@ -100,9 +114,10 @@ def _attention_backward_op(grad_out: Optional[Tensor], grad_lse: Optional[Tensor
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
             torch.enable_grad():
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        out, lse = hyper_attention(*inputs, causal=causal, scale=scale, config=cfg, return_lse=True)
+        # The same path as the forward (with an LSE only if the forward computed one).
+        out, lse = _forward(*inputs, causal, scale, cfg, need_lse)
         # Outputs no loss used come without a gradient.
-        pairs = [(y, g) for y, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
+        pairs = [(y, g) for y, g in ((out, grad_out), (lse, grad_lse)) if g is not None and y.numel()]
         return torch.autograd.grad([y for y, _ in pairs], inputs, [g for _, g in pairs])
 
 
@@ -112,17 +127,18 @@ def _attention_backward_fake(grad_out, grad_lse, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale, *config_args = inputs
+    q, k, v, causal, scale, *config_args, need_lse = inputs
     ctx.save_for_backward(q, k, v, output[2])
-    ctx.causal, ctx.scale, ctx.config_args = causal, scale, config_args
+    ctx.causal, ctx.scale, ctx.config_args, ctx.need_lse = causal, scale, config_args, need_lse
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_seed):
     q, k, v, seed = ctx.saved_tensors
     # The seed argument is replaced by the seed the forward used (a tensor output).
     config_args = [arg for name, arg in zip(_CONFIG_FIELDS, ctx.config_args) if name != "seed"]
-    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, seed, ctx.causal, ctx.scale, *config_args)
-    return (dq, dk, dv, *(None,) * (2 + len(_CONFIG_FIELDS)))
+    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, seed, ctx.causal, ctx.scale, *config_args,
+                                        ctx.need_lse)
+    return (dq, dk, dv, *(None,) * (3 + len(_CONFIG_FIELDS)))
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -164,5 +180,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     cfg = _DEFAULT_CONFIG if config is None else config
     if not isinstance(cfg, HyperAttentionConfig):
         raise TypeError(f"config: expected a HyperAttentionConfig or None, got {type(cfg).__name__}")
-    out, lse, _ = _attention_op(q, k, v, causal, scale, *(getattr(cfg, name) for name in _CONFIG_FIELDS))
+    out, lse, _ = _attention_op(q, k, v, causal, scale, *(getattr(cfg, name) for name in _CONFIG_FIELDS), return_lse)
     return (out, lse) if return_lse else out

@@ -294,7 +294,7 @@ def _plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: int, m
 
 @functools.lru_cache(maxsize=64)
 def _chunk_costs(nq: int, nk: int, causal: bool, chunk: int, first_row: int, nc: int, device: torch.device):
-    """Each chunk's approximate rows ``[r0, r1)``, their count and exact cost, on the host and (read-only) on the device."""
+    """Each chunk's approximate rows ``[r0, r1)``, their count and exact cost (host lists; read-only device copies)."""
     bounds = [(max(c * chunk, first_row), min((c + 1) * chunk, nq)) for c in range(nc)]
     rows_host = [max(0, r1 - r0) for r0, r1 in bounds]
     exact_cost_host = [exact_pairs(r0, r1, nq, nk, causal) for r0, r1 in bounds]

@@ -307,13 +307,17 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
     the scores computed per head (a float64 tensor). With ``need_out`` False only the
     heavy columns are wanted (no guard, no stats): only the finding rows are scored, ``out``
-    is ``None``, the estimating rows' ``lse`` is ``-inf`` and the scores count the finding rows. A chunk's heavy columns are the
-    ``heavy`` keys outside the sinks with the largest summed softmax weight over the rows of the chunk's even
-    probe blocks (:func:`finders`), for all query heads of the KV head: its vertical lines (delimiters,
-    sinks past ``num_sinks``), found from rows of the chunk alone. The other probe blocks
-    estimate the error (:func:`estimating_rows`): rows, or blocks, that chose the heavy
-    columns find their own keys there and report a smaller error than the rest of the
-    chunk sees (measured: estimates of 0.01-0.04 for heads at 0.15-0.40). Keys are streamed in pieces: two passes (log-sum-exp, then weights).
+    is ``None``, the estimating rows' ``lse`` is ``-inf`` and the scores count the finding
+    rows.
+
+    A chunk's heavy columns are the ``heavy`` keys outside the sinks with the largest
+    summed softmax weight over the rows of the chunk's even probe blocks (:func:`finders`),
+    for all query heads of the KV head: its vertical lines (delimiters, sinks past
+    ``num_sinks``), found from rows of the chunk alone. The other probe blocks estimate the
+    error (:func:`estimating_rows`): rows, or blocks, that chose the heavy columns find
+    their own keys there and report a smaller error than the rest of the chunk sees
+    (measured: estimates of 0.01-0.04 for heads at 0.15-0.40). Keys are streamed in
+    pieces: two passes (log-sum-exp, then weights).
     """
     bsz, hq, nc, p = rows.shape
     hkv = k.shape[1]
