@@ -186,15 +186,19 @@ def _column_mass(QS, K, LSES, ROWS, MASS, stride_kb, stride_kh, stride_kn, scale
         tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
 
 
-def _finding_slots(p: int, probe_blocks: int, device) -> Tensor:
-    """The slots of :func:`~hyperattn.reference.selection.finders`' rows among ``p``, ascending.
+@functools.lru_cache(maxsize=16)
+def _finding(p: int, probe_blocks: int, device: torch.device) -> tuple[int, Tensor, Tensor]:
+    """:func:`~hyperattn.reference.selection.finders` of ``p`` probe rows: their count, slots
+    (ascending) and mask, the last two on ``device`` (read-only, kept per shape).
 
-    Built on the device from their closed form (the even probe blocks), not copied from the
-    host: a pinned host buffer per call stalled the queue (10 ms per call at 131k).
+    Built there from their closed form (the even probe blocks), not copied from the host:
+    a pinned host buffer per call stalled the queue (10 ms per call at 131k).
     """
     rpb = max(1, p // probe_blocks)
-    j = torch.arange(int(finders(p, probe_blocks, "cpu").sum()), device=device)
-    return (j // rpb) * 2 * rpb + j % rpb
+    count = int(finders(p, probe_blocks, "cpu").sum())
+    j = torch.arange(count, device=device)
+    return count, (j // rpb) * 2 * rpb + j % rpb, finders(p, probe_blocks, device)
+
 
 
 def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, probe_blocks: int, m: int
@@ -202,9 +206,10 @@ def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, probe_block
     """The finding rows ``(B, Hq, C, P)`` of each chunk, the KV head's query heads stacked and
     padded to ``m``: their queries ``(B, Hkv, C, m, D)``, rows (``-1``: none) and LSE (0 there)."""
     bsz, hq, nc, p = rows.shape
-    r = rows.index_select(-1, _finding_slots(p, probe_blocks, rows.device))
+    slots = _finding(p, probe_blocks, rows.device)[1]
+    r = rows.index_select(-1, slots)
     pf = r.shape[-1]
-    l = torch.where(r >= 0, lse.index_select(-1, _finding_slots(p, probe_blocks, rows.device)), 0.0)
+    l = torch.where(r >= 0, lse.index_select(-1, slots), 0.0)
     qs = q.gather(2, r.clamp(min=0).reshape(bsz, hq, nc * pf, 1).expand(-1, -1, -1, q.shape[-1]))
 
     def stack(x, fill):
@@ -231,8 +236,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     if need_out:
         out, lse = _exact_rows(q, k, v, scale, plan, rows)
     else:
-        picked = _finding_slots(p, probe_blocks, rows.device)
-        rows = torch.where(finders(p, probe_blocks, rows.device), rows, -1)
+        _, picked, find = _finding(p, probe_blocks, rows.device)
+        rows = torch.where(find, rows, -1)
         out, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False)
         lse = torch.full((bsz, hq, nc, p), float("-inf"), device=q.device)
         lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, -1))
@@ -241,7 +246,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count:
         # Only the finding probe rows count (reference: finders), the group's heads stacked.
-        m = max(16, triton.next_power_of_2((hq // hkv) * int(finders(p, probe_blocks, "cpu").sum())))
+        m = max(16, triton.next_power_of_2((hq // hkv) * _finding(p, probe_blocks, rows.device)[0]))
         qs, rows_s, lse_s = _stacked_finders(q, rows, lse.reshape(bsz, hq, nc, p), hkv, probe_blocks, m)
         ks = k if k.stride(-1) == 1 else k.contiguous()
         step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * nk))

@@ -142,10 +142,6 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
 
     # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
     chunk_ok = probe[..., 0] >= 0  # (B, Hq, C): chunks with approximate rows
-    estimating = sel_ref.estimating_rows(probe, pb)
-    p_blocks = (probe.reshape(bsz, hq, nc, pb, rpb)[..., 0].clamp(min=0) // t).reshape(bsz, hq, nc * pb)
-    p_rows = probe.reshape(bsz, hq, nc * pb, rpb)
-    p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))
     level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)
     est = torch.zeros(bsz, hq, nc, device=device)
     # Each chunk's approximate rows [r0, r1) (empty before first_row) and their exact cost.
@@ -158,6 +154,15 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     nominal = ((config.key_blocks + plan.win_width) * t + min(config.sample_size, nk) + config.heavy_columns
                + config.num_sinks + config.lsh_block)
     maybe_exact = [c for c in range(nc) if 0 < exact_cost_host[c] <= nominal * rows_host[c]]
+    # Without the guard, stats or chunks that may run exact, every chunk is cheaper than
+    # exact attention (the nominal budget bounds the measured one): no count needed, and
+    # nothing is built for the probe rows (each launch costs host time at 32k).
+    counted = trial or bool(maybe_exact)
+    if counted:
+        estimating = sel_ref.estimating_rows(probe, pb)
+        p_blocks = (probe.reshape(bsz, hq, nc, pb, rpb)[..., 0].clamp(min=0) // t).reshape(bsz, hq, nc * pb)
+        p_rows = probe.reshape(bsz, hq, nc * pb, rpb)
+        p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))
     for i, factor in enumerate(tiers):
         pending = (level == len(tiers)) & chunk_ok
         if config.max_error is not None and not bool(pending.any()):
@@ -165,12 +170,10 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         m = min(round(config.sample_size * factor), nk)
         g_idx, g_logw = select_impl.gather_columns(plan, c_scores, heavy, torch.full((bsz, hkv, nc), m, device=device),
                                                m, config.num_sinks, config.sample_mix, seed, kv_heads)
-        kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
-        sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
-                                torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
-        # Without the guard, stats or chunks that may run exact, every chunk is cheaper than
-        # exact attention (the nominal budget bounds the measured one): no count needed.
-        counted = config.max_error is not None or need_stats or bool(maybe_exact)
+        if counted:
+            kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
+            sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
+                                    torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1) if counted else None
         if trial:
             approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
