@@ -21,7 +21,7 @@ from torch import Tensor
 from ..reference.lsh import draw_projections
 from ..reference.selection import Lsh, Plan, Pooled, finders, probe_pairs, to_device
 from .attention import _kv_at, _normalised, _precision, _tile_update
-from .sparse import _autotuned, _start
+from .sparse import _autotuned
 
 __all__ = ["probe_exact", "block_scores", "rank_blocks", "pool", "probe_rows", "lsh_ranges", "bucket_ranges",
            "gather_columns"]
