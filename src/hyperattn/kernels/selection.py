@@ -568,6 +568,22 @@ def _gather_kernel(CDF, PI, CSUM, SIZES, SAMPLES, CAND_KEYS, HEAVY, KV_HEADS, ID
     tl.store(LOGW + out, tl.where(ok, logw, float("-inf")), mask=r_ok)
 
 
+# proposal_tables per plan shape and device: the plan's part of the proposal is ~20
+# launches per call that never change between calls or layers.
+_TABLES: dict[tuple, tuple] = {}
+
+
+def _proposal_tables(plan: Plan, device: torch.device) -> tuple:
+    from ..reference.selection import proposal_tables
+
+    key = (plan.nq, plan.nk, plan.causal, plan.block, plan.window, plan.chunk_blocks, plan.first, str(device))
+    if key not in _TABLES:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[key] = proposal_tables(plan, device)
+    return _TABLES[key]
+
+
 def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Tensor, m_max: int, num_sinks: int,
                    sample_mix: float, seed: int, kv_heads: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`hyperattn.reference.selection.gather_columns` on CUDA (the same columns and weights).
@@ -579,7 +595,9 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
 
     device = chunk_scores.device
     bsz, hkv, nc, nkb = chunk_scores.shape
-    sizes, csum, cand_keys, pi, cdf = (x.contiguous() for x in residual_proposal(plan, chunk_scores, sample_mix))
+    tables = _proposal_tables(plan, device)
+    sizes, csum, cand_keys, pi, cdf = (x.contiguous() for x in residual_proposal(plan, chunk_scores, sample_mix,
+                                                                                 tables))
     ns = min(num_sinks, plan.nk)
     count = heavy.shape[-1]
     fixed = ns + count

@@ -44,7 +44,8 @@ from .lsh import draw_projections, lsh_buckets
 
 __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_hash", "uniforms", "first_block", "make_plan",
            "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
-           "estimating_rows", "lsh_ranges", "bucket_ranges", "exact_blocks", "chunk_candidates", "residual_proposal",
+           "estimating_rows", "lsh_ranges", "bucket_ranges", "exact_blocks", "chunk_candidates", "proposal_tables",
+           "residual_proposal",
            "probe_pairs", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
@@ -512,21 +513,29 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
     return idx, torch.cat([fixed_logw, torch.where(ok, logw, float("-inf"))], dim=-1)
 
 
-def residual_proposal(plan: Plan, chunk_scores: Tensor, sample_mix: float
+def proposal_tables(plan: Plan, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The part of :func:`residual_proposal` fixed by the plan: each chunk's candidate key
+    blocks ``(C, nkb)``, the block sizes ``(nkb,)``, the cumulative candidate keys ``(C, nkb)``,
+    their total per chunk ``(C,)`` and the uniform share of each block ``(C, nkb)`` float64."""
+    cand = chunk_candidates(plan, device)
+    sizes = plan.block_sizes(device)
+    csum = torch.cumsum(cand * sizes, dim=-1)
+    cand_keys = csum[:, -1]
+    share = sizes.double() * cand / cand_keys.clamp(min=1).unsqueeze(-1).double()
+    return cand, sizes, csum, cand_keys, share
+
+
+def residual_proposal(plan: Plan, chunk_scores: Tensor, sample_mix: float, tables: tuple | None = None
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The residual samples' proposal over key blocks (:func:`gather_columns`).
 
     Returns the block sizes ``(nkb,)``, the cumulative candidate keys ``(C, nkb)`` and
     their total per chunk ``(C,)``, and the proposal ``pi`` with its CDF, ``(B, Hkv, C, nkb)``
     float64: ``sample_mix`` uniform over the chunk's candidate keys, the rest by
-    ``chunk_scores``.
+    ``chunk_scores``. ``tables``: :func:`proposal_tables` of the plan, if already built.
     """
-    cand = chunk_candidates(plan, chunk_scores.device)  # (C, nkb)
-    sizes = plan.block_sizes(chunk_scores.device)
-    csum = torch.cumsum(cand * sizes, dim=-1)
-    cand_keys = csum[:, -1]
+    cand, sizes, csum, cand_keys, share = tables if tables is not None else proposal_tables(plan, chunk_scores.device)
     score = torch.where(cand, chunk_scores.clamp(min=0), 0.0).double()
-    share = sizes.double() * cand / cand_keys.clamp(min=1).unsqueeze(-1).double()
     total = score.sum(-1, keepdim=True)
     guided = torch.where(total > 0, score / total.clamp(min=1e-300), share)
     pi = sample_mix * share + (1 - sample_mix) * guided  # proposal per key block
