@@ -268,6 +268,16 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 @triton.jit
+def _candidates(kb, wlo, whi, nkb, CAUSAL: tl.constexpr):
+    # [rows, key blocks]: the key blocks kb each row's query block may score (Plan.candidates
+    # of a block from plan.first): before its window, and after it too when not causal.
+    before = kb[None, :] < wlo[:, None]
+    if CAUSAL:
+        return before
+    return before | ((kb[None, :] > whi[:, None]) & (kb[None, :] < nkb))
+
+
+@triton.jit
 def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads, group, kv_heads, c_blocks, nqb, nkb,
                          G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr,
@@ -301,10 +311,7 @@ def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads,
     for k0 in range(0, nkb, BLOCK_K):
         kb = k0 + offs_k
         kp = tl.load(KP + (k_base + kb)[:, None] * HEAD_DIM + offs_d[None, :], mask=(kb < nkb)[:, None], other=0.0)
-        if CAUSAL:
-            cand = kb[None, :] < wlo[:, None]
-        else:
-            cand = (kb[None, :] < wlo[:, None]) | ((kb[None, :] > whi[:, None]) & (kb[None, :] < nkb))
+        cand = _candidates(kb, wlo, whi, nkb, CAUSAL)
         s = tl.dot(qp, tl.trans(kp), input_precision=PRECISION).to(tl.float32) * scale
         s = tl.where(cand, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -313,7 +320,7 @@ def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads,
         m_i = m_new
     w_row = tl.where(l_i > 0, g_w / tl.where(l_i > 0, l_i, 1.0), 0.0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    # One output row per (query block, head): the slots' first pooled row carries its place.
+    # One output row per (query block, head), its pooled rows summed.
     R: tl.constexpr = QB * HP
     r = tl.arange(0, R)
     i_r = pid * QB + r // HP
@@ -327,12 +334,8 @@ def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads,
     for k0 in range(0, nkb, BLOCK_K):
         kb = k0 + offs_k
         kp = tl.load(KP + (k_base + kb)[:, None] * HEAD_DIM + offs_d[None, :], mask=(kb < nkb)[:, None], other=0.0)
-        if CAUSAL:
-            cand = kb[None, :] < wlo[:, None]
-            cand_r = kb[None, :] < wlo_r[:, None]
-        else:
-            cand = (kb[None, :] < wlo[:, None]) | ((kb[None, :] > whi[:, None]) & (kb[None, :] < nkb))
-            cand_r = (kb[None, :] < wlo_r[:, None]) | ((kb[None, :] > whi_r[:, None]) & (kb[None, :] < nkb))
+        cand = _candidates(kb, wlo, whi, nkb, CAUSAL)
+        cand_r = _candidates(kb, wlo_r, whi_r, nkb, CAUSAL)
         s = tl.dot(qp, tl.trans(kp), input_precision=PRECISION).to(tl.float32) * scale
         p = tl.exp(tl.where(cand, s, float("-inf")) - m_safe[:, None]) * w_row[:, None]
         score = tl.sum(tl.reshape(p, [R, GP, BLOCK_K]), 1)
