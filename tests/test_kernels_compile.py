@@ -2,8 +2,8 @@
 
 The interpreter runs kernels without compiling them, so a kernel can pass every CPU test
 and still fail Triton's GPU passes (a layout conversion it cannot do, say). This test runs
-the CUDA code paths of the structured method (forward, guard on and off, causal and not)
-and of ``method="hyper"`` (forward and backward) under the interpreter in a child process,
+the CUDA code paths of the structured method (forward, guard on and off, causal and not; backward)
+and of ``method="hyper"``, forward and backward under the interpreter in a child process,
 records each launch's argument types and ``constexpr`` values (the first autotune config:
 a config that does not fit is pruned at run time, a pass that fails fails them all), then
 compiles each launch for ``cuda:90`` here, as recorded (fp32) and as the benchmarks run it
@@ -76,6 +76,10 @@ _RECORD = textwrap.dedent("""
         cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512)
         with torch.no_grad():
             M.run(q, k, v, 32 ** -0.5, causal, cfg, 0)
+    for causal in (True, False):  # the structured attention step's backward
+        q, k, v = (x.requires_grad_() for x in qkv(1, 4, 2, 1200, 1200, 32, seed=5))
+        cfg = ha.HyperAttentionConfig(seed=0, max_error=None, min_seq_len=256, chunk=512)
+        M.run(q, k, v, 32 ** -0.5, causal, cfg, 0, need_stats=False)[0].sum().backward()
     for causal in (True, False):
         q, k, v = (torch.randn(1, h, 300, 16, generator=torch.Generator().manual_seed(0)) for h in (4, 2, 2))
         sel = kh.hyper_select(q, k, causal=causal, block_size=32, sample_size=16, num_projs=3, min_seq_len=64,
@@ -107,7 +111,8 @@ def test_every_launch_of_the_cuda_paths_compiles_for_sm90():
     names = {name for _, name, *_ in launches}
     # Both methods' forward and backward kernels were reached.
     assert {"_sparse_kernel", "_lsh_kernel", "_probe_kernel", "_column_mass", "_gathered_attention_kernel",
-            "_range_attention_dkv_kernel", "_block_dkv_kernel", "_sample_dkv_kernel"} <= names
+            "_range_attention_dkv_kernel", "_block_dkv_kernel", "_sample_dkv_kernel", "_lsh_dq_kernel",
+            "_sparse_dq_kernel", "_exact_dkv_kernel", "_lsh_dkv_kernel", "_gathered_dkv_kernel"} <= names
     failures, compiled = [], 0
     for module, name, types, consts, num_warps, num_stages in launches:
         jit = getattr(importlib.import_module(module), name)

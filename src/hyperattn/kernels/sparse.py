@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.selection import Lsh, Plan, Selection
-from .attention import _kv_at, _lse_merge, _normalised, _precision, _sorted_kv, _tile_update
+from ..reference.selection import LSH_TILES, Lsh, Plan, Selection
+from .attention import (_add_into, _bwd_lse2, _kv_at, _lse_merge, _normalised, _precision, _sorted_kv, _tile_dkv,
+                        _tile_dq, _tile_update)
 
 __all__ = ["attend_triton", "attend_rows_triton"]
 
@@ -49,34 +50,53 @@ def _start(Q, b, h, kvh, rows, row_ok, stride_qb, stride_qh, stride_qn, stride_k
 
 
 @triton.jit
+def _gathered_cols(GIDX, GLOGW, GSLOT, EB, sel, num_e, sj, wlo, whi, CAUSAL: tl.constexpr, T: tl.constexpr):
+    # Which of a chunk's gathered columns (slots sj of the copies) block j may use: those in
+    # its complement (candidates, window [wlo, whi] excluded, not among its exact blocks
+    # EB[sel]). Their key positions, sorted LSH slots and log-weights as a base-2 bias.
+    idx = tl.load(GIDX + sj)
+    logw = tl.load(GLOGW + sj)
+    slot = tl.load(GSLOT + sj)
+    blk = idx // T
+    ok = logw > float("-inf")
+    if CAUSAL:
+        ok = ok & (blk < wlo)
+    else:
+        ok = ok & ((blk < wlo) | (blk > whi))
+    for e in range(num_e):
+        ok = ok & (blk != tl.load(EB + sel * num_e + e))
+    return idx, ok, slot, tl.where(ok, logw, 0.0) * 1.4426950408889634
+
+
+@triton.jit
+def _outside_lsh(ok, slot, lo, hi, row_ok):
+    # A row's usable gathered columns: not in its LSH range (those keys are exact in the LSH pass).
+    return ok[None, :] & row_ok[:, None] & ((slot[None, :] < lo[:, None]) | (slot[None, :] >= hi[:, None]))
+
+
+@triton.jit
+def _gathered_tile(KG, VG, GIDX, GLOGW, GSLOT, EB, sel, num_e, sj, wlo, whi, lo, hi, row_ok, offs_d,
+                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr):
+    # One tile of gathered columns for rows of block j: keys, values, mask and bias.
+    _, ok, slot, bias = _gathered_cols(GIDX, GLOGW, GSLOT, EB, sel, num_e, sj, wlo, whi, CAUSAL, T)
+    k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+    v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+    return k, v, _outside_lsh(ok, slot, lo, hi, row_ok), bias[None, :]
+
+
+@triton.jit
 def _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e, j, bh, rows,
                     row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL: tl.constexpr,
                     HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # The chunk's gathered columns that lie in block j's complement (candidates not among
-    # its exact blocks), log-weights as a bias, minus each row's LSH range (those keys are
-    # exact in the LSH pass).
+    # Block j's rows over its chunk's gathered columns (_gathered_tile), one online softmax.
     wlo = tl.load(WLO + j)
     whi = tl.load(WHI + j)
     lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
     hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
     for s0 in range(0, s_pad, BLOCK_N):
-        sj = g_base + s0 + offs_n
-        idx = tl.load(GIDX + sj)
-        logw = tl.load(GLOGW + sj)
-        slot = tl.load(GSLOT + sj)
-        blk = idx // T
-        ok = logw > float("-inf")
-        if CAUSAL:
-            ok = ok & (blk < wlo)
-        else:
-            ok = ok & ((blk < wlo) | (blk > whi))
-        for e in range(num_e):
-            ok = ok & (blk != tl.load(EB + sel * num_e + e))
-        k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
-        v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
-        valid = ok[None, :] & row_ok[:, None] & ((slot[None, :] < lo[:, None]) | (slot[None, :] >= hi[:, None]))
-        bias = tl.where(ok, logw, 0.0) * 1.4426950408889634
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias[None, :], valid, qk_scale, True, PRECISION)
+        k, v, valid, bias = _gathered_tile(KG, VG, GIDX, GLOGW, GSLOT, EB, sel, num_e, g_base + s0 + offs_n, wlo, whi,
+                                           lo, hi, row_ok, offs_d, CAUSAL, HEAD_DIM, T)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, bias, valid, qk_scale, True, PRECISION)
     return acc, m_i, l_i
 
 
@@ -202,6 +222,277 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
     tl.store(LSE + flat, lse, mask=row_ok)
 
 
+# The backward: dq row-outer, as the forward runs (the LSH tiles, then each selected block
+# over its exact blocks and gathered columns, adding the LSH part in place of the merge);
+# dk, dv key-outer, each key tile's gradient summed on chip over every row tile that
+# scored it and stored once (the exact blocks and the LSH slots, through transposed lists
+# of the forward's selection); the gathered columns' by one atomic add per column per
+# chunk, as a column may be drawn by several chunks. P is recomputed from the merged LSE,
+# so each part's gradient is already that of the merged softmax.
+
+
+@triton.jit
+def _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh, stride_qn, offs_d,
+               HEAD_DIM: tl.constexpr):
+    # q at rows, and dO, base-2 LSE (+inf: no key) and delta of the function's rows
+    # (rows row0 on, stored contiguously); row_ok implies rows >= row0.
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    flat = bh * n_rows + rows - row0
+    do = tl.load(DO + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE2 + flat, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + flat, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _lsh_range_mask(KORDER, LO, HI, EB, ks, k_ok, rows, row_ok, bh, kv_base, nq, first, c_blocks, num_e,
+                    T: tl.constexpr):
+    # Which (row, sorted key slot) pairs the LSH pass scores: the slot in the row's range,
+    # its key outside the row's block's exact blocks. Also the slots' key positions.
+    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+    busy = row_ok & (lo < hi)
+    cols = tl.load(KORDER + kv_base + ks, mask=k_ok, other=0)
+    kblk = cols // T
+    valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None]) & k_ok[None, :]
+    sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
+    for e in range(num_e):
+        eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
+        valid = valid & (kblk[None, :] != eb[:, None])
+    return cols, valid, lo, hi, busy
+
+
+@triton.jit
+def _lsh_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQL, QORDER, KORDER, LO, HI, EB,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, scale,
+                   HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # dq of the LSH part for a tile of bucket-sorted rows (as _lsh_kernel), stored fp32 at
+    # the rows' original positions: every row of the function once (zeros where none).
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_ok = slots < nq
+    rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
+    row_ok = s_ok & (rows >= row0)
+    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+    busy = row_ok & (lo < hi)
+    start = tl.min(tl.where(busy, lo, 2147483647), 0)
+    end = tl.max(tl.where(busy, hi, 0), 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qk_scale = scale * 1.4426950408889634
+    q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh,
+                                    stride_qn, offs_d, HEAD_DIM)
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        ks = n0 + offs_n
+        k_ok = ks < end
+        cols, valid, _, _, _ = _lsh_range_mask(KORDER, LO, HI, EB, ks, k_ok, rows, row_ok, bh,
+                                               (b * kv_heads + kvh) * nk, nq, first, c_blocks, num_e, T)
+        k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+        dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+    flat = bh * n_rows + rows - row0
+    tl.store(DQL + flat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _sparse_dq_kernel(Q, K, V, KG, VG, DO, LSE2, DELTA, DQL, DQ, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn,
+                      num_heads, group, kv_heads, nq, nk, offset, first, row0, n_rows, c_blocks, num_e, chunk_blocks,
+                      num_chunks, s_pad, scale,
+                      CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    # dq of one selected block (as _sparse_kernel): its exact blocks' tiles and its chunk's
+    # gathered columns, plus the LSH part _lsh_dq_kernel left in DQL; stored in q's dtype.
+    jj = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    j = first + jj
+    rows = j * T + tl.arange(0, T)
+    row_ok = rows < nq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qk_scale = scale * 1.4426950408889634
+    q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh,
+                                    stride_qn, offs_d, HEAD_DIM)
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    dq = tl.zeros([T, HEAD_DIM], dtype=tl.float32)
+    sel = bh * c_blocks + jj
+    if tl.load(ACTIVE + sel) != 0:
+        for e in range(num_e):
+            kb = tl.load(EB + sel * num_e + e)
+            for n0 in range(0, T, BLOCK_N):
+                cols = tl.maximum(kb, 0) * T + n0 + offs_n
+                k_ok = (cols < nk) & (kb >= 0)
+                k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+                valid = k_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= rows[:, None] + offset)
+                dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        wlo = tl.load(WLO + j)
+        whi = tl.load(WHI + j)
+        lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+        hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+        g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
+        for s0 in range(0, s_pad, BLOCK_N):
+            k, v, valid, bias = _gathered_tile(KG, VG, GIDX, GLOGW, GSLOT, EB, sel, num_e, g_base + s0 + offs_n, wlo,
+                                               whi, lo, hi, row_ok, offs_d, CAUSAL, HEAD_DIM, T)
+            dq = _tile_dq(dq, q, do, lse2, delta, k, v, bias, valid, qk_scale, True, PRECISION)
+    flat = bh * n_rows + rows - row0
+    dq = dq * scale + tl.load(DQL + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    tl.store(DQ + (bh * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _exact_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, OFFSETS, ENTRIES,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn,
+                      num_heads, group, kv_heads, nq, nk, nkb, offset, first, row0, n_rows, c_blocks, scale,
+                      CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # dk, dv of BLOCK_N keys of one key block of one (batch, KV head) from every selected
+    # block of the group's heads that lists it among its exact blocks (ENTRIES[OFFSETS[kb]:
+    # OFFSETS[kb + 1]], each g * c_blocks + jj); stored (every key of the launch once).
+    TPB: tl.constexpr = T // BLOCK_N
+    kt = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    kb = kt // TPB
+    cols = kb * T + (kt % TPB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < nk
+    offs_d = tl.arange(0, HEAD_DIM)
+    k, v = _kv_at(K, V, cols, col_ok, b * stride_kb + kvh * stride_kh, b * stride_vb + kvh * stride_vh, stride_kn,
+                  stride_vn, offs_d)
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    key = bkv * nkb + kb
+    for i in range(tl.load(OFFSETS + key), tl.load(OFFSETS + key + 1)):
+        entry = tl.load(ENTRIES + i)
+        h = kvh * group + entry // c_blocks
+        j = first + entry % c_blocks
+        bh = b * num_heads + h
+        for m0 in range(0, T, BLOCK_M):
+            rows = j * T + m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < nq
+            q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb,
+                                            stride_qh, stride_qn, offs_d, HEAD_DIM)
+            valid = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None] + offset)
+            dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
+    ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + ptrs, dk * scale, mask=col_ok[:, None])
+    tl.store(DV + ptrs, dv, mask=col_ok[:, None])
+
+
+@triton.jit
+def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB, OFFSETS, ENTRIES,
+                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn,
+                    num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, n_row_tiles, scale,
+                    HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    # dk, dv of BLOCK_N sorted key slots of one (batch, KV head) from every tile of sorted
+    # rows of the group's heads whose ranges reach them (ENTRIES[OFFSETS[t]:OFFSETS[t + 1]],
+    # each g * n_row_tiles + tile), added into the exact blocks' gradient (a key sits in
+    # one slot: the rows are this program's alone).
+    kt = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    ks = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = ks < nk
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols, k, v = _sorted_kv(K, V, KORDER + bkv * nk, ks, k_ok, b * stride_kb + kvh * stride_kh,
+                            b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, offs_d)
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    n_tiles = tl.cdiv(nk, BLOCK_N)
+    key = bkv * n_tiles + kt
+    for i in range(tl.load(OFFSETS + key), tl.load(OFFSETS + key + 1)):
+        entry = tl.load(ENTRIES + i)
+        h = kvh * group + entry // n_row_tiles
+        bh = b * num_heads + h
+        slots = (entry % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        s_ok = slots < nq
+        rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
+        row_ok = s_ok & (rows >= row0)
+        _, valid, _, _, _ = _lsh_range_mask(KORDER, LO, HI, EB, ks, k_ok, rows, row_ok, bh, bkv * nk, nq, first,
+                                            c_blocks, num_e, T)
+        q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb,
+                                        stride_qh, stride_qn, offs_d, HEAD_DIM)
+        dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
+    ptrs = (bkv * nk + cols)[:, None] * HEAD_DIM + offs_d[None, :]
+    _add_into(DK, ptrs, dk * scale, k_ok[:, None])
+    _add_into(DV, ptrs, dv, k_ok[:, None])
+
+
+@triton.jit
+def _gathered_dkv_kernel(Q, KG, VG, DO, LSE2, DELTA, DK, DV, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
+                         stride_qb, stride_qh, stride_qn,
+                         num_heads, group, kv_heads, nq, nk, first, row0, n_rows, c_blocks, num_e, chunk_blocks,
+                         num_chunks, s_pad, scale,
+                         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # dk, dv of BLOCK_N gathered columns of one (batch, KV head, chunk) from every selected
+    # block of the chunk of the group's heads (_gathered_tile's mask per block), summed on
+    # chip, then one atomic add per column into the key it copies.
+    st = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    sj = (bkv * num_chunks + c) * s_pad + st * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    k = tl.load(KG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+    v = tl.load(VG + sj[:, None] * HEAD_DIM + offs_d[None, :])
+    j0 = tl.maximum(c * chunk_blocks, first)
+    j1 = tl.minimum((c + 1) * chunk_blocks, first + c_blocks)
+    for g in range(group):
+        h = kvh * group + g
+        bh = b * num_heads + h
+        for j in range(j0, j1):
+            sel = bh * c_blocks + j - first
+            if tl.load(ACTIVE + sel) != 0:
+                _, ok, slot, bias = _gathered_cols(GIDX, GLOGW, GSLOT, EB, sel, num_e, sj, tl.load(WLO + j),
+                                                   tl.load(WHI + j), CAUSAL, T)
+                for m0 in range(0, T, BLOCK_M):
+                    rows = j * T + m0 + tl.arange(0, BLOCK_M)
+                    row_ok = rows < nq
+                    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+                    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+                    q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows,
+                                                    stride_qb, stride_qh, stride_qn, offs_d, HEAD_DIM)
+                    dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, bias[None, :],
+                                       _outside_lsh(ok, slot, lo, hi, row_ok), qk_scale, PRECISION)
+    idx = tl.load(GIDX + sj)
+    used = tl.load(GLOGW + sj) > float("-inf")
+    ptrs = (bkv * nk + idx)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.atomic_add(DK + ptrs, dk * scale, mask=used[:, None])
+    tl.atomic_add(DV + ptrs, dv, mask=used[:, None])
+
+
 def _prune(configs, named_args, **kwargs):
     # fp32 tiles take twice the shared memory: the smallest key tile only. HYPERATTN_AUTOTUNE=0
     # (the test suite): one config, as in kernels/attention.py, since each
@@ -237,48 +528,210 @@ _LSH = _autotuned(_lsh_kernel, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_
                   ["HEAD_DIM", "T", "PRECISION"])
 
 
+class _Tables:
+    """The selection as the kernels read it (int32, contiguous), built once per call and kept for the backward."""
+
+    def __init__(self, k: Tensor, v: Tensor, plan: Plan, sel: Selection, lsh: Lsh):
+        device = k.device
+        self.g_idx, self.g_logw, self.g_slot, self.k_g, self.v_g, self.s_pad = _gathered(k, v, sel, lsh)
+        self.num_chunks = sel.gather_idx.shape[2]
+        self.c_blocks = sel.blocks.shape[2]
+        self.num_e = sel.exact_blocks.shape[-1]
+        self.eb = sel.exact_blocks.int().contiguous()
+        self.active = sel.active.to(torch.int8).contiguous()
+        self.lo, self.hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
+        self.win_lo = plan.win_lo.to(device=device, dtype=torch.int32)
+        self.win_hi = plan.win_hi.to(device=device, dtype=torch.int32)
+        self.q_order = lsh.q_order.int().contiguous()
+        self.k_order = lsh.order.int().contiguous()
+
+
+def _strides(q: Tensor, k: Tensor, v: Tensor) -> tuple:
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2))
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, tab: _Tables) -> tuple[Tensor, Tensor]:
+    """Both launches; ``out (B, Hq, Nq, D)`` in q's dtype and ``lse`` fp32, full length (rows before ``plan.first`` unset)."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    t = plan.block
+    out = torch.empty(bsz, hq, nq, dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(bsz, hq, nq, device=q.device, dtype=torch.float32)
+    strides = _strides(q, k, v)
+    precision = _precision(q.dtype)
+
+    def grid(meta):
+        return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
+
+    _LSH[grid](q, k, v, out, lse, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides, hq, hq // hkv, hkv, nq,
+               nk, plan.first * t, plan.first, tab.c_blocks, tab.num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision)
+    if tab.c_blocks:
+        _SPARSE[(tab.c_blocks, bsz * hq)](q, k, v, tab.k_g, tab.v_g, out, lse, tab.eb, tab.active, tab.win_lo,
+                                          tab.win_hi, tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq,
+                                          hq // hkv, hkv, nq, nk, plan.offset, plan.first, tab.c_blocks, tab.num_e,
+                                          plan.chunk_blocks, tab.num_chunks, tab.s_pad,
+                                          min(plan.win_width, tab.num_e), scale, CAUSAL=plan.causal, HEAD_DIM=dim, T=t,
+                                          PRECISION=precision, NE_P=triton.next_power_of_2(max(tab.num_e, 1)))
+    return out, lse
+
+
+# Tiles of the backward's key-outer launches (the transposed lists are built for them).
+_BWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _transposed(keys: Tensor, entries: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
+    """Entries grouped by key: ``offsets (n_keys + 1,)`` and ``entries`` int32, each key's ascending.
+
+    ``keys`` ``n_keys`` marks an unused entry. Sorted on the device, no host wait.
+    """
+    keys, entries = keys.reshape(-1), entries.reshape(-1).long()
+    width = 1 << 32
+    order = torch.sort(keys * width + entries).values
+    counts = torch.zeros(n_keys + 1, dtype=torch.long, device=keys.device).scatter_add_(0, keys, torch.ones_like(keys))
+    offsets = torch.nn.functional.pad(counts[:-1].cumsum(0), (1, 0))
+    return offsets.int(), (order % width).int()
+
+
+def _exact_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int) -> tuple[Tensor, Tensor]:
+    """For each (batch, KV head, key block): the group's selected blocks that list it as exact, ``g * c + jj``."""
+    group, c = hq // hkv, tab.c_blocks
+    device = tab.eb.device
+    kv_key = (torch.arange(bsz, device=device).view(-1, 1) * hkv + torch.arange(hq, device=device) // group)
+    keys = kv_key.view(bsz, hq, 1, 1) * plan.nkb + tab.eb.long()
+    used = (tab.eb >= 0) & (tab.active != 0).unsqueeze(-1)
+    n_keys = bsz * hkv * plan.nkb
+    entries = ((torch.arange(hq, device=device) % group).view(1, hq, 1, 1) * c
+               + torch.arange(c, device=device).view(1, 1, c, 1)).expand_as(keys)
+    return _transposed(torch.where(used, keys, n_keys), entries, n_keys)
+
+
+def _lsh_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int, nq: int, nk: int) -> tuple[Tensor, Tensor, int]:
+    """For each (batch, KV head, tile of sorted key slots): the group's tiles of sorted rows whose ranges reach it.
+
+    Entries ``g * n_row_tiles + tile``; also ``n_row_tiles``. A tile's rows lie in sorted
+    blocks whose ranges lsh_ranges cut to LSH_TILES blocks of slots: its span is at most
+    that many key tiles (+1 for tiles that straddle two sorted blocks' windows).
+    """
+    bm, bn = _BWD["BLOCK_M"], _BWD["BLOCK_N"]
+    group = hq // hkv
+    device = tab.lo.device
+    n_rt, n_kt = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    order = tab.q_order.long()
+    lo_s, hi_s = tab.lo.long().gather(2, order), tab.hi.long().gather(2, order)
+    busy = (lo_s < hi_s) & (order >= plan.first * plan.block)
+    pad = n_rt * bm - nq
+    start = torch.nn.functional.pad(torch.where(busy, lo_s, nk), (0, pad), value=nk).reshape(bsz, hq, n_rt, bm).amin(-1)
+    end = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad)).reshape(bsz, hq, n_rt, bm).amax(-1)
+    width = LSH_TILES * plan.block // bn + 2
+    kt = (start // bn).unsqueeze(-1) + torch.arange(width, device=device)
+    used = (start < end).unsqueeze(-1) & (kt * bn < end.unsqueeze(-1))
+    kv_key = (torch.arange(bsz, device=device).view(-1, 1) * hkv + torch.arange(hq, device=device) // group)
+    n_keys = bsz * hkv * n_kt
+    keys = torch.where(used, kv_key.view(bsz, hq, 1, 1) * n_kt + kt, n_keys)
+    entries = ((torch.arange(hq, device=device) % group).view(1, hq, 1, 1) * n_rt
+               + torch.arange(n_rt, device=device).view(1, 1, n_rt, 1)).expand_as(keys)
+    offsets, listed = _transposed(keys, entries, n_keys)
+    return offsets, listed, n_rt
+
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, grad_lse: Tensor | None,
+              scale: float, plan: Plan, tab: _Tables) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of the attention step (rows from ``plan.first`` on), in the inputs' dtypes."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    t = plan.block
+    row0 = min(plan.first * t, nq)
+    n_rows = nq - row0
+    device = q.device
+    grad_out = grad_out.contiguous()
+    # ds = P * (dP - delta), delta = rowsum(dO * out) minus the LSE's own gradient (d lse / d s = P).
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse
+    delta = delta.contiguous()
+    lse2 = _bwd_lse2(lse)
+    strides = _strides(q, k, v)
+    precision = _precision(q.dtype)
+    dq_lsh = torch.empty(bsz, hq, n_rows, dim, device=device, dtype=torch.float32)
+    dq = torch.empty(bsz, hq, nq, dim, device=device, dtype=q.dtype)
+    dq[:, :, :row0].zero_()
+    dk = torch.empty(bsz, hkv, nk, dim, device=device, dtype=torch.float32)
+    dv = torch.empty(bsz, hkv, nk, dim, device=device, dtype=torch.float32)
+    meta = dict(HEAD_DIM=dim, T=t, PRECISION=precision, **_BWD)
+    if n_rows == 0:  # every row exact elsewhere: this step has no gradient
+        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+    _lsh_dq_kernel[(triton.cdiv(nq, _BWD["BLOCK_M"]), bsz * hq)](
+        q, k, v, grad_out, lse2, delta, dq_lsh, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides, hq, group,
+        hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, scale, **meta)
+    _sparse_dq_kernel[(tab.c_blocks, bsz * hq)](
+        q, k, v, tab.k_g, tab.v_g, grad_out, lse2, delta, dq_lsh, dq, tab.eb, tab.active, tab.win_lo, tab.win_hi,
+        tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq, group, hkv, nq, nk, plan.offset, plan.first,
+        row0, n_rows, tab.c_blocks, tab.num_e, plan.chunk_blocks, tab.num_chunks, tab.s_pad, scale,
+        CAUSAL=plan.causal, HEAD_DIM=dim, T=t, PRECISION=precision, BLOCK_N=64, num_warps=8, num_stages=2)
+    offsets, entries = _exact_lists(plan, tab, bsz, hq, hkv)
+    _exact_dkv_kernel[(plan.nkb * (t // _BWD["BLOCK_N"]), bsz * hkv)](
+        q, k, v, grad_out, lse2, delta, dk, dv, offsets, entries, *strides, hq, group, hkv, nq, nk, plan.nkb,
+        plan.offset, plan.first, row0, n_rows, tab.c_blocks, scale, CAUSAL=plan.causal, **meta)
+    offsets, entries, n_rt = _lsh_lists(plan, tab, bsz, hq, hkv, nq, nk)
+    _lsh_dkv_kernel[(triton.cdiv(nk, _BWD["BLOCK_N"]), bsz * hkv)](
+        q, k, v, grad_out, lse2, delta, dk, dv, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, offsets, entries,
+        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, n_rt, scale, **meta)
+    _gathered_dkv_kernel[(tab.s_pad // _BWD["BLOCK_N"], bsz * hkv, tab.num_chunks)](
+        q, tab.k_g, tab.v_g, grad_out, lse2, delta, dk, dv, tab.eb, tab.active, tab.win_lo, tab.win_hi, tab.g_idx,
+        tab.g_logw, tab.g_slot, tab.lo, tab.hi, q.stride(0), q.stride(1), q.stride(2), hq, group, hkv, nq, nk,
+        plan.first, row0, n_rows, tab.c_blocks, tab.num_e, plan.chunk_blocks, tab.num_chunks, tab.s_pad, scale,
+        CAUSAL=plan.causal, **meta)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _Attend(torch.autograd.Function):
+    """The attention step with its gradient for the fixed selection (saves q, k, v, out, lse and the tables)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, plan, tab):
+        out, lse = _forward(q, k, v, scale, plan, tab)
+        row0 = plan.first * plan.block
+        ctx.set_materialize_grads(False)  # an unused output (often the LSE) costs no zero tensor
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.plan, ctx.tab = scale, plan, tab
+        return out[:, :, row0:], lse[:, :, row0:]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        row0 = ctx.plan.first * ctx.plan.block
+        if grad_out is None:
+            grad_out = torch.zeros_like(out[:, :, row0:])
+        dq, dk, dv = _backward(q, k, v, out[:, :, row0:], lse[:, :, row0:], grad_out, grad_lse, ctx.scale, ctx.plan,
+                               ctx.tab)
+        return dq, dk, dv, None, None, None
+
+
 def attend_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
                   ) -> tuple[Tensor, Tensor]:
-    """:func:`hyperattn.reference.structured.attend` in two Triton launches (forward only).
+    """:func:`hyperattn.reference.structured.attend` in two Triton launches, differentiable for the fixed selection.
+
+    Forward:
 
     1. every tile of bucket-sorted rows over its LSH key slots, stored at the rows'
        original positions in the output (inputs' dtype) and LSE;
     2. every selected query block over its exact blocks and its chunk's gathered columns
        (one online softmax), LSE-merged with (1) in place.
+
+    Backward (five launches, recomputing P from the saved LSE; nothing of size N x keys is
+    saved): dq of the LSH part, then of each block's exact blocks and gathered columns;
+    dk and dv key-outer over the exact blocks, then the LSH slots, then the gathered
+    columns. The log-weights and the selection are constants.
     """
-    bsz, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    device = q.device
-    t = plan.block
-    c_blocks = sel.blocks.shape[2]
-    num_e = sel.exact_blocks.shape[-1]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    g_idx32, g_logw, g_slot, k_g, v_g, s_pad = _gathered(k, v, sel, lsh)
-    nc = sel.gather_idx.shape[2]
-    eb = sel.exact_blocks.int().contiguous()
-    active = sel.active.to(torch.int8).contiguous()
-    lo, hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
-    win_lo, win_hi = plan.win_lo.to(device=device, dtype=torch.int32), plan.win_hi.to(device=device, dtype=torch.int32)
-    out = torch.empty(bsz, hq, nq, dim, device=device, dtype=q.dtype)
-    lse = torch.empty(bsz, hq, nq, device=device, dtype=torch.float32)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2))
-    precision = _precision(q.dtype)
-    q_order = lsh.q_order.int().contiguous()
-    k_order = lsh.order.int().contiguous()
-    row0 = plan.first * t
-
-    def grid(meta):
-        return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
-
-    _LSH[grid](q, k, v, out, lse, q_order, k_order, lo, hi, eb, *strides, hq, hq // hkv, hkv, nq, nk,
-               row0, plan.first, c_blocks, num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision)
-    if c_blocks:
-        _SPARSE[(c_blocks, bsz * hq)](q, k, v, k_g, v_g, out, lse, eb, active, win_lo, win_hi, g_idx32, g_logw,
-                                      g_slot, lo, hi, *strides, hq, hq // hkv, hkv, nq, nk, plan.offset, plan.first,
-                                      c_blocks, num_e, plan.chunk_blocks, nc, s_pad, min(plan.win_width, num_e),
-                                      scale, CAUSAL=plan.causal, HEAD_DIM=dim, T=t, PRECISION=precision,
-                                      NE_P=triton.next_power_of_2(max(num_e, 1)))
+    with torch.no_grad():  # the selection's tables: constants, no graph
+        tab = _Tables(k, v, plan, sel, lsh)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _Attend.apply(q, k, v, scale, plan, tab)
+    out, lse = _forward(q, k, v, scale, plan, tab)
+    row0 = plan.first * plan.block
     return out[:, :, row0:], lse[:, :, row0:]
 
 

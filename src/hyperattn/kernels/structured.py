@@ -265,14 +265,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
            ) -> tuple[Tensor, Tensor]:
     """:func:`hyperattn.reference.structured.attend` on CUDA (same contract; ``out`` in q's dtype).
 
-    Without autograd: the Triton engine (:func:`hyperattn.kernels.sparse.attend_triton`, measured faster than
-    FlexAttention, ``benchmarks/NOTES.md``); when a gradient is needed: FlexAttention's
-    differentiable block-sparse passes (:func:`attend_flex`).
+    The Triton engine (:func:`hyperattn.kernels.sparse.attend_triton`, forward and
+    backward), measured faster than FlexAttention's passes both ways (``benchmarks/NOTES.md``).
     """
     if plan.block != _TILE:
         return _ref.attend(q, k, v, scale, plan, sel, lsh)
-    if _needs_grad(q, k, v):
-        return attend_flex(q, k, v, scale, plan, sel, lsh)
     from .sparse import attend_triton
 
     return attend_triton(q, k, v, scale, plan, sel, lsh)
