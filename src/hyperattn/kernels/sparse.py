@@ -246,32 +246,32 @@ def _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_
 
 
 @triton.jit
-def _lsh_range_mask(KORDER, LO, HI, EB, ks, k_ok, rows, row_ok, bh, kv_base, nq, first, c_blocks, num_e,
-                    T: tl.constexpr):
+def _lsh_range_mask(LO, HI, EB, ks, k_ok, kblk, rows, row_ok, bh, nq, first, c_blocks, num_e, T: tl.constexpr):
     # Which (row, sorted key slot) pairs the LSH pass scores: the slot in the row's range,
-    # its key outside the row's block's exact blocks. Also the slots' key positions.
+    # its key's block (kblk) not among the row's block's exact blocks.
     lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
     hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
     busy = row_ok & (lo < hi)
-    cols = tl.load(KORDER + kv_base + ks, mask=k_ok, other=0)
-    kblk = cols // T
     valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None]) & k_ok[None, :]
     sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
     for e in range(num_e):
         eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
         valid = valid & (kblk[None, :] != eb[:, None])
-    return cols, valid, lo, hi, busy
+    return valid
 
 
 @triton.jit
-def _lsh_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQL, QORDER, KORDER, LO, HI, EB,
+def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO, HI, EB,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
                    num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, scale,
                    HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr):
     # dq of the LSH part for a tile of bucket-sorted rows (as _lsh_kernel), stored fp32 at
     # the rows' original positions: every row of the function once (zeros where none).
+    # This launch visits every row first, so it also finds and stores each row's delta,
+    # rowsum(dO * out) minus the LSE's gradient, which every later launch reads (a
+    # separate pass in PyTorch cost 5 ms at 131k: fp32 copies of dO and out).
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
@@ -289,19 +289,25 @@ def _lsh_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQL, QORDER, KORDER, LO, HI, EB,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634
-    q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh,
-                                    stride_qn, offs_d, HEAD_DIM)
+    flat = bh * n_rows + rows - row0
+    out = tl.load(OUT + (bh * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + flat, mask=row_ok, other=0.0)
+    tl.store(DELTA + flat, delta, mask=row_ok)
+    q, do, lse2, _ = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh,
+                                stride_qn, offs_d, HEAD_DIM)
     k_base = b * stride_kb + kvh * stride_kh
     v_base = b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         ks = n0 + offs_n
         k_ok = ks < end
-        cols, valid, _, _, _ = _lsh_range_mask(KORDER, LO, HI, EB, ks, k_ok, rows, row_ok, bh,
-                                               (b * kv_heads + kvh) * nk, nq, first, c_blocks, num_e, T)
-        k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+        cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
+                                stride_vn, offs_d)
+        valid = _lsh_range_mask(LO, HI, EB, ks, k_ok, cols // T, rows, row_ok, bh, nq, first, c_blocks, num_e, T)
         dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
-    flat = bh * n_rows + rows - row0
     tl.store(DQL + flat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=row_ok[:, None])
 
 
@@ -422,6 +428,7 @@ def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB
     offs_d = tl.arange(0, HEAD_DIM)
     cols, k, v = _sorted_kv(K, V, KORDER + bkv * nk, ks, k_ok, b * stride_kb + kvh * stride_kh,
                             b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, offs_d)
+    kblk = cols // T
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -435,8 +442,7 @@ def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB
         s_ok = slots < nq
         rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
         row_ok = s_ok & (rows >= row0)
-        _, valid, _, _, _ = _lsh_range_mask(KORDER, LO, HI, EB, ks, k_ok, rows, row_ok, bh, bkv * nk, nq, first,
-                                            c_blocks, num_e, T)
+        valid = _lsh_range_mask(LO, HI, EB, ks, k_ok, kblk, rows, row_ok, bh, nq, first, c_blocks, num_e, T)
         q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb,
                                         stride_qh, stride_qn, offs_d, HEAD_DIM)
         dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
@@ -497,12 +503,13 @@ def _prune(configs, named_args, **kwargs):
     # fp32 tiles take twice the shared memory: the smallest key tile only. HYPERATTN_AUTOTUNE=0
     # (the test suite): one config, as in kernels/attention.py, since each
     # tuned variant costs several compilations.
-    if named_args["Q"].dtype == torch.float32:
+    tiled = all("BLOCK_N" in c.kwargs for c in configs)  # else the launch fixes the tiles
+    if tiled and named_args["Q"].dtype == torch.float32:
         smallest = min(c.kwargs["BLOCK_N"] for c in configs)
         configs = [c for c in configs if c.kwargs["BLOCK_N"] == smallest]
     # A key tile never spans two key blocks (the sparse kernel walks a block in whole tiles).
     block = kwargs.get("T", named_args.get("T"))
-    if block is not None:
+    if tiled and block is not None:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= block] or configs[-1:]
     if os.environ.get("HYPERATTN_AUTOTUNE", "1") == "0":
         configs = configs[:1]
@@ -544,8 +551,9 @@ _LSH_DQ = _autotuned(_lsh_dq_kernel, _tiles(((64, 64, 4, 2), (32, 64, 4, 2), (64
 _SPARSE_DQ = _autotuned(_sparse_dq_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
                                             for n, w, st in ((64, 8, 2), (32, 4, 2), (64, 4, 2), (128, 8, 1))], _KEY)
 _EXACT_DKV = _autotuned(_exact_dkv_kernel, _tiles(_TILE_SHAPES), _KEY)
-_LSH_DKV = _autotuned(_lsh_dkv_kernel, _tiles(((64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3))),
-                      ["HEAD_DIM", "T", "PRECISION"], restore_value=["DK", "DV"])
+_LSH_DKV = _autotuned(_lsh_dkv_kernel,
+                      [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (4, 3))],
+                      ["HEAD_DIM", "T", "PRECISION", "BLOCK_M", "BLOCK_N"], restore_value=["DK", "DV"])
 _GATHERED_DKV = _autotuned(_gathered_dkv_kernel, _tiles(_TILE_SHAPES), _KEY, restore_value=["DK", "DV"])
 
 class _Tables:
@@ -653,7 +661,11 @@ def _lsh_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int, nq: int, n
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, grad_lse: Tensor | None,
               scale: float, plan: Plan, tab: _Tables) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of the attention step (rows from ``plan.first`` on), in the inputs' dtypes."""
+    """dq, dk, dv of the attention step, in the inputs' dtypes.
+
+    ``out, lse``: the forward's full-length buffers; ``grad_out, grad_lse``: gradients of
+    the rows from ``plan.first`` on (``grad_lse`` ``None``: zero).
+    """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -662,12 +674,11 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     n_rows = nq - row0
     device = q.device
     grad_out = grad_out.contiguous()
-    # ds = P * (dP - delta), delta = rowsum(dO * out) minus the LSE's own gradient (d lse / d s = P).
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse
-    delta = delta.contiguous()
-    lse2 = _bwd_lse2(lse)
+    # ds = P * (dP - delta), delta = rowsum(dO * out) minus the LSE's own gradient (d lse / d s
+    # = P); the LSH dq launch stores it.
+    delta = torch.empty(bsz, hq, n_rows, device=device, dtype=torch.float32)
+    dlse = grad_lse.float().contiguous() if grad_lse is not None else delta
+    lse2 = _bwd_lse2(lse[:, :, row0:])
     strides = _strides(q, k, v)
     precision = _precision(q.dtype)
     dq_lsh = torch.empty(bsz, hq, n_rows, dim, device=device, dtype=torch.float32)
@@ -679,8 +690,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     if n_rows == 0:  # every row exact elsewhere: this step has no gradient
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     _LSH_DQ[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)](
-        q, k, v, grad_out, lse2, delta, dq_lsh, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides, hq, group,
-        hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, scale, **meta)
+        q, k, v, grad_out, out, dlse, lse2, delta, dq_lsh, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides,
+        hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, scale, HAS_DLSE=grad_lse is not None,
+        **meta)
     _SPARSE_DQ[(tab.c_blocks, bsz * hq)](
         q, k, v, tab.k_g, tab.v_g, grad_out, lse2, delta, dq_lsh, dq, tab.eb, tab.active, tab.win_lo, tab.win_hi,
         tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq, group, hkv, nq, nk, plan.offset, plan.first,
@@ -693,7 +705,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     offsets, entries, n_rt = _lsh_lists(plan, tab, bsz, hq, hkv, nq, nk)
     _LSH_DKV[(triton.cdiv(nk, _BWD["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, offsets, entries,
-        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, n_rt, scale, **meta)
+        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, n_rt, scale, **meta,
+        **_BWD)
     _GATHERED_DKV[lambda m: (tab.s_pad // m["BLOCK_N"], bsz * hkv, tab.num_chunks)](
         q, tab.k_g, tab.v_g, grad_out, lse2, delta, dk, dv, tab.eb, tab.active, tab.win_lo, tab.win_hi, tab.g_idx,
         tab.g_logw, tab.g_slot, tab.lo, tab.hi, q.stride(0), q.stride(1), q.stride(2), hq, group, hkv, nq, nk,
@@ -720,8 +733,7 @@ class _Attend(torch.autograd.Function):
         row0 = ctx.plan.first * ctx.plan.block
         if grad_out is None:
             grad_out = torch.zeros_like(out[:, :, row0:])
-        dq, dk, dv = _backward(q, k, v, out[:, :, row0:], lse[:, :, row0:], grad_out, grad_lse, ctx.scale, ctx.plan,
-                               ctx.tab)
+        dq, dk, dv = _backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, ctx.plan, ctx.tab)
         return dq, dk, dv, None, None, None
 
 
