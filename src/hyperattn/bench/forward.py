@@ -13,9 +13,12 @@ step of the layer costs); rows carry ``"backward": true``.
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,7 +29,7 @@ from ..config import HyperAttentionConfig
 from ..ops import hyper_attention
 from ..reference.hyper import causal_plan, hyper_attention_reference, noncausal_plan, scored_pairs
 
-__all__ = ["IMPLS", "BenchShape", "run_forward_bench", "profile_hyper", "exact_pairs", "versions"]
+__all__ = ["IMPLS", "BenchShape", "run_forward_bench", "profile_hyper", "exact_pairs", "versions", "commit"]
 
 #: Implementations the harness knows (on a CPU only the PyTorch ones run). ``"hyper"`` is the
 #: paper's method (``method="hyper"``) through the public call, ``"structured"`` the package
@@ -66,16 +69,30 @@ class _Skip(Exception):
     """A row that is not run, with the reason."""
 
 
-def versions() -> dict:
-    """Device name and library versions recorded in every results file."""
+def commit() -> str | None:
+    """This checkout's short commit (``HYPERATTN_COMMIT`` where the tree was copied without its ``.git``)."""
+    if os.environ.get("HYPERATTN_COMMIT"):
+        return os.environ["HYPERATTN_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions(device: torch.device | None = None) -> dict:
+    """Device name, library versions and the commit, recorded in every results file."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "torch": torch.__version__, "triton": triton_version}
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version, "hyperattn_commit": commit()}
 
 
 def exact_pairs(n: int, causal: bool) -> int:

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +45,7 @@ from pathlib import Path
 import torch
 
 from ..config import HyperAttentionConfig
-from .forward import PAPER_PLAN_CONFIG, time_once_ms
+from .forward import PAPER_PLAN_CONFIG, time_once_ms, versions
 
 __all__ = ["MODELS", "IMPLS", "build_model", "run_prefill_bench", "plot_prefill", "main"]
 
@@ -95,29 +93,10 @@ def _config_dict(config: HyperAttentionConfig) -> dict:
     return {**dataclasses.asdict(config), "min_seq_len": config.effective_min_seq_len}
 
 
-def _commit() -> str | None:
-    if os.environ.get("HYPERATTN_COMMIT"):  # set where the tree was copied without its .git
-        return os.environ["HYPERATTN_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _header(model_name: str, device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "hyperattn_commit": _commit(),
+    return {**versions(device), "transformers": transformers.__version__,
             "model": {"name": model_name, **MODELS[model_name], "dtype": str(dtype).removeprefix("torch."),
                       "weights": "random"},
             "rows": []}

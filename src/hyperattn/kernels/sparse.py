@@ -171,6 +171,25 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
 
 
 @triton.jit
+def _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0, BLOCK_M: tl.constexpr):
+    # A program's tile of bucket-sorted rows (rows before row0 are not the function's), their
+    # LSH ranges and the sorted key slots [start, end) the tile spans.
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_ok = slots < nq
+    rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
+    row_ok = s_ok & (rows >= row0)
+    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+    busy = row_ok & (lo < hi)
+    start = tl.min(tl.where(busy, lo, 2147483647), 0)
+    end = tl.max(tl.where(busy, hi, 0), 0)
+    return b, h, h // group, bh, rows, row_ok, lo, hi, busy, start, end
+
+
+@triton.jit
 def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -181,20 +200,8 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
     # through the sort order: sorted copies of K and V cost more to make, 0.9 ms at 131k,
     # than they saved here, 0.3), minus each row's exact blocks; stored at the rows'
     # original positions, where the sparse kernel merges it with the rest.
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    s_ok = slots < nq
-    rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
-    row_ok = s_ok & (rows >= row0)
-    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
-    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
-    busy = row_ok & (lo < hi)
-    start = tl.min(tl.where(busy, lo, 2147483647), 0)
-    end = tl.max(tl.where(busy, hi, 0), 0)
+    b, h, kvh, bh, rows, row_ok, lo, hi, busy, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
+                                                                       BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = qk_scale * 1.4426950408889634
@@ -272,20 +279,8 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
     # This launch visits every row first, so it also finds and stores each row's delta,
     # rowsum(dO * out) minus the LSE's gradient, which every later launch reads (a
     # separate pass in PyTorch cost 5 ms at 131k: fp32 copies of dO and out).
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    s_ok = slots < nq
-    rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
-    row_ok = s_ok & (rows >= row0)
-    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
-    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
-    busy = row_ok & (lo < hi)
-    start = tl.min(tl.where(busy, lo, 2147483647), 0)
-    end = tl.max(tl.where(busy, hi, 0), 0)
+    b, h, kvh, bh, rows, row_ok, lo, hi, busy, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
+                                                                       BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634

@@ -3,9 +3,10 @@
 Mirrors :mod:`hyperattn.reference.structured` function for function: :func:`attend` and
 :func:`attend_rows` take the same arguments and compute the same function (up to float
 rounding). Two engines, measured side by side in ``benchmarks/NOTES.md``: the Triton
-kernels of :mod:`hyperattn.kernels.sparse` (two launches; forward only) and
-:func:`attend_flex`, three FlexAttention passes over ``BlockMask``s built from the
-selection (torch's block-sparse engine, differentiable):
+kernels of :mod:`hyperattn.kernels.sparse` (two launches forward, five backward; the one
+:func:`attend` runs, faster both ways) and :func:`attend_flex`, three FlexAttention passes
+over ``BlockMask``s built from the selection (torch's block-sparse engine, differentiable),
+kept as the stock yardstick:
 
 1. **block-sparse pass**: each query block over its exact blocks (window and top blocks),
    causal mask on the diagonal only;
