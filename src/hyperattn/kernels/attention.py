@@ -351,6 +351,23 @@ def _row_grad_inputs(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, stride_qb, stri
 
 
 @triton.jit
+def _key_tile(K, V, cols, nk, kv_heads, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A key-outer program's keys: (batch, KV head) from axis 1, the keys and values at cols,
+    # and empty dk, dv accumulators.
+    bkv = tl.program_id(1).to(tl.int64)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    col_ok = cols < nk
+    offs_d = tl.arange(0, HEAD_DIM)
+    k, v = _kv_at(K, V, cols, col_ok, b * stride_kb + kvh * stride_kh, b * stride_vb + kvh * stride_vh, stride_kn,
+                  stride_vn, offs_d)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    return bkv, b, kvh, col_ok, offs_d, k, v, dk, dv
+
+
+@triton.jit
 def _range_attention_bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, LO, HI,
                                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                                 stride_vb, stride_vh, stride_vn,
@@ -388,17 +405,10 @@ def _range_attention_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, LO, HI, OFFSET
     # (ROW_TILES[OFFSETS[t]:OFFSETS[t + 1]]), every query head of the group, accumulated on
     # chip and stored once (the tile is this program's alone in this launch).
     t = tl.program_id(0)
-    bkv = tl.program_id(1).to(tl.int64)
-    b = bkv // kv_heads
-    kvh = bkv % kv_heads
     cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < nk
-    offs_d = tl.arange(0, HEAD_DIM)
-    k, v = _kv_at(K, V, cols, col_ok, b * stride_kb + kvh * stride_kh, b * stride_vb + kvh * stride_vh, stride_kn,
-                  stride_vn, offs_d)
+    bkv, b, kvh, col_ok, offs_d, k, v, dk, dv = _key_tile(K, V, cols, nk, kv_heads, stride_kb, stride_kh, stride_kn,
+                                                         stride_vb, stride_vh, stride_vn, HEAD_DIM, BLOCK_N)
     qk_scale = scale * 1.4426950408889634
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for i in range(tl.load(OFFSETS + t), tl.load(OFFSETS + t + 1)):
         rows = tl.load(ROW_TILES + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < nq

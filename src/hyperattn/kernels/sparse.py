@@ -30,8 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.selection import LSH_TILES, Lsh, Plan, Selection
-from .attention import (_add_into, _bwd_lse2, _kv_at, _lse_merge, _normalised, _precision, _sorted_kv, _tile_dkv,
-                        _tile_dq, _tile_update)
+from .attention import (_add_into, _bwd_lse2, _key_tile, _kv_at, _lse_merge, _normalised, _precision, _sorted_kv,
+                        _tile_dkv, _tile_dq, _tile_update)
 
 __all__ = ["attend_triton", "attend_rows_triton"]
 
@@ -101,6 +101,17 @@ def _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, 
 
 
 @triton.jit
+def _block_program(num_heads, group, first, nq, T: tl.constexpr):
+    # A program's selected block jj (query block j = first + jj) of head bh, and its rows.
+    jj = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % num_heads
+    j = first + jj
+    rows = j * T + tl.arange(0, T)
+    return jj, bh, bh // num_heads, h, h // group, j, rows, rows < nq
+
+
+@triton.jit
 def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -110,14 +121,7 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                    PRECISION: tl.constexpr, NE_P: tl.constexpr):
     # One query block of one head: its exact blocks, then its chunk's gathered columns, in
     # one online softmax (the block-sparse and the gathered pass of attend_flex, fused).
-    jj = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    j = first + jj
-    rows = j * T + tl.arange(0, T)
-    row_ok = rows < nq
+    jj, bh, b, h, kvh, j, rows, row_ok = _block_program(num_heads, group, first, nq, T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = qk_scale * 1.4426950408889634
@@ -316,14 +320,7 @@ def _sparse_dq_kernel(Q, K, V, KG, VG, DO, LSE2, DELTA, DQL, DQ, EB, ACTIVE, WLO
                       PRECISION: tl.constexpr):
     # dq of one selected block (as _sparse_kernel): its exact blocks' tiles and its chunk's
     # gathered columns, plus the LSH part _lsh_dq_kernel left in DQL; stored in q's dtype.
-    jj = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    kvh = h // group
-    j = first + jj
-    rows = j * T + tl.arange(0, T)
-    row_ok = rows < nq
+    jj, bh, b, h, kvh, j, rows, row_ok = _block_program(num_heads, group, first, nq, T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634
@@ -371,18 +368,11 @@ def _exact_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, OFFSETS, ENTRIES,
     # OFFSETS[kb + 1]], each g * c_blocks + jj); stored (every key of the launch once).
     TPB: tl.constexpr = T // BLOCK_N
     kt = tl.program_id(0)
-    bkv = tl.program_id(1).to(tl.int64)
-    b = bkv // kv_heads
-    kvh = bkv % kv_heads
     kb = kt // TPB
     cols = kb * T + (kt % TPB) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < nk
-    offs_d = tl.arange(0, HEAD_DIM)
-    k, v = _kv_at(K, V, cols, col_ok, b * stride_kb + kvh * stride_kh, b * stride_vb + kvh * stride_vh, stride_kn,
-                  stride_vn, offs_d)
+    bkv, b, kvh, col_ok, offs_d, k, v, dk, dv = _key_tile(K, V, cols, nk, kv_heads, stride_kb, stride_kh, stride_kn,
+                                                         stride_vb, stride_vh, stride_vn, HEAD_DIM, BLOCK_N)
     qk_scale = scale * 1.4426950408889634
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     key = bkv * nkb + kb
     for i in range(tl.load(OFFSETS + key), tl.load(OFFSETS + key + 1)):
         entry = tl.load(ENTRIES + i)
@@ -575,7 +565,10 @@ def _strides(q: Tensor, k: Tensor, v: Tensor) -> tuple:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, tab: _Tables) -> tuple[Tensor, Tensor]:
-    """Both launches; ``out (B, Hq, Nq, D)`` in q's dtype and ``lse`` fp32, full length (rows before ``plan.first`` unset)."""
+    """Both launches: ``out (B, Hq, Nq, D)`` in q's dtype and ``lse`` fp32, full length.
+
+    Rows before ``plan.first`` are left unset.
+    """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     t = plan.block
@@ -628,9 +621,10 @@ def _exact_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int) -> tuple
 def _lsh_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int, nq: int, nk: int) -> tuple[Tensor, Tensor, int]:
     """For each (batch, KV head, tile of sorted key slots): the group's tiles of sorted rows whose ranges reach it.
 
-    Entries ``g * n_row_tiles + tile``; also ``n_row_tiles``. A tile's rows lie in sorted
-    blocks whose ranges lsh_ranges cut to LSH_TILES blocks of slots: its span is at most
-    that many key tiles (+1 for tiles that straddle two sorted blocks' windows).
+    Entries ``g * n_row_tiles + tile``; also ``n_row_tiles``. A tile's rows (BLOCK_M <=
+    block) lie in one sorted block, whose ranges lsh_ranges cuts to LSH_TILES blocks of
+    slots aligned to blocks: its span is at most ``LSH_TILES * block / BLOCK_N`` key tiles
+    (two more are listed as slack; unused ones are dropped).
     """
     bm, bn = _BWD["BLOCK_M"], _BWD["BLOCK_N"]
     group = hq // hkv
@@ -668,7 +662,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     row0 = min(plan.first * t, nq)
     n_rows = nq - row0
     device = q.device
-    grad_out = grad_out.contiguous()
+    grad_out = grad_out.to(q.dtype).contiguous()  # the products take operands of one dtype
     # ds = P * (dP - delta), delta = rowsum(dO * out) minus the LSE's own gradient (d lse / d s
     # = P); the LSH dq launch stores it.
     delta = torch.empty(bsz, hq, n_rows, device=device, dtype=torch.float32)
