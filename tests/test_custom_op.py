@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import hyperattn as ha
-from conftest import FP32_ATOL, qkv
+from conftest import FP32_ATOL, qkv, rel_err
 from hyperattn.custom_op import _CONFIG_FIELDS, attention
 from hyperattn.reference.exact import attention_lse
 
@@ -147,3 +147,43 @@ def test_gradient_when_the_loss_uses_one_output(loss_of):
         (out if loss_of == "out" else lse).sum().backward()
         grads.append(leaf.grad)
     assert torch.allclose(grads[0], grads[1], atol=FP32_ATOL)
+
+
+def _count_calls(monkeypatch):
+    import hyperattn.custom_op as op
+
+    calls = []
+    real = op.hyper_attention
+
+    def spy(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(op, "hyper_attention", spy)
+    return calls
+
+
+def test_eager_training_off_cuda_goes_through_the_op(monkeypatch):
+    # Off CUDA the methods' autograd (the references) keeps the scores for backward: the op's
+    # recompute-in-backward keeps memory at the inputs', so the forward runs twice, the
+    # second time under grad.
+    calls = _count_calls(monkeypatch)
+    q, k, v = qkv(1, 2, 1, 300, 300, 16, seed=7)
+    q.requires_grad_()
+    attention(q, k, v, True, None, CFG).sum().backward()
+    assert calls == [False, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["structured", "hyper"])
+def test_eager_training_on_cuda_runs_the_forward_once(method, monkeypatch):
+    # With Triton backward kernels (O(N) kept for backward) the wrapper calls the method
+    # itself outside torch.compile: one forward per step, and the gradient of the same call.
+    calls = _count_calls(monkeypatch)
+    q, k, v = qkv(1, 4, 2, 2048, 2048, 64, device="cuda", seed=8)
+    cfg = ha.HyperAttentionConfig(method=method, seed=0, max_error=None, min_seq_len=256, chunk=512)
+    got = _grads(attention, q, k, v, cfg)
+    assert calls == [True]
+    for mine, want in zip(got, _grads(ha.hyper_attention, q, k, v, cfg)):
+        # The same call on the same draws: equal up to the order of the dk/dv atomic adds.
+        assert rel_err(mine, want) < 1e-5

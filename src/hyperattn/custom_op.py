@@ -16,6 +16,10 @@ and samples.
 Autograd: backward recomputes the forward through the differentiable PyTorch path with
 that seed and differentiates it, so the gradient is the exact gradient of the approximate
 function, as for :func:`~hyperattn.hyper_attention` (flash-attn's recompute-in-backward).
+Outside ``torch.compile``, a call that autograd will differentiate on CUDA with a Triton
+backward (``"hyper"``, and ``"structured"`` where its kernels run) is
+:func:`~hyperattn.hyper_attention` itself: those kernels keep O(N) state for their
+backward, so one forward serves, where the op's recompute would run the forward twice.
 Statistics (``return_stats``) do not cross the op boundary: call
 :func:`~hyperattn.hyper_attention` for them.
 
@@ -144,6 +148,29 @@ def _backward(ctx, grad_out, grad_lse, _grad_seed):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _direct(q: Tensor, k: Tensor, v: Tensor, cfg: HyperAttentionConfig) -> bool:
+    """Whether :func:`attention` calls the method itself: eager autograd on CUDA, with a Triton backward.
+
+    The op cannot carry the forward's state to its backward, so it recomputes the forward
+    there (a second forward per training step: ~23 ms of ~100 for the structured default
+    at 131k). The methods' own autograd keeps only O(N) state when Triton kernels run their
+    backward; elsewhere (the references) it keeps the scores, which the recompute avoids.
+    """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    if not any(isinstance(x, Tensor) and x.requires_grad for x in (q, k, v)):
+        return False
+    if not (isinstance(q, Tensor) and q.is_cuda and q.dtype != torch.float64):
+        return False
+    if cfg.method == "hyper":
+        return True
+    if cfg.method == "structured":
+        from .methods.structured import backward_on_kernels
+
+        return backward_on_kernels(q, cfg)
+    return False
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
               config: Optional[HyperAttentionConfig] = None, *, return_lse: bool = False):
     """:func:`~hyperattn.hyper_attention` through the registered op ``torch.ops.hyperattn.attention``.
@@ -180,5 +207,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     cfg = _DEFAULT_CONFIG if config is None else config
     if not isinstance(cfg, HyperAttentionConfig):
         raise TypeError(f"config: expected a HyperAttentionConfig or None, got {type(cfg).__name__}")
+    if _direct(q, k, v, cfg):
+        return hyper_attention(q, k, v, causal=causal, scale=scale, config=cfg, return_lse=return_lse)
     out, lse, _ = _attention_op(q, k, v, causal, scale, *(getattr(cfg, name) for name in _CONFIG_FIELDS), return_lse)
     return (out, lse) if return_lse else out

@@ -32,11 +32,12 @@ from ..reference import structured as _ref
 from ..reference.exact import merge_lse
 from ..reference.selection import LSH_TILES, Lsh, Plan, Selection
 
-__all__ = ["attend", "attend_rows", "supported"]
+__all__ = ["attend", "attend_rows", "supported", "TILE"]
 
 
-# FlexAttention's tile: the BlockMask's block size on both sides.
-_TILE = 128
+#: The query block both engines take (FlexAttention's BlockMask tile on both sides; the
+#: Triton kernels' block); other query blocks run the reference.
+TILE = 128
 
 
 def supported(q: Tensor) -> bool:
@@ -79,7 +80,7 @@ def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, ful
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    tiles = math.ceil(kv_len / _TILE)
+    tiles = math.ceil(kv_len / TILE)
 
     def widen(x):
         x = x.int()
@@ -87,7 +88,7 @@ def _block_mask(num: Tensor, idx: Tensor, q_len: int, kv_len: int, mask_mod, ful
 
     full = {} if full_num is None else {"full_kv_num_blocks": full_num.int().contiguous(),
                                           "full_kv_indices": widen(full_idx).contiguous()}
-    return BlockMask.from_kv_blocks(num.int().contiguous(), widen(idx).contiguous(), **full, BLOCK_SIZE=_TILE,
+    return BlockMask.from_kv_blocks(num.int().contiguous(), widen(idx).contiguous(), **full, BLOCK_SIZE=TILE,
                                     mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=backward)
 
 
@@ -144,15 +145,15 @@ def block_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: S
     offset, causal = plan.offset, plan.causal
     bit = _in_bits(bits)
     exact_blocks = torch.nn.functional.pad(sel.exact_blocks, (0, 0, plan.first, 0), value=-1)
-    q_start = torch.arange(plan.nqb, device=device).view(1, 1, plan.nqb, 1) * _TILE
-    block_end = (exact_blocks + 1) * _TILE - 1  # last key of each block
+    q_start = torch.arange(plan.nqb, device=device).view(1, 1, plan.nqb, 1) * TILE
+    block_end = (exact_blocks + 1) * TILE - 1  # last key of each block
     cut = (block_end >= nk) | ((block_end > q_start + offset) if causal else False)
     num, idx = _packed(torch.where(cut, exact_blocks, -1))
     full_num, full_idx = _packed(torch.where(cut, -1, exact_blocks))
 
     # The mask is the whole definition, as FlexAttention's eager path applies it to every score.
     def exact_mask(b, h, q_idx, kv_idx):
-        keep = (kv_idx < nk) & bit(b, h, q_idx // _TILE, kv_idx // _TILE)
+        keep = (kv_idx < nk) & bit(b, h, q_idx // TILE, kv_idx // TILE)
         return keep & (q_idx + offset >= kv_idx) if causal else keep
 
     return _run("blocks", q, k, v, scale, _block_mask(num, idx, nq, nk, exact_mask, full_num, full_idx,
@@ -173,8 +174,8 @@ def gathered_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
     nqb, first, group = plan.nqb, plan.first, hq // hkv
     lo, hi = lsh.lo.int(), lsh.hi.int()
     width = sel.gather_idx.shape[-1]
-    tiles = max(1, math.ceil(width / _TILE))
-    s_pad = tiles * _TILE
+    tiles = max(1, math.ceil(width / TILE))
+    s_pad = tiles * TILE
     nc = sel.gather_idx.shape[2]
     g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width))  # (B, Hkv, C, S_pad)
     g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf"))
@@ -197,7 +198,7 @@ def gathered_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel
         return score + g_logw[b, h // group, kv_idx]
 
     def listed(b, h, q_idx, kv_idx):
-        j = q_idx // _TILE
+        j = q_idx // TILE
         s = g_slot[b, h // group, kv_idx]
         mine = kv_idx // s_pad == chunk_of[j]
         ok = usable[b, h, j * s_pad + kv_idx % s_pad]
@@ -225,17 +226,17 @@ def lsh_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, lsh: Lsh
     k_sorted = k.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
     v_sorted = v.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
     lo_s, hi_s = lo.gather(2, q_order), hi.gather(2, q_order)
-    row_block = (q_order // _TILE).int()
-    pad_rows = nqb * _TILE - nq
+    row_block = (q_order // TILE).int()
+    pad_rows = nqb * TILE - nq
     busy = lo_s < hi_s
     t_lo = torch.nn.functional.pad(torch.where(busy, lo_s, 2 ** 30), (0, pad_rows), value=2 ** 30)
     t_hi = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad_rows), value=0)
-    first_tile = t_lo.reshape(bsz, hq, nqb, _TILE).amin(-1) // _TILE
-    last_tile = (t_hi.reshape(bsz, hq, nqb, _TILE).amax(-1) - 1) // _TILE
+    first_tile = t_lo.reshape(bsz, hq, nqb, TILE).amin(-1) // TILE
+    last_tile = (t_hi.reshape(bsz, hq, nqb, TILE).amax(-1) - 1) // TILE
     width = min(nkb, LSH_TILES)
     span = torch.clamp(last_tile - first_tile + 1, min=0, max=width)
     l_ind = torch.clamp(first_tile.clamp(max=nkb - 1).unsqueeze(-1) + torch.arange(width, device=device), max=nkb - 1)
-    key_block = (lsh.order // _TILE).int()
+    key_block = (lsh.order // TILE).int()
 
     def in_range(b, h, q_idx, kv_idx):
         kb = key_block[b, h // group, kv_idx]
@@ -269,7 +270,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selec
     The Triton engine (:func:`hyperattn.kernels.sparse.attend_triton`, forward and
     backward), measured faster than FlexAttention's passes both ways (``benchmarks/NOTES.md``).
     """
-    if plan.block != _TILE:
+    if plan.block != TILE:
         return _ref.attend(q, k, v, scale, plan, sel, lsh)
     from .sparse import attend_triton
 
@@ -284,7 +285,7 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: 
     (:func:`hyperattn.kernels.sparse.attend_rows_triton`); otherwise the reference's gather
     code, which is differentiable.
     """
-    if rows is None or _needs_grad(q, k, v) or plan.block != _TILE or rows.shape[-1] > 64:
+    if rows is None or _needs_grad(q, k, v) or plan.block != TILE or rows.shape[-1] > 64:
         return _ref.attend_rows(q, k, v, scale, plan, sel, lsh, rows)
     from .sparse import attend_rows_triton
 

@@ -31,7 +31,7 @@ from ..reference.selection import TIERS
 from ..stats import AttentionStats
 from .exact import exact
 
-__all__ = ["run", "default_min_seq_len", "exact_only"]
+__all__ = ["run", "default_min_seq_len", "exact_only", "backward_on_kernels"]
 
 # Keys at and below which the default is exact attention, per device type: on CUDA the
 # length where the approximate path stops being faster than SDPA (benchmarks/NOTES.md);
@@ -62,6 +62,15 @@ def _kernels_ok(q: Tensor) -> bool:
     from ..kernels.structured import supported
 
     return supported(q)
+
+
+def backward_on_kernels(q: Tensor, config) -> bool:
+    """Whether a gradient of this call comes from Triton kernels (O(N) kept; else the reference's autograd)."""
+    if not _kernels_ok(q):
+        return False
+    from ..kernels.structured import TILE
+
+    return config.query_block == TILE
 
 
 def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
