@@ -1,6 +1,8 @@
-"""Triton engine of the structured method's attention step: two launches, no copies of q, k, v.
+"""Triton engine of the structured method's attention step: two launches forward, five backward, no copies of q, k, v.
 
-:func:`attend_triton` computes :func:`hyperattn.reference.structured.attend` (forward only):
+:func:`attend_triton` computes :func:`hyperattn.reference.structured.attend`, and its
+gradient for the fixed selection (five launches, described where the backward kernels
+begin). The forward:
 
 1. ``_lsh_kernel``: every tile of bucket-sorted rows over the sorted key slots its rows'
    ranges span, keys read through the sort order, masked to each row's range minus its
