@@ -85,23 +85,17 @@ _GRAD_SCRIPT = textwrap.dedent("""
     from hyperattn.kernels.sparse import attend_triton
     from hyperattn.reference import selection as S
     from hyperattn.reference import structured as ref
+    from test_structured_kernels import _selection  # the GPU tests' selection, built by the reference
 
     results = []
     for b, hq, hkv, nq, nk, d, causal, drop in json.loads(sys.argv[1]):
         q, k, v = qkv(b, hq, hkv, nq, nk, d)
         k[:, :, 0] *= 4
         scale = d ** -0.5
-        plan = S.make_plan(nq, nk, causal, 128, 128, 512, 256)
-        heads = torch.arange(hq)
-        _, _, heavy, _ = S.probe_exact(q, k, v, scale, plan, S.probe_rows(plan, 0, b, heads, 2, 4), 8, 4, 2)
-        lsh = S.lsh_ranges(q, k, plan, 16, 7, 0)
-        blocks = torch.arange(plan.first, plan.nqb).expand(b, hq, -1)
-        scores = S.block_scores(S.pool(q, k, plan, 16), scale, plan, blocks)
-        g_idx, g_logw = S.gather_columns(plan, S.chunk_scores(scores, plan.first, plan, hkv), heavy,
-                                         torch.full((b, hkv, plan.num_chunks), 40), 40, 4, 0.3, 0, torch.arange(hkv))
-        active = torch.rand(blocks.shape, generator=torch.Generator().manual_seed(1)) >= drop
-        exact = S.exact_blocks(plan, blocks, S.rank_blocks(scores, 2), torch.full_like(blocks, 2))
-        sel = S.Selection(blocks, torch.where(active.unsqueeze(-1), exact, -1), active, g_idx, g_logw)
+        plan, sel, lsh = _selection(q, k, v, causal, samples=40, lsh_block=16)
+        active = torch.rand(sel.active.shape, generator=torch.Generator().manual_seed(1)) >= drop
+        sel = S.Selection(sel.blocks, torch.where(active.unsqueeze(-1), sel.exact_blocks, -1), active,
+                          sel.gather_idx, sel.gather_logw)
         rows = nq - plan.first * 128
         w_out, w_lse = torch.randn(rows, d), torch.randn(rows)
         grads = []

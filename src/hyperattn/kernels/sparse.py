@@ -196,6 +196,20 @@ def _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
+def _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e):
+    # Which (row, sorted key slot) pairs the LSH pass scores: the slot in the row's range
+    # [lo, hi), its key's block (kblk) not among the exact blocks of the row's selected
+    # block (sel; rows not busy have none). Each row's exact blocks are reloaded per key
+    # tile (from L1/L2): holding them as one [rows, blocks] tile and comparing in 3-D
+    # measured slower (4.2 against 3.9 ms at 131k).
+    valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None])
+    for e in range(num_e):
+        eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
+        valid = valid & (kblk[None, :] != eb[:, None])
+    return valid
+
+
+@triton.jit
 def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -221,13 +235,7 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
         k_ok = ks < end
         cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
                                 stride_vn, offs_d)
-        kblk = cols // T
-        valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None])
-        # Each row's exact blocks, reloaded per key tile (from L1/L2): holding them as one
-        # [rows, blocks] tile and comparing in 3-D measured slower (4.2 against 3.9 ms at 131k).
-        for e in range(num_e):
-            eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
-            valid = valid & (kblk[None, :] != eb[:, None])
+        valid = _lsh_mask(EB, ks, cols // T, lo, hi, busy, sel, num_e)
         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
@@ -245,32 +253,25 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
 
 
 @triton.jit
-def _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh, stride_qn, offs_d,
-               HEAD_DIM: tl.constexpr):
-    # q at rows, and dO, base-2 LSE (+inf: no key) and delta of the function's rows
-    # (rows row0 on, stored contiguously); row_ok implies rows >= row0.
+def _grad_inputs(Q, DO, LSE2, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh, stride_qn, offs_d,
+                 HEAD_DIM: tl.constexpr):
+    # q at rows, and dO and base-2 LSE (+inf: no key) of the function's rows (rows row0 on,
+    # stored contiguously, at flat); row_ok implies rows >= row0.
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     flat = bh * n_rows + rows - row0
     do = tl.load(DO + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE2 + flat, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + flat, mask=row_ok, other=0.0)
-    return q, do, lse2, delta
+    return q, do, lse2, flat
 
 
 @triton.jit
-def _lsh_range_mask(LO, HI, EB, ks, k_ok, kblk, rows, row_ok, bh, nq, first, c_blocks, num_e, T: tl.constexpr):
-    # Which (row, sorted key slot) pairs the LSH pass scores: the slot in the row's range,
-    # its key's block (kblk) not among the row's block's exact blocks.
-    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
-    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
-    busy = row_ok & (lo < hi)
-    valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None]) & k_ok[None, :]
-    sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
-    for e in range(num_e):
-        eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
-        valid = valid & (kblk[None, :] != eb[:, None])
-    return valid
+def _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh, stride_qn, offs_d,
+               HEAD_DIM: tl.constexpr):
+    # _grad_inputs and the rows' delta (stored by _lsh_dq_kernel).
+    q, do, lse2, flat = _grad_inputs(Q, DO, LSE2, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh,
+                                     stride_qn, offs_d, HEAD_DIM)
+    return q, do, lse2, tl.load(DELTA + flat, mask=row_ok, other=0.0)
 
 
 @triton.jit
@@ -290,15 +291,14 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634
-    flat = bh * n_rows + rows - row0
+    q, do, lse2, flat = _grad_inputs(Q, DO, LSE2, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh,
+                                     stride_qn, offs_d, HEAD_DIM)
     out = tl.load(OUT + (bh * nq + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + flat[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + flat, mask=row_ok, other=0.0)
     tl.store(DELTA + flat, delta, mask=row_ok)
-    q, do, lse2, _ = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, stride_qh,
-                                stride_qn, offs_d, HEAD_DIM)
+    sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
     k_base = b * stride_kb + kvh * stride_kh
     v_base = b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -307,7 +307,7 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
         k_ok = ks < end
         cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
                                 stride_vn, offs_d)
-        valid = _lsh_range_mask(LO, HI, EB, ks, k_ok, cols // T, rows, row_ok, bh, nq, first, c_blocks, num_e, T)
+        valid = _lsh_mask(EB, ks, cols // T, lo, hi, busy, sel, num_e)
         dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
     tl.store(DQL + flat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=row_ok[:, None])
 
@@ -429,7 +429,10 @@ def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB
         s_ok = slots < nq
         rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
         row_ok = s_ok & (rows >= row0)
-        valid = _lsh_range_mask(LO, HI, EB, ks, k_ok, kblk, rows, row_ok, bh, nq, first, c_blocks, num_e, T)
+        lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
+        hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+        busy = row_ok & (lo < hi)
+        valid = _lsh_mask(EB, ks, kblk, lo, hi, busy, bh * c_blocks + tl.where(busy, rows // T - first, 0), num_e)
         q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb,
                                         stride_qh, stride_qn, offs_d, HEAD_DIM)
         dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
@@ -594,33 +597,34 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, tab: _Ta
     return out, lse
 
 
-def _transposed(keys: Tensor, entries: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
-    """Entries grouped by key: ``offsets (n_keys + 1,)`` and ``entries`` int32, each key's ascending.
+def _group_lists(local: Tensor, used: Tensor, hkv: int, n_local: int) -> tuple[Tensor, Tensor]:
+    """For each (batch, KV head, key tile): the items of the group's heads that listed it, ``g * R + item``.
 
-    ``keys`` ``n_keys`` marks an unused entry. Sorted on the device, no host wait.
+    ``local (B, Hq, R, W)``: each item's key tiles, numbered within its (batch, KV head)
+    (``< n_local``; read where ``used``). Returns ``offsets`` and the entries, each key
+    tile's ascending, grouped by one device sort (no host wait).
     """
-    keys, entries = keys.reshape(-1), entries.reshape(-1).long()
+    bsz, hq, items = local.shape[:3]
+    group = hq // hkv
+    device = local.device
+    heads = torch.arange(hq, device=device)
+    kv_key = (torch.arange(bsz, device=device).view(-1, 1) * hkv + heads // group).view(bsz, hq, 1, 1)
+    n_keys = bsz * hkv * n_local
+    keys = torch.where(used, kv_key * n_local + local.long(), n_keys).reshape(-1)  # n_keys: unused
+    entries = ((heads % group).view(1, hq, 1, 1) * items + torch.arange(items, device=device).view(1, 1, items, 1))
     width = 1 << 32
-    order = torch.sort(keys * width + entries).values
-    counts = torch.zeros(n_keys + 1, dtype=torch.long, device=keys.device).scatter_add_(0, keys, torch.ones_like(keys))
+    order = torch.sort(keys * width + entries.expand_as(used).reshape(-1)).values
+    counts = torch.zeros(n_keys + 1, dtype=torch.long, device=device).scatter_add_(0, keys, torch.ones_like(keys))
     offsets = torch.nn.functional.pad(counts[:-1].cumsum(0), (1, 0))
     return offsets.int(), (order % width).int()
 
 
-def _exact_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int) -> tuple[Tensor, Tensor]:
+def _exact_lists(plan: Plan, tab: _Tables, hkv: int) -> tuple[Tensor, Tensor]:
     """For each (batch, KV head, key block): the group's selected blocks that list it as exact, ``g * c + jj``."""
-    group, c = hq // hkv, tab.c_blocks
-    device = tab.eb.device
-    kv_key = (torch.arange(bsz, device=device).view(-1, 1) * hkv + torch.arange(hq, device=device) // group)
-    keys = kv_key.view(bsz, hq, 1, 1) * plan.nkb + tab.eb.long()
-    used = (tab.eb >= 0) & (tab.active != 0).unsqueeze(-1)
-    n_keys = bsz * hkv * plan.nkb
-    entries = ((torch.arange(hq, device=device) % group).view(1, hq, 1, 1) * c
-               + torch.arange(c, device=device).view(1, 1, c, 1)).expand_as(keys)
-    return _transposed(torch.where(used, keys, n_keys), entries, n_keys)
+    return _group_lists(tab.eb, (tab.eb >= 0) & (tab.active != 0).unsqueeze(-1), hkv, plan.nkb)
 
 
-def _lsh_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int, nq: int, nk: int) -> tuple[Tensor, Tensor, int]:
+def _lsh_lists(plan: Plan, tab: _Tables, hkv: int, nq: int, nk: int) -> tuple[Tensor, Tensor, int]:
     """For each (batch, KV head, tile of sorted key slots): the group's tiles of sorted rows whose ranges reach it.
 
     Entries ``g * n_row_tiles + tile``; also ``n_row_tiles``. A tile's rows (BLOCK_M <=
@@ -629,9 +633,8 @@ def _lsh_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int, nq: int, n
     (two more are listed as slack; unused ones are dropped).
     """
     bm, bn = _BWD["BLOCK_M"], _BWD["BLOCK_N"]
-    group = hq // hkv
-    device = tab.lo.device
-    n_rt, n_kt = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    bsz, hq = tab.lo.shape[:2]
+    n_rt = triton.cdiv(nq, bm)
     order = tab.q_order.long()
     lo_s, hi_s = tab.lo.long().gather(2, order), tab.hi.long().gather(2, order)
     busy = (lo_s < hi_s) & (order >= plan.first * plan.block)
@@ -639,14 +642,9 @@ def _lsh_lists(plan: Plan, tab: _Tables, bsz: int, hq: int, hkv: int, nq: int, n
     start = torch.nn.functional.pad(torch.where(busy, lo_s, nk), (0, pad), value=nk).reshape(bsz, hq, n_rt, bm).amin(-1)
     end = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad)).reshape(bsz, hq, n_rt, bm).amax(-1)
     width = LSH_TILES * plan.block // bn + 2
-    kt = (start // bn).unsqueeze(-1) + torch.arange(width, device=device)
+    kt = (start // bn).unsqueeze(-1) + torch.arange(width, device=start.device)
     used = (start < end).unsqueeze(-1) & (kt * bn < end.unsqueeze(-1))
-    kv_key = (torch.arange(bsz, device=device).view(-1, 1) * hkv + torch.arange(hq, device=device) // group)
-    n_keys = bsz * hkv * n_kt
-    keys = torch.where(used, kv_key.view(bsz, hq, 1, 1) * n_kt + kt, n_keys)
-    entries = ((torch.arange(hq, device=device) % group).view(1, hq, 1, 1) * n_rt
-               + torch.arange(n_rt, device=device).view(1, 1, n_rt, 1)).expand_as(keys)
-    offsets, listed = _transposed(keys, entries, n_keys)
+    offsets, listed = _group_lists(kt, used, hkv, triton.cdiv(nk, bn))
     return offsets, listed, n_rt
 
 
@@ -689,11 +687,11 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
         tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq, group, hkv, nq, nk, plan.offset, plan.first,
         row0, n_rows, tab.c_blocks, tab.num_e, plan.chunk_blocks, tab.num_chunks, tab.s_pad, scale,
         CAUSAL=plan.causal, **meta)
-    offsets, entries = _exact_lists(plan, tab, bsz, hq, hkv)
+    offsets, entries = _exact_lists(plan, tab, hkv)
     _EXACT_DKV[lambda m: (plan.nkb * (t // m["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, offsets, entries, *strides, hq, group, hkv, nq, nk, plan.nkb,
         plan.offset, plan.first, row0, n_rows, tab.c_blocks, scale, CAUSAL=plan.causal, **meta)
-    offsets, entries, n_rt = _lsh_lists(plan, tab, bsz, hq, hkv, nq, nk)
+    offsets, entries, n_rt = _lsh_lists(plan, tab, hkv, nq, nk)
     _LSH_DKV[(triton.cdiv(nk, _BWD["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, offsets, entries,
         *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, n_rt, scale, **meta,
@@ -845,18 +843,14 @@ def attend_rows_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan
     device = q.device
     c, r = rows.shape[2], rows.shape[3]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    g_idx, g_logw, g_slot, k_g, v_g, s_pad = _gathered(k, v, sel, lsh)
     out = torch.empty(bsz, hq, c, r, dim, device=device, dtype=torch.float32)
     lse = torch.empty(bsz, hq, c, r, device=device, dtype=torch.float32)
     if c == 0:
         return out, lse
-    win_lo, win_hi = plan.win_lo.to(device=device, dtype=torch.int32), plan.win_hi.to(device=device, dtype=torch.int32)
-    _ROWS[(c, bsz * hq)](q, k, v, k_g, v_g, out, lse, rows.int().contiguous(), sel.blocks.int().contiguous(),
-                         sel.exact_blocks.int().contiguous(), win_lo, win_hi, g_idx, g_logw, g_slot,
-                         lsh.lo.int().contiguous(), lsh.hi.int().contiguous(), lsh.order.int().contiguous(),
-                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                         v.stride(0), v.stride(1), v.stride(2),
-                         hq, hq // hkv, hkv, nq, nk, plan.offset, c, r, sel.exact_blocks.shape[-1], plan.chunk_blocks,
-                         sel.gather_idx.shape[2], s_pad, scale, CAUSAL=plan.causal, HEAD_DIM=dim, T=plan.block,
-                         RP=max(16, triton.next_power_of_2(r)), PRECISION=_precision(q.dtype))
+    tab = _Tables(k, v, plan, sel, lsh)
+    _ROWS[(c, bsz * hq)](q, k, v, tab.k_g, tab.v_g, out, lse, rows.int().contiguous(), sel.blocks.int().contiguous(),
+                         tab.eb, tab.win_lo, tab.win_hi, tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi,
+                         tab.k_order, *_strides(q, k, v), hq, hq // hkv, hkv, nq, nk, plan.offset, c, r, tab.num_e,
+                         plan.chunk_blocks, tab.num_chunks, tab.s_pad, scale, CAUSAL=plan.causal, HEAD_DIM=dim,
+                         T=plan.block, RP=max(16, triton.next_power_of_2(r)), PRECISION=_precision(q.dtype))
     return out, lse
