@@ -177,22 +177,30 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
 
 
 @triton.jit
-def _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0, BLOCK_M: tl.constexpr):
-    # A program's tile of bucket-sorted rows (rows before row0 are not the function's), their
-    # LSH ranges and the sorted key slots [start, end) the tile spans.
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // num_heads
-    h = bh % num_heads
-    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _lsh_rows(QORDER, LO, HI, bh, tile, nq, row0, first, c_blocks, BLOCK_M: tl.constexpr, T: tl.constexpr):
+    # Tile `tile` of head bh's bucket-sorted rows (rows before row0 are not the function's),
+    # their LSH ranges and the selected block of each (for its exact blocks).
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     s_ok = slots < nq
     rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
     row_ok = s_ok & (rows >= row0)
     lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
     hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
     busy = row_ok & (lo < hi)
+    return rows, row_ok, lo, hi, busy, bh * c_blocks + tl.where(busy, rows // T - first, 0)
+
+
+@triton.jit
+def _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0, first, c_blocks, BLOCK_M: tl.constexpr,
+              T: tl.constexpr):
+    # A row-outer program's tile (_lsh_rows) and the sorted key slots [start, end) it spans.
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % num_heads
+    rows, row_ok, lo, hi, busy, sel = _lsh_rows(QORDER, LO, HI, bh, tl.program_id(0), nq, row0, first, c_blocks,
+                                                BLOCK_M, T)
     start = tl.min(tl.where(busy, lo, 2147483647), 0)
     end = tl.max(tl.where(busy, hi, 0), 0)
-    return b, h, h // group, bh, rows, row_ok, lo, hi, busy, start, end
+    return bh // num_heads, h, h // group, bh, rows, row_ok, lo, hi, busy, sel, start, end
 
 
 @triton.jit
@@ -210,6 +218,16 @@ def _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e):
 
 
 @triton.jit
+def _lsh_keys(K, V, ORDER, EB, ks, end, k_base, v_base, stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e,
+              T: tl.constexpr):
+    # A tile of sorted key slots ks (below end) of a row tile's span: its keys and values,
+    # read through the sort order, and which (row, slot) pairs the LSH pass scores.
+    k_ok = ks < end
+    cols, k, v = _sorted_kv(K, V, ORDER, ks, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+    return k, v, _lsh_mask(EB, ks, cols // T, lo, hi, busy, sel, num_e)
+
+
+@triton.jit
 def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -220,22 +238,18 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
     # through the sort order: sorted copies of K and V cost more to make, 0.9 ms at 131k,
     # than they saved here, 0.3), minus each row's exact blocks; stored at the rows'
     # original positions, where the sparse kernel merges it with the rest.
-    b, h, kvh, bh, rows, row_ok, lo, hi, busy, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
-                                                                       BLOCK_M)
+    b, h, kvh, bh, rows, row_ok, lo, hi, busy, sel, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
+                                                                            first, c_blocks, BLOCK_M, T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = qk_scale * 1.4426950408889634
     q, acc, m_i, l_i, k_base, v_base = _start(Q, b, h, kvh, rows, row_ok, stride_qb, stride_qh, stride_qn, stride_kb,
                                               stride_kh, stride_vb, stride_vh, BLOCK_M, HEAD_DIM)
-    sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
     # No test for key tiles that meet no row's range (a tile straddling two buckets): such
     # gaps are rare, and a branch around the product would stop the loop's pipelining.
     for n0 in range(start, end, BLOCK_N):
-        ks = n0 + offs_n
-        k_ok = ks < end
-        cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
-                                stride_vn, offs_d)
-        valid = _lsh_mask(EB, ks, cols // T, lo, hi, busy, sel, num_e)
+        k, v, valid = _lsh_keys(K, V, KORDER + (b * kv_heads + kvh) * nk, EB, n0 + offs_n, end, k_base, v_base,
+                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, T)
         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
@@ -286,8 +300,8 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
     # This launch visits every row first, so it also finds and stores each row's delta,
     # rowsum(dO * out) minus the LSE's gradient, which every later launch reads (a
     # separate pass in PyTorch cost 5 ms at 131k: fp32 copies of dO and out).
-    b, h, kvh, bh, rows, row_ok, lo, hi, busy, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
-                                                                       BLOCK_M)
+    b, h, kvh, bh, rows, row_ok, lo, hi, busy, sel, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
+                                                                            first, c_blocks, BLOCK_M, T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634
@@ -298,16 +312,12 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
     if HAS_DLSE:
         delta -= tl.load(DLSE + flat, mask=row_ok, other=0.0)
     tl.store(DELTA + flat, delta, mask=row_ok)
-    sel = bh * c_blocks + tl.where(busy, rows // T - first, 0)
     k_base = b * stride_kb + kvh * stride_kh
     v_base = b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        ks = n0 + offs_n
-        k_ok = ks < end
-        cols, k, v = _sorted_kv(K, V, KORDER + (b * kv_heads + kvh) * nk, ks, k_ok, k_base, v_base, stride_kn,
-                                stride_vn, offs_d)
-        valid = _lsh_mask(EB, ks, cols // T, lo, hi, busy, sel, num_e)
+        k, v, valid = _lsh_keys(K, V, KORDER + (b * kv_heads + kvh) * nk, EB, n0 + offs_n, end, k_base, v_base,
+                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, T)
         dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
     tl.store(DQL + flat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=row_ok[:, None])
 
@@ -425,14 +435,9 @@ def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB
         entry = tl.load(ENTRIES + i)
         h = kvh * group + entry // n_row_tiles
         bh = b * num_heads + h
-        slots = (entry % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        s_ok = slots < nq
-        rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
-        row_ok = s_ok & (rows >= row0)
-        lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
-        hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
-        busy = row_ok & (lo < hi)
-        valid = _lsh_mask(EB, ks, kblk, lo, hi, busy, bh * c_blocks + tl.where(busy, rows // T - first, 0), num_e)
+        rows, row_ok, lo, hi, busy, sel = _lsh_rows(QORDER, LO, HI, bh, entry % n_row_tiles, nq, row0, first,
+                                                    c_blocks, BLOCK_M, T)
+        valid = _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e)
         q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb,
                                         stride_qh, stride_qn, offs_d, HEAD_DIM)
         dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
