@@ -124,3 +124,51 @@ def test_backward_kernels_under_the_interpreter_match_reference_gradients():
     for *errors, finite in results:
         assert finite
         assert max(errors) < 1e-5, errors
+
+
+_DRIVER_GRAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    sys.path.insert(0, "tests")
+    from conftest import qkv, rel_err
+    import hyperattn as ha
+    from hyperattn.methods import structured as M
+
+    results = []
+    for causal, nq, nk, max_error in json.loads(sys.argv[1]):
+        q, k, v = qkv(1, 4, 2, nq, nk, 32, seed=5)
+        k[:, :, 0] *= 4
+        k[:, :, 500] = q[:, 0, nq - 1].mean(0) * 3
+        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512)
+        w_out = torch.randn(nq, 32, generator=torch.Generator().manual_seed(2))
+        w_lse = torch.randn(nq, generator=torch.Generator().manual_seed(3))
+        grads, exact_chunks = [], []
+        for kernels in (False, True):
+            M._kernels_ok = lambda x, kernels=kernels: kernels
+            x = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, lse, stats = M.run(*x, 32 ** -0.5, causal, cfg, 0)
+            ((out * w_out).sum() + (lse * w_lse).sum()).backward()
+            grads.append([t.grad for t in x])
+            exact_chunks.append(int(stats.exact_chunks.sum()))
+        results.append({"err": [rel_err(m, r) for m, r in zip(*grads)], "exact_chunks": exact_chunks,
+                        "finite": all(bool(torch.isfinite(g).all()) for g in grads[1])})
+    print(json.dumps(results))
+""")
+
+# (causal, Nq, Nk, max_error): rows before min_seq_len exact in the same Function as the
+# attention step (causal), none (Nq < Nk, not causal), and the guard's exact chunks written
+# over the step's output.
+DRIVER_GRAD_CASES = [(True, 1100, 1100, None), (False, 600, 800, None), (True, 1100, 1100, 0.05)]
+
+
+def test_driver_gradient_on_the_kernels_matches_the_reference_driver():
+    # Under autograd on the kernels one Function owns every row (the attention step and the
+    # exact rows before min_seq_len); its gradients equal the reference driver's autograd,
+    # fp32, a loss on out and lse: the same terms in another order (1e-5, as above).
+    results = run_interpreted(_DRIVER_GRAD_SCRIPT, json.dumps(DRIVER_GRAD_CASES), timeout=900)
+    assert len(results) == len(DRIVER_GRAD_CASES)
+    for case, got in zip(DRIVER_GRAD_CASES, results):
+        assert got["finite"], case
+        assert got["exact_chunks"][0] == got["exact_chunks"][1], (case, got)
+        assert max(got["err"]) < 1e-5, (case, got)
+    assert results[2]["exact_chunks"][0] > 0  # the guard case writes exact chunks over the step

@@ -236,26 +236,23 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         2, (row_block // plan.chunk_blocks).expand(bsz, hq, -1))
     lsh = sel_ref.Lsh(lsh.order, lsh.slot, torch.where(row_active, lsh.lo, 0), torch.where(row_active, lsh.hi, 0),
                       lsh.q_order)
-    out_a, lse_a = attend_impl.attend(qc, kc, vc, scale, plan, sel, lsh)
     if need_stats or config.max_error is not None:
         pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
+    # 1. Rows before min_seq_len: exact. Under autograd on the kernels one Function computes
+    #    them with the attention step into one buffer (_KernelStep).
+    owned = backward_on_kernels(q, config) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if owned:
+        out, lse = _KernelStep.apply(*(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)), scale,
+                                     causal, plan, sel, lsh, need_lse)
+        lse = lse if need_lse else None
+    else:
+        out, lse = _assemble(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels, need_lse)
 
-    # 1 and 5. Exact rows: before min_seq_len, and the chunks the guard sent to exact.
-    out = _trailing_rows_of(out_a, nq) if out_a.dtype == q.dtype and not out_a.requires_grad else None
-    if out is None:
-        out = torch.empty(bsz, hq, nq, v.shape[-1], dtype=q.dtype, device=device)
-        out[:, :, first_row:] = out_a.to(q.dtype)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty(bsz, hq, nq, dtype=lse_dtype, device=device) if need_lse or not kernels else None
-    if lse is not None:
-        lse[:, :, first_row:] = lse_a
-    if first_row > 0:
-        k_end = max(first_row + plan.offset, 0) if causal else nk
-        o, l = exact(q[:, :, :first_row], k[:, :, :k_end], v[:, :, :k_end], scale, causal, need_lse)
-        out[:, :, :first_row] = o
-        if lse is not None:
-            lse[:, :, :first_row] = l if l is not None else 0.0
+    # 5. The chunks the guard sent to exact (written over the step's inactive rows).
     exact_chunk = chunk_ok & ~approx_chunk
+    if owned and (maybe_exact if config.max_error is None else bool(exact_chunk.any())):
+        # The writes below change rows of the step's output in place, which its backward saved.
+        out, lse = out.clone(), (lse.clone() if lse is not None else None)
     if config.max_error is None:
         # The chunks that may run exact, all heads in one SDPA call each, kept where the
         # measured cost chose exact: selected on the GPU, no host wait.
@@ -294,6 +291,85 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
                            exact_chunks=exact_chunk)
     return out, lse, stats
+
+
+def _exact_head(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, plan, need_lse: bool):
+    """Exact attention of the rows before the selection's first block (``row0`` of them, may be 0)."""
+    row0 = min(plan.first * plan.block, q.shape[2])
+    k_end = max(row0 + plan.offset, 0) if causal else k.shape[2]
+    if row0 == 0:
+        return 0, k_end, (None, None)
+    return row0, k_end, exact(q[:, :, :row0], k[:, :, :k_end], v[:, :, :k_end], scale, causal, need_lse)
+
+
+def _assemble(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, kernels: bool, need_lse: bool):
+    """``out, lse`` of every row: the attention step's rows (on ``step_inputs``), after the exact rows before them."""
+    bsz, hq, nq, _ = q.shape
+    out_a, lse_a = attend_impl.attend(*step_inputs, scale, plan, sel, lsh)
+    first_row = nq - out_a.shape[2]
+    out = _trailing_rows_of(out_a, nq) if out_a.dtype == q.dtype and not out_a.requires_grad else None
+    if out is None:
+        out = torch.empty(bsz, hq, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+        out[:, :, first_row:] = out_a.to(q.dtype)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty(bsz, hq, nq, dtype=lse_dtype, device=q.device) if need_lse or not kernels else None
+    if lse is not None:
+        lse[:, :, first_row:] = lse_a
+    if first_row > 0:
+        _, _, (o, l) = _exact_head(q, k, v, scale, causal, plan, need_lse)
+        out[:, :, :first_row] = o
+        if lse is not None:
+            lse[:, :, :first_row] = l if l is not None else 0.0
+    return out, lse
+
+
+class _KernelStep(torch.autograd.Function):
+    """The attention step on the Triton kernels and the exact rows before it, as one output, with their gradient.
+
+    One buffer holds every row, so autograd copies and adds nothing around the parts (as
+    separate pieces, the step's rows copied into a full-length output and the exact rows'
+    slices of q, k, v, their gradients' zero-fills, copies and adds cost ~8 ms of a 77 ms
+    step at 131k). The exact rows' gradient comes from recomputing them in the backward
+    (``row0`` x ``row0`` causal: a small share of the step).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, plan, sel, lsh, need_lse):
+        from ..kernels.sparse import attend_forward
+
+        out, lse, tab = attend_forward(q, k, v, scale, plan, sel, lsh)
+        row0, k_end, (o, l) = _exact_head(q, k, v, scale, causal, plan, need_lse)
+        if row0:
+            out[:, :, :row0] = o
+            if l is not None:
+                lse[:, :, :row0] = l
+        ctx.set_materialize_grads(False)  # an unused output (often the LSE) costs no zero tensor
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.causal, ctx.plan, ctx.tab, ctx.row0, ctx.k_end = scale, causal, plan, tab, row0, k_end
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from ..kernels.sparse import attend_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        row0, k_end = ctx.row0, ctx.k_end
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv = attend_backward(q, k, v, out, lse, grad_out, None if grad_lse is None else grad_lse[:, :, row0:],
+                                     ctx.scale, ctx.plan, ctx.tab)
+        if row0:
+            with torch.enable_grad():
+                parts = [x.detach().requires_grad_() for x in (q[:, :, :row0], k[:, :, :k_end], v[:, :, :k_end])]
+                o, l = exact(*parts, ctx.scale, ctx.causal, grad_lse is not None)
+                outs, grads = [o], [grad_out[:, :, :row0]]
+                if grad_lse is not None:
+                    outs.append(l)
+                    grads.append(grad_lse[:, :, :row0])
+                gq, gk, gv = torch.autograd.grad(outs, parts, grads)
+            dq[:, :, :row0] = gq
+            dk[:, :, :k_end] += gk
+            dv[:, :, :k_end] += gv
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 @functools.lru_cache(maxsize=64)
