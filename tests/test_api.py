@@ -193,12 +193,12 @@ def test_exact_attention_validates_too():
 
 @pytest.mark.parametrize("limit", [11 * 700 * 3, 1], ids=["kv-group-chunks", "single-head-chunks"])
 def test_peer_patterns_run_in_head_chunks_when_masks_are_large(monkeypatch, limit):
-    import hyperattn.ops as ops
+    from hyperattn.methods import peers
 
     q, k, v = qkv(2, 6, 2, 700, 700, 16, seed=9)
     cfg = ha.HyperAttentionConfig(method="vertical_slash", min_seq_len=128, seed=3)
     whole = ha.hyper_attention(q, k, v, causal=True, config=cfg)
-    monkeypatch.setattr(ops, "_MASK_ELEMENTS", limit)
+    monkeypatch.setattr(peers, "_MASK_ELEMENTS", limit)
     out, lse, stats = ha.hyper_attention(q, k, v, causal=True, config=cfg, return_lse=True, return_stats=True)
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     assert stats.est_error.shape == (2, 6) and stats.exact_heads.shape == (2, 6)
@@ -208,12 +208,12 @@ def test_peer_patterns_run_in_head_chunks_when_masks_are_large(monkeypatch, limi
 
 def test_structured_needs_no_head_chunks(monkeypatch):
     # It works on index lists in chunks of query blocks: the mask bound of the peers does not apply.
-    import hyperattn.ops as ops
+    from hyperattn.methods import peers
 
     q, k, v = qkv(2, 6, 2, 700, 700, 16, seed=9)
     cfg = ha.HyperAttentionConfig(min_seq_len=128, seed=3)
     whole = ha.hyper_attention(q, k, v, causal=True, config=cfg)
-    monkeypatch.setattr(ops, "_MASK_ELEMENTS", 1)
+    monkeypatch.setattr(peers, "_MASK_ELEMENTS", 1)
     assert torch.equal(ha.hyper_attention(q, k, v, causal=True, config=cfg), whole)
     full = ha.hyper_attention(q, k, v, causal=True, config=cfg.replace(sample_size=10**6))
     assert torch.allclose(full, ha.exact_attention(q, k, v, causal=True), atol=FP32_ATOL)
@@ -221,12 +221,13 @@ def test_structured_needs_no_head_chunks(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_method_without_kernels_warns_on_long_cuda_inputs(monkeypatch):
-    from hyperattn import ops
+    from hyperattn.methods import peers
 
-    monkeypatch.setattr(ops, "_SLOW_ON_CUDA", 128)
+    monkeypatch.setattr(peers, "_SLOW_ON_CUDA", 128)
     q, k, v = qkv(1, 2, 1, 256, 256, 32, device="cuda")
-    with pytest.warns(UserWarning, match="no GPU kernel"):
+    with pytest.warns(UserWarning, match="no GPU kernel") as caught:
         ha.hyper_attention(q, k, v, causal=True, config=ha.HyperAttentionConfig(method="streaming", seed=0))
+    assert caught[0].filename == __file__  # it points at the caller's line
 
 
 @pytest.mark.parametrize("method", ha.METHODS)

@@ -270,3 +270,38 @@ def test_backward_kernels_under_the_interpreter_match_reference(chunk_tiles):
         assert result["finite"]
         assert result["out"] < FP32_RTOL
         assert max(result["grads"]) < FP32_RTOL
+
+
+_DRIVER = textwrap.dedent("""
+    import json, sys
+    import torch
+    import hyperattn as ha
+    from hyperattn.methods import hyper as H
+
+    results = []
+    for causal in json.loads(sys.argv[1]):
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, h, 100, 16, generator=gen) for h in (4, 2, 2))
+        cfg = ha.HyperAttentionConfig(method="hyper", block_size=16, sample_size=8, lsh_num_projs=3, min_seq_len=16,
+                                      seed=0)
+        w_out, w_lse = torch.randn(100, 16, generator=gen), torch.randn(100, generator=gen)
+        grads = []
+        for kernels in (True, False):
+            H.kernel_supported = (lambda q, c: None) if kernels else (lambda q, c: "reference")
+            x = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, lse = ha.hyper_attention(*x, causal=causal, config=cfg, return_lse=True)
+            ((out * w_out).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * w_lse).sum()).backward()
+            grads.append([t.grad for t in x])
+        results.append([float((m - r).norm() / r.norm()) for m, r in zip(*grads)])
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: the compiled kernels are tested above")
+def test_driver_function_under_the_interpreter_matches_the_reference():
+    # The driver's autograd.Function (kernels forward, backward kernels on the forward's
+    # selection) through the public call, against the reference's autograd on the same draws.
+    results = run_interpreted(_DRIVER, json.dumps([True, False]))
+    assert len(results) == 2
+    for errors in results:
+        assert max(errors) < FP32_RTOL, errors

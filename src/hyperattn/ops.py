@@ -8,7 +8,6 @@ lengths, ``D`` head dim.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable
 
 import torch
@@ -17,8 +16,7 @@ from torch import Tensor
 
 from .config import HyperAttentionConfig
 from .stats import AttentionStats
-from .reference.exact import attention_lse, exact_pairs
-from .reference.hyper import causal_plan, hyper_attention_reference, noncausal_plan, scored_pairs
+from .reference.exact import attention_lse
 
 __all__ = ["hyper_attention", "exact_attention", "AttentionStats"]
 
@@ -104,88 +102,11 @@ def _check_finite(q: Tensor, k: Tensor, v: Tensor) -> None:
                                  "(pass config=HyperAttentionConfig(check_finite=False) to skip this check)")
 
 
-def _run_exact(q, k, v, scale, causal, config, seed, need_lse=True):
-    from .methods.exact import exact
+def _driver(method: str) -> Callable:
+    """The driver of ``method`` (:mod:`hyperattn.methods`), imported on first use (the CUDA paths need triton)."""
+    from .methods import exact, hyper, peers, structured
 
-    out, lse = exact(q, k, v, scale, causal, need_lse)
-    zeros = torch.zeros(q.shape[0], q.shape[1], device=q.device)
-    stats = AttentionStats("exact", exact_pairs(0, q.shape[2], q.shape[2], k.shape[2], causal) / q.shape[2], zeros,
-                           torch.ones_like(zeros, dtype=torch.bool))
-    return out, lse, stats
-
-
-def _run_hyper(q, k, v, scale, causal, config, seed, head_offset=0, total_heads=None):
-    nq, nk = q.shape[2], k.shape[2]
-    min_len = config.effective_min_seq_len
-    if q.is_cuda and q.dtype != torch.float64:
-        from .kernels import dispatch as kernel_dispatch  # imported lazily: needs triton
-        out, lse = kernel_dispatch.hyper_attention_cuda(q, k, v, scale=scale, causal=causal, config=config,
-                                                        seed=seed, head_offset=head_offset, total_heads=total_heads)
-    else:
-        out, lse = hyper_attention_reference(q, k, v, scale=scale, causal=causal, block_size=config.block_size,
-                                             sample_size=config.sample_size, num_projs=config.lsh_num_projs,
-                                             min_seq_len=min_len, seed=seed, head_offset=head_offset,
-                                             total_heads=total_heads)
-    plan = causal_plan(nq, nk, min_len) if causal else noncausal_plan(nq, nk, min_len)
-    pairs = scored_pairs(plan, config.block_size, config.sample_size, nq, nk)
-    nan = torch.full((q.shape[0], q.shape[1]), float("nan"), device=q.device)
-    return out, lse, AttentionStats("hyper", pairs / nq, nan, torch.zeros_like(nan, dtype=torch.bool))
-
-
-# Keys past which a method without kernels (the peer patterns) warns on CUDA: their PyTorch
-# references take seconds per call there.
-_SLOW_ON_CUDA = 16384
-
-# Elements of one (B, Hq, Nq/64, Nk) selection mask the peer patterns may build per call;
-# larger calls run in chunks of heads so memory stays bounded. (The structured method works
-# on index lists in chunks of query blocks and needs no such split.)
-_MASK_ELEMENTS = 1 << 27
-
-
-def _in_head_chunks(runner: Callable) -> Callable:
-    """Run ``runner`` on chunks of (batch, heads) whose selection masks fit ``_MASK_ELEMENTS``.
-
-    Chunks are whole KV-head groups where they fit, else single query heads; each chunk
-    draws from its own seed derived from ``seed``, so results stay reproducible and the
-    same on every device. Calls that fit run whole, unchanged.
-    """
-
-    def run(q, k, v, scale, causal, config, seed):
-        bsz, hq, nq, _ = q.shape
-        hkv = k.shape[1]
-        group = hq // hkv
-        fit = max(1, _MASK_ELEMENTS // (math.ceil(nq / 64) * k.shape[2]))
-        if bsz * hq <= fit:
-            return runner(q, k, v, scale, causal, config, seed)
-        step = group * min(hkv, fit // group) if fit >= group else max(d for d in range(1, group + 1)
-                                                                        if group % d == 0 and d <= fit)
-        outs, lses, stats = [], [], []
-        for b in range(bsz):
-            for h0 in range(0, hq, step):
-                kv = slice(h0 // group, (h0 + step - 1) // group + 1)
-                chunk_seed = (seed + 1_000_003 * len(stats)) % 2**62
-                o, l, st = runner(q[b:b + 1, h0:h0 + step], k[b:b + 1, kv], v[b:b + 1, kv], scale, causal, config,
-                                  chunk_seed)
-                outs.append(o)
-                lses.append(l)
-                stats.append(st)
-        out = torch.cat(outs, dim=1).reshape(bsz, hq, *outs[0].shape[2:])
-        lse = torch.cat(lses, dim=1).reshape(bsz, hq, nq)
-        merged = AttentionStats(
-            stats[0].method,
-            sum(st.keys_per_query for st in stats) / len(stats),
-            torch.cat([st.est_error for st in stats], dim=1).reshape(bsz, hq),
-            torch.cat([st.exact_heads for st in stats], dim=1).reshape(bsz, hq),
-        )
-        return out, lse, merged
-
-    return run
-
-
-def _peer(name: str) -> Callable:
-    from .reference import peers
-
-    return _in_head_chunks(peers.RUNNERS[name])
+    return {"structured": structured.run, "hyper": hyper.run, "exact": exact.run}.get(method, peers.run)
 
 
 def hyper_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
@@ -279,21 +200,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | Non
     if _shape_only(q):
         return _pack(*_shape_only_result(q, v, cfg.method), return_lse, return_stats)
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    if q.is_cuda and cfg.method not in ("hyper", "exact", "structured") and k.shape[2] > _SLOW_ON_CUDA:
-        warnings.warn(f"hyper_attention: method={cfg.method!r} has no GPU kernel yet and runs its PyTorch "
-                      f"reference ({k.shape[2]} keys: seconds per call); method='hyper' runs Triton kernels",
-                      stacklevel=3)
-    if cfg.method == "structured":
-        from .methods import structured
-
-        out, lse, stats = structured.run(q, k, v, scale, causal, cfg, seed, need_lse=return_lse,
-                                         head_offset=head_offset, need_stats=return_stats)
-    elif cfg.method == "exact":
-        out, lse, stats = _run_exact(q, k, v, scale, causal, cfg, seed, need_lse=return_lse)
-    elif cfg.method == "hyper":
-        out, lse, stats = _run_hyper(q, k, v, scale, causal, cfg, seed, head_offset, total_heads)
-    else:
-        out, lse, stats = _peer(cfg.method)(q, k, v, scale, causal, cfg, seed)
+    out, lse, stats = _driver(cfg.method)(q, k, v, scale, causal, cfg, seed, need_lse=return_lse,
+                                          head_offset=head_offset, total_heads=total_heads, need_stats=return_stats)
     return _pack(out.to(q.dtype), lse, stats, return_lse, return_stats)
 
 

@@ -6,8 +6,11 @@
 - :mod:`~hyperattn.kernels.hyper`: the paper's method as a few launches;
 - :mod:`~hyperattn.kernels.selection`: the structured method's selection kernels (probe rows,
   their exact attention and column mass, pooled means, block scores, LSH ranges);
-- :mod:`~hyperattn.kernels.sparse`: its attention step in two Triton launches (inference);
+- :mod:`~hyperattn.kernels.sparse`: its attention step in Triton, two launches forward and
+  five backward;
 - :mod:`~hyperattn.kernels.structured`: the attention step's entry point, and its
-  differentiable engine in three FlexAttention passes;
-- :mod:`~hyperattn.kernels.dispatch`: the paper's method's entry point, fallbacks and autograd.
+  differentiable engine in three FlexAttention passes.
+
+Which backend runs, and the ``autograd.Function`` around it, is the method's driver's
+choice (:mod:`hyperattn.methods`).
 """

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference.exact import attention_lse
+from ..reference.exact import attention_lse, exact_pairs
+from ..stats import AttentionStats
 
-__all__ = ["exact"]
+__all__ = ["run", "exact"]
 
 
 def exact(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, need_lse: bool) -> tuple[Tensor, Tensor | None]:
@@ -31,3 +32,14 @@ def exact(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, need_lse:
         return out, None
     out, lse = attention_lse(q, k, v, scale, causal)
     return out.to(q.dtype), lse
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, seed: int, *, need_lse: bool = True,
+        head_offset: int = 0, total_heads: int | None = None, need_stats: bool = True
+        ) -> tuple[Tensor, Tensor | None, AttentionStats]:
+    """``method="exact"`` on validated inputs (:func:`exact`; the stats count every visible key)."""
+    out, lse = exact(q, k, v, scale, causal, need_lse)
+    zeros = torch.zeros(q.shape[0], q.shape[1], device=q.device)
+    stats = AttentionStats("exact", exact_pairs(0, q.shape[2], q.shape[2], k.shape[2], causal) / q.shape[2], zeros,
+                           torch.ones_like(zeros, dtype=torch.bool))
+    return out, lse, stats

@@ -82,10 +82,12 @@ def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, seed: int, need_lse: bool = True,
-        head_offset: int = 0, need_stats: bool = True) -> tuple[Tensor, Tensor | None, AttentionStats]:
+        head_offset: int = 0, need_stats: bool = True, total_heads: int | None = None
+        ) -> tuple[Tensor, Tensor | None, AttentionStats]:
     """``method="structured"`` on validated inputs.
 
-    ``head_offset`` numbers the heads globally (draws are per global head). Without the
+    ``head_offset`` numbers the heads globally (draws are per global head, so the total
+    count, ``total_heads``, changes nothing and is not used). Without the
     guard and with ``need_stats`` False the probe rows' trial is skipped (it only estimates
     the error) and nothing waits for the GPU: the output is the same, and the stats are
     placeholders (``est_error`` 0, ``keys_per_query`` NaN, ``exact_heads`` False). Without
