@@ -656,11 +656,11 @@ def _lsh_lists(plan: Plan, tab: _Tables, hkv: int, nq: int, nk: int) -> tuple[Te
     return offsets, listed, n_rt
 
 
-def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, grad_lse: Tensor | None,
-              scale: float, plan: Plan, tab: _Tables) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of the attention step, in the inputs' dtypes (dq zero before ``plan.first``).
+def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
+                    grad_lse: Tensor | None, scale: float, plan: Plan, tab: _Tables) -> tuple[Tensor, Tensor, Tensor]:
+    """The five backward launches: dq (zero before ``plan.first``), dk, dv in the inputs' dtypes.
 
-    ``out, lse``: the forward's full-length buffers; ``grad_out``: the gradient of every
+    ``out, lse, tab``: from :func:`attend_forward`; ``grad_out``: the gradient of every
     row, full-length (rows before ``plan.first`` are not read); ``grad_lse``: of the rows
     from ``plan.first`` on (``None``: zero).
     """
@@ -725,16 +725,6 @@ def attend_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, se
         tab = _Tables(k, v, plan, sel, lsh)
     out, lse = _forward(q, k, v, scale, plan, tab)
     return out, lse, tab
-
-
-def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
-                    grad_lse: Tensor | None, scale: float, plan: Plan, tab: _Tables) -> tuple[Tensor, Tensor, Tensor]:
-    """The five backward launches: dq (zero before ``plan.first``), dk, dv in the inputs' dtypes.
-
-    ``out, lse, tab``: from :func:`attend_forward`; ``grad_out``: full-length;
-    ``grad_lse``: of the rows from ``plan.first`` on, or ``None``.
-    """
-    return _backward(q, k, v, out, lse, grad_out, grad_lse, scale, plan, tab)
 
 
 class _Attend(torch.autograd.Function):
