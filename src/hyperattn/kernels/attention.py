@@ -77,10 +77,13 @@ def _sorted_kv(K, V, ORDER, slots, ok, k_base, v_base, stride_kn, stride_vn, off
 @triton.jit
 def _tile_update(acc, m_i, l_i, q, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr,
                  PRECISION: tl.constexpr):
-    # One online-softmax step over a key tile; logits in base 2.
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    # One online-softmax step over a key tile; logits in base 2. Unmasked, s_bias is added
+    # (one fused multiply-add): a scalar -inf drops a whole tile without a per-entry select.
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
     if MASKED:
-        s = tl.where(valid, s + s_bias, float("-inf"))
+        s = tl.where(valid, s * qk_scale + s_bias, float("-inf"))
+    else:
+        s = s * qk_scale + s_bias
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing visible yet keeps m = -inf; shifting by 0 keeps its weights at 0.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -305,10 +308,12 @@ def _gathered_attention_kernel(Q, K, V, ACC, OUT, LSE, PRIOR, QIDX, KIDX, TILES,
 
 @triton.jit
 def _tile_ds(q, do, lse2, delta, k, v, s_bias, valid, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    # P and dz (unscaled) of one (row tile, key tile).
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
+    # P and dz (unscaled) of one (row tile, key tile); unmasked, s_bias is added (as in _tile_update).
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], base 2 once scaled
     if MASKED:
-        s = tl.where(valid, s + s_bias, float("-inf"))
+        s = tl.where(valid, s * qk_scale + s_bias, float("-inf"))
+    else:
+        s = s * qk_scale + s_bias
     # lse2 is +inf on rows that see no key, so their P is 0 (not exp2(-inf - -inf) = NaN).
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]

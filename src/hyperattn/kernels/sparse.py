@@ -114,6 +114,24 @@ def _block_program(num_heads, group, first, nq, T: tl.constexpr):
 
 
 @triton.jit
+def _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL: tl.constexpr, T: tl.constexpr,
+                 BLOCK_N: tl.constexpr, NE_P: tl.constexpr):
+    # Selected block sel's exact-block tiles, the entries after the window's first (the top
+    # blocks), then the window's in ascending order: under exact_blocks' layout the tiles
+    # that need a mask (the diagonal's, a ragged last block) come last. The length of the
+    # leading run every row of block j sees whole (or padding, -1, which a scalar -inf drops).
+    TPB: tl.constexpr = T // BLOCK_N
+    tiles = tl.arange(0, NE_P * TPB)
+    kb_t = tl.load(EB + sel * num_e + (tiles // TPB + win_width) % tl.maximum(num_e, 1), mask=tiles < n_tiles,
+                   other=-1)
+    c0_t = kb_t * T + (tiles % TPB) * BLOCK_N
+    whole = c0_t + BLOCK_N <= nk
+    if CAUSAL:
+        whole = whole & (c0_t + BLOCK_N - 1 <= j * T + offset)
+    return tl.min(tl.where((tiles < n_tiles) & (kb_t >= 0) & ~whole, tiles, n_tiles), 0)
+
+
+@triton.jit
 def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -131,26 +149,17 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                                               stride_kh, stride_vb, stride_vh, T, HEAD_DIM)
     sel = bh * c_blocks + jj
     if tl.load(ACTIVE + sel) != 0:
-        # The exact blocks' tiles, the entries after the window's first (the top blocks),
-        # then the window's in ascending order: under exact_blocks' layout the tiles that
-        # need a mask (the diagonal's, a ragged last block) come last. The leading run of
-        # tiles every row sees whole (or padding, -1, whose scores a scalar -inf drops) is
-        # one unmasked loop the compiler can pipeline; the rest is masked.
+        # The exact blocks' tiles (_whole_tiles' order): the leading run every row sees
+        # whole is one unmasked loop the compiler can pipeline; the rest is masked.
         TPB: tl.constexpr = T // BLOCK_N
         n_tiles = num_e * TPB
-        tiles = tl.arange(0, NE_P * TPB)
-        kb_t = tl.load(EB + sel * num_e + (tiles // TPB + win_width) % tl.maximum(num_e, 1), mask=tiles < n_tiles,
-                       other=-1)
-        c0_t = kb_t * T + (tiles % TPB) * BLOCK_N
-        whole = c0_t + BLOCK_N <= nk
-        if CAUSAL:
-            whole = whole & (c0_t + BLOCK_N - 1 <= j * T + offset)
-        n_whole = tl.min(tl.where((tiles < n_tiles) & (kb_t >= 0) & ~whole, tiles, n_tiles), 0)
+        n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
         for t in range(0, n_whole):
             kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
             cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
             k, v = _kv_at(K, V, cols, cols < nk, k_base, v_base, stride_kn, stride_vn, offs_d)
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, kb >= 0, qk_scale, True, PRECISION)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, tl.where(kb >= 0, 0.0, float("-inf")), None,
+                                         qk_scale, False, PRECISION)
         for t in range(n_whole, n_tiles):
             kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
             cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
@@ -204,34 +213,35 @@ def _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0, first, c_blocks, BLOCK
 
 
 @triton.jit
-def _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e):
+def _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e, e0):
     # Which (row, sorted key slot) pairs the LSH pass scores: the slot in the row's range
     # [lo, hi), its key's block (kblk) not among the exact blocks of the row's selected
     # block (sel; rows not busy have none). Each row's exact blocks are reloaded per key
     # tile (from L1/L2): holding them as one [rows, blocks] tile and comparing in 3-D
-    # measured slower (4.2 against 3.9 ms at 131k).
+    # measured slower (4.2 against 3.9 ms at 131k). Entries before e0 are skipped: causal,
+    # they are the window's blocks, which start after every key of the row's range.
     valid = (ks[None, :] >= lo[:, None]) & (ks[None, :] < hi[:, None])
-    for e in range(num_e):
+    for e in range(e0, num_e):
         eb = tl.load(EB + sel * num_e + e, mask=busy, other=-1)
         valid = valid & (kblk[None, :] != eb[:, None])
     return valid
 
 
 @triton.jit
-def _lsh_keys(K, V, ORDER, EB, ks, end, k_base, v_base, stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e,
+def _lsh_keys(K, V, ORDER, EB, ks, end, k_base, v_base, stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, e0,
               T: tl.constexpr):
     # A tile of sorted key slots ks (below end) of a row tile's span: its keys and values,
     # read through the sort order, and which (row, slot) pairs the LSH pass scores.
     k_ok = ks < end
     cols, k, v = _sorted_kv(K, V, ORDER, ks, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
-    return k, v, _lsh_mask(EB, ks, cols // T, lo, hi, busy, sel, num_e)
+    return k, v, _lsh_mask(EB, ks, cols // T, lo, hi, busy, sel, num_e, e0)
 
 
 @triton.jit
 def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
-                num_heads, group, kv_heads, nq, nk, row0, first, c_blocks, num_e, qk_scale,
+                num_heads, group, kv_heads, nq, nk, row0, first, c_blocks, num_e, e0, qk_scale,
                 HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
     # A tile of bucket-sorted rows over the sorted key slots their ranges span (keys read
@@ -249,7 +259,7 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
     # gaps are rare, and a branch around the product would stop the loop's pipelining.
     for n0 in range(start, end, BLOCK_N):
         k, v, valid = _lsh_keys(K, V, KORDER + (b * kv_heads + kvh) * nk, EB, n0 + offs_n, end, k_base, v_base,
-                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, T)
+                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, e0, T)
         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
@@ -294,7 +304,7 @@ def _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_
 def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO, HI, EB,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
-                   num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, scale,
+                   num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, scale,
                    HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr):
     # dq of the LSH part for a tile of bucket-sorted rows (as _lsh_kernel), stored fp32 at
@@ -319,7 +329,7 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         k, v, valid = _lsh_keys(K, V, KORDER + (b * kv_heads + kvh) * nk, EB, n0 + offs_n, end, k_base, v_base,
-                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, T)
+                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, e0, T)
         dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
     tl.store(DQL + flat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=row_ok[:, None])
 
@@ -329,9 +339,9 @@ def _sparse_dq_kernel(Q, K, V, KG, VG, DO, LSE2, DELTA, DQL, DQ, EB, ACTIVE, WLO
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn,
                       num_heads, group, kv_heads, nq, nk, offset, first, row0, n_rows, c_blocks, num_e, chunk_blocks,
-                      num_chunks, s_pad, scale,
+                      num_chunks, s_pad, win_width, scale,
                       CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, NE_P: tl.constexpr):
     # dq of one selected block (as _sparse_kernel): its exact blocks' tiles and its chunk's
     # gathered columns, plus the LSH part _lsh_dq_kernel left in DQL; stored in q's dtype.
     jj, bh, b, h, kvh, j, rows, row_ok = _block_program(num_heads, group, first, nq, T)
@@ -345,16 +355,26 @@ def _sparse_dq_kernel(Q, K, V, KG, VG, DO, LSE2, DELTA, DQL, DQ, EB, ACTIVE, WLO
     dq = tl.zeros([T, HEAD_DIM], dtype=tl.float32)
     sel = bh * c_blocks + jj
     if tl.load(ACTIVE + sel) != 0:
-        for e in range(num_e):
-            kb = tl.load(EB + sel * num_e + e)
-            for n0 in range(0, T, BLOCK_N):
-                cols = tl.maximum(kb, 0) * T + n0 + offs_n
-                k_ok = (cols < nk) & (kb >= 0)
-                k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
-                valid = k_ok[None, :]
-                if CAUSAL:
-                    valid = valid & (cols[None, :] <= rows[:, None] + offset)
-                dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        # The exact blocks' tiles in _sparse_kernel's order: the run every row sees whole
+        # unmasked, then the rest masked.
+        TPB: tl.constexpr = T // BLOCK_N
+        n_tiles = num_e * TPB
+        n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
+        for t in range(0, n_whole):
+            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
+            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
+            k, v = _kv_at(K, V, cols, cols < nk, k_base, v_base, stride_kn, stride_vn, offs_d)
+            dq = _tile_dq(dq, q, do, lse2, delta, k, v, tl.where(kb >= 0, 0.0, float("-inf")), None, qk_scale,
+                          False, PRECISION)
+        for t in range(n_whole, n_tiles):
+            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
+            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
+            k_ok = (cols < nk) & (kb >= 0)
+            k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+            valid = k_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None] + offset)
+            dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
         wlo = tl.load(WLO + j)
         whi = tl.load(WHI + j)
         lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
@@ -411,7 +431,7 @@ def _exact_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, OFFSETS, ENTRIES,
 def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB, OFFSETS, ENTRIES,
                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
-                    num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, n_row_tiles, scale,
+                    num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, n_row_tiles, scale,
                     HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr):
     # dk, dv of BLOCK_N sorted key slots of one (batch, KV head) from every tile of sorted
@@ -439,7 +459,7 @@ def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB
         bh = b * num_heads + h
         rows, row_ok, lo, hi, busy, sel = _lsh_rows(QORDER, LO, HI, bh, entry % n_row_tiles, nq, row0, first,
                                                     c_blocks, BLOCK_M, T)
-        valid = _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e)
+        valid = _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e, e0)
         q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb,
                                         stride_qh, stride_qn, offs_d, HEAD_DIM)
         dk, dv = _tile_dkv(dk, dv, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, PRECISION)
@@ -501,13 +521,17 @@ def _prune(configs, named_args, **kwargs):
     # (the test suite): one config, as in kernels/attention.py, since each
     # tuned variant costs several compilations.
     tiled = all("BLOCK_N" in c.kwargs for c in configs)  # else the launch fixes the tiles
-    if tiled and named_args["Q"].dtype == torch.float32:
+    if tiled and named_args.get("Q", named_args.get("QS")).dtype == torch.float32:
         smallest = min(c.kwargs["BLOCK_N"] for c in configs)
         configs = [c for c in configs if c.kwargs["BLOCK_N"] == smallest]
     # A key tile never spans two key blocks (the sparse kernel walks a block in whole tiles).
     block = kwargs.get("T", named_args.get("T"))
     if tiled and block is not None:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= block] or configs[-1:]
+    # Gathered columns come in whole tiles: a chunk's list (s_pad, a multiple of 64) in key tiles.
+    s_pad = named_args.get("s_pad")
+    if tiled and s_pad is not None:
+        configs = [c for c in configs if s_pad % c.kwargs["BLOCK_N"] == 0] or configs[-1:]
     if os.environ.get("HYPERATTN_AUTOTUNE", "1") == "0":
         configs = configs[:1]
     return configs
@@ -525,7 +549,7 @@ _SPARSE = _autotuned(_sparse_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w,
                                       # (64 keys, 2 stages: two programs per SM, and 128 keys, 1 stage,
                                       # were tried: never the fastest at 131k on an H200.)
                                       for n, w, s in ((64, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2))],
-                     ["HEAD_DIM", "CAUSAL", "T", "PRECISION", "NE_P"], restore_value=["OUT", "LSE"])
+                     ["HEAD_DIM", "CAUSAL", "T", "PRECISION", "NE_P", "s_pad"], restore_value=["OUT", "LSE"])
 _LSH = _autotuned(_lsh_kernel, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                                 for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2), (64, 64, 4, 1),
                                                    (32, 64, 4, 1), (64, 32, 4, 2))],
@@ -543,15 +567,17 @@ def _tiles(shapes):
 _BWD = dict(BLOCK_M=64, BLOCK_N=64)
 _TILE_SHAPES = ((64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2))
 _KEY = ["HEAD_DIM", "CAUSAL", "T", "PRECISION"]
+_GATHERED_KEY = _KEY + ["s_pad"]
 _LSH_DQ = _autotuned(_lsh_dq_kernel, _tiles(((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2))),
                      ["HEAD_DIM", "T", "PRECISION"])
 _SPARSE_DQ = _autotuned(_sparse_dq_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-                                            for n, w, st in ((64, 8, 2), (32, 4, 2), (64, 4, 2), (128, 8, 1))], _KEY)
+                                            for n, w, st in ((64, 8, 2), (32, 4, 2), (64, 4, 2), (128, 8, 1))],
+                        _GATHERED_KEY + ["NE_P"])
 _EXACT_DKV = _autotuned(_exact_dkv_kernel, _tiles(_TILE_SHAPES), _KEY)
 _LSH_DKV = _autotuned(_lsh_dkv_kernel,
                       [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (4, 3))],
                       ["HEAD_DIM", "T", "PRECISION", "BLOCK_M", "BLOCK_N"], restore_value=["DK", "DV"])
-_GATHERED_DKV = _autotuned(_gathered_dkv_kernel, _tiles(_TILE_SHAPES), _KEY, restore_value=["DK", "DV"])
+_GATHERED_DKV = _autotuned(_gathered_dkv_kernel, _tiles(_TILE_SHAPES), _GATHERED_KEY, restore_value=["DK", "DV"])
 
 class _Tables:
     """The selection as the kernels read it (int32, contiguous), built once per call and kept for the backward."""
@@ -562,6 +588,9 @@ class _Tables:
         self.num_chunks = sel.gather_idx.shape[2]
         self.c_blocks = sel.blocks.shape[2]
         self.num_e = sel.exact_blocks.shape[-1]
+        # Causal, a row's LSH range ends before its block's window: the LSH passes skip the
+        # window's entries of the exact blocks (exact_blocks puts them first).
+        self.lsh_e0 = min(plan.win_width, self.num_e) if plan.causal else 0
         self.eb = sel.exact_blocks.int().contiguous()
         self.active = sel.active.to(torch.int8).contiguous()
         self.lo, self.hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
@@ -593,7 +622,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, tab: _Ta
         return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
 
     _LSH[grid](q, k, v, out, lse, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides, hq, hq // hkv, hkv, nq,
-               nk, plan.first * t, plan.first, tab.c_blocks, tab.num_e, scale, HEAD_DIM=dim, T=t, PRECISION=precision)
+               nk, plan.first * t, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale, HEAD_DIM=dim, T=t,
+               PRECISION=precision)
     if tab.c_blocks:
         _SPARSE[(tab.c_blocks, bsz * hq)](q, k, v, tab.k_g, tab.v_g, out, lse, tab.eb, tab.active, tab.win_lo,
                                           tab.win_hi, tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq,
@@ -689,13 +719,15 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     _LSH_DQ[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)](
         q, k, v, grad_out, out, dlse, lse2, delta, dq_lsh, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides,
-        hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, scale, HAS_DLSE=grad_lse is not None,
+        hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
+        HAS_DLSE=grad_lse is not None,
         **meta)
     _SPARSE_DQ[(tab.c_blocks, bsz * hq)](
         q, k, v, tab.k_g, tab.v_g, grad_out, lse2, delta, dq_lsh, dq, tab.eb, tab.active, tab.win_lo, tab.win_hi,
         tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq, group, hkv, nq, nk, plan.offset, plan.first,
-        row0, n_rows, tab.c_blocks, tab.num_e, plan.chunk_blocks, tab.num_chunks, tab.s_pad, scale,
-        CAUSAL=plan.causal, **meta)
+        row0, n_rows, tab.c_blocks, tab.num_e, plan.chunk_blocks, tab.num_chunks, tab.s_pad,
+        min(plan.win_width, tab.num_e), scale, CAUSAL=plan.causal, NE_P=triton.next_power_of_2(max(tab.num_e, 1)),
+        **meta)
     offsets, entries = _exact_lists(plan, tab, hkv)
     _EXACT_DKV[lambda m: (plan.nkb * (t // m["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, offsets, entries, *strides, hq, group, hkv, nq, nk, plan.nkb,
@@ -703,8 +735,8 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
     offsets, entries, n_rt = _lsh_lists(plan, tab, hkv, nq, nk)
     _LSH_DKV[(triton.cdiv(nk, _BWD["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, offsets, entries,
-        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, n_rt, scale, **meta,
-        **_BWD)
+        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, n_rt,
+        scale, **meta, **_BWD)
     _GATHERED_DKV[lambda m: (tab.s_pad // m["BLOCK_N"], bsz * hkv, tab.num_chunks)](
         q, tab.k_g, tab.v_g, grad_out, lse2, delta, dk, dv, tab.eb, tab.active, tab.win_lo, tab.win_hi, tab.g_idx,
         tab.g_logw, tab.g_slot, tab.lo, tab.hi, q.stride(0), q.stride(1), q.stride(2), hq, group, hkv, nq, nk,
@@ -839,14 +871,19 @@ def _rows_kernel(Q, K, V, KG, VG, OUT, LSE, ROWS, BLOCKS, EB, WLO, WHI, GIDX, GL
 
 _ROWS = _autotuned(_rows_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                                   for n, w, s in ((64, 4, 2), (128, 4, 2), (32, 4, 2))],
-                   ["HEAD_DIM", "CAUSAL", "T", "RP", "PRECISION"])
+                   ["HEAD_DIM", "CAUSAL", "T", "RP", "PRECISION", "s_pad"])
 
 
 def _gathered(k: Tensor, v: Tensor, sel: Selection, lsh: Lsh):
-    """Each chunk's gathered columns padded to whole tiles: indices, log-weights, sorted slots and K/V copies."""
+    """Each chunk's gathered columns padded to whole tiles: indices, log-weights, sorted slots and K/V copies.
+
+    Padded to 64 columns, not to the largest key tile (128): the default's 320 columns are
+    five tiles of 64, where 384 would add a sixth of masked work; launches whose key tile
+    does not divide ``s_pad`` are pruned (``_prune``).
+    """
     bsz, hkv, nc, width = sel.gather_idx.shape
     dim = k.shape[-1]
-    s_pad = max(1, math.ceil(width / 128)) * 128
+    s_pad = max(1, math.ceil(width / 64)) * 64
     g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width))  # (B, Hkv, C, S_pad)
     g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf")).float().contiguous()
     flat_idx = g_idx.reshape(bsz, hkv, nc * s_pad)
