@@ -132,6 +132,22 @@ def _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL: tl.c
 
 
 @triton.jit
+def _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base, stride_kn, stride_vn, offs_n,
+                offs_d, CAUSAL: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Tile t of selected block sel's exact blocks (_whole_tiles' order): keys and values, a
+    # scalar bias for a whole tile (-inf: padding, -1) and the mask of a partial one.
+    TPB: tl.constexpr = T // BLOCK_N
+    kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
+    cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
+    k_ok = (cols < nk) & (kb >= 0)
+    k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
+    valid = k_ok[None, :]
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None] + offset)
+    return k, v, tl.where(kb >= 0, 0.0, float("-inf")), valid
+
+
+@triton.jit
 def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -151,23 +167,15 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
     if tl.load(ACTIVE + sel) != 0:
         # The exact blocks' tiles (_whole_tiles' order): the leading run every row sees
         # whole is one unmasked loop the compiler can pipeline; the rest is masked.
-        TPB: tl.constexpr = T // BLOCK_N
-        n_tiles = num_e * TPB
+        n_tiles = num_e * (T // BLOCK_N)
         n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
         for t in range(0, n_whole):
-            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
-            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
-            k, v = _kv_at(K, V, cols, cols < nk, k_base, v_base, stride_kn, stride_vn, offs_d)
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, tl.where(kb >= 0, 0.0, float("-inf")), None,
-                                         qk_scale, False, PRECISION)
+            k, v, pad, _ = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                       stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, pad, None, qk_scale, False, PRECISION)
         for t in range(n_whole, n_tiles):
-            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
-            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
-            k_ok = (cols < nk) & (kb >= 0)
-            k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
-            valid = k_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None] + offset)
+            k, v, _, valid = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                         stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
         g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
         acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e,
@@ -357,23 +365,15 @@ def _sparse_dq_kernel(Q, K, V, KG, VG, DO, LSE2, DELTA, DQL, DQ, EB, ACTIVE, WLO
     if tl.load(ACTIVE + sel) != 0:
         # The exact blocks' tiles in _sparse_kernel's order: the run every row sees whole
         # unmasked, then the rest masked.
-        TPB: tl.constexpr = T // BLOCK_N
-        n_tiles = num_e * TPB
+        n_tiles = num_e * (T // BLOCK_N)
         n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
         for t in range(0, n_whole):
-            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
-            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
-            k, v = _kv_at(K, V, cols, cols < nk, k_base, v_base, stride_kn, stride_vn, offs_d)
-            dq = _tile_dq(dq, q, do, lse2, delta, k, v, tl.where(kb >= 0, 0.0, float("-inf")), None, qk_scale,
-                          False, PRECISION)
+            k, v, pad, _ = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                       stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
+            dq = _tile_dq(dq, q, do, lse2, delta, k, v, pad, None, qk_scale, False, PRECISION)
         for t in range(n_whole, n_tiles):
-            kb = tl.load(EB + sel * num_e + (t // TPB + win_width) % num_e)
-            cols = tl.maximum(kb, 0) * T + (t % TPB) * BLOCK_N + offs_n
-            k_ok = (cols < nk) & (kb >= 0)
-            k, v = _kv_at(K, V, cols, k_ok, k_base, v_base, stride_kn, stride_vn, offs_d)
-            valid = k_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None] + offset)
+            k, v, _, valid = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                         stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
             dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
         wlo = tl.load(WLO + j)
         whi = tl.load(WHI + j)
