@@ -341,7 +341,7 @@ def test_probe_rows_for_heavy_columns_alone(causal):
     assert torch.equal(heavy_f, heavy) and bool((heavy >= 0).any())
     assert torch.equal(lse_f[..., find], lse[..., find])
     assert bool(torch.isneginf(lse_f[..., ~find]).all()) and bool(torch.isfinite(lse[..., ~find]).any())
-    assert float(pairs_f) == float(S.probe_pairs(plan, torch.where(find, probe, -1).reshape(1, 4, -1)))
+    assert pairs_f is None  # only the stats count scored pairs, and they imply need_out
 
 
 def test_without_the_guard_chunks_costlier_than_exact_run_exact():

@@ -233,7 +233,7 @@ def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, probe_block
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
                 num_sinks: int, probe_blocks: int, need_out: bool = True
-                ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+                ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract).
 
     Without ``need_out`` the kernel runs on the finding rows alone, for their LSE only (a
@@ -270,7 +270,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
     out = out.reshape(bsz, hq, nc, p, -1) if need_out else None
-    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat)
+    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat) if need_out else None
 
 
 @triton.jit

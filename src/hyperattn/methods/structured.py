@@ -148,13 +148,12 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         ranked[:, :, j0:j0 + step] = select_impl.rank_blocks(scores, kmax)
         c_scores += sel_ref.chunk_scores(scores, j0, plan, hkv)
     lsh = select_impl.lsh_ranges(qd, kd, plan, config.lsh_block, config.lsh_num_projs, seed)
+    # Scored pairs per head, for the stats (counted with the trial, which the stats imply).
     pairs = probe_pairs + torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal), dtype=torch.float64,
-                       device=device)
+                                     device=device) if trial else None
 
     # 3. The guard's trials on the probe rows (with no guard: the 1x tier, for the estimate).
     chunk_ok = probe[..., 0] >= 0  # (B, Hq, C): chunks with approximate rows
-    level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)
-    est = torch.zeros(bsz, hq, nc, device=device)
     # Each chunk's approximate rows [r0, r1) (empty before first_row) and their exact cost.
     bounds, rows_host, exact_cost_host, exact_cost, chunk_rows = _chunk_costs(nq, nk, causal, config.chunk, first_row,
                                                                               nc, device)
@@ -170,29 +169,33 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # nothing is built for the probe rows (each launch costs host time at 32k).
     counted = trial or bool(maybe_exact)
     if counted:
+        level = torch.full((bsz, hq, nc), len(tiers), dtype=torch.long, device=device)  # len(tiers): exact
+        est = torch.zeros(bsz, hq, nc, device=device)
         estimating = sel_ref.estimating_rows(probe, pb)
         p_blocks = (probe.reshape(bsz, hq, nc, pb, rpb)[..., 0].clamp(min=0) // t).reshape(bsz, hq, nc * pb)
         p_rows = probe.reshape(bsz, hq, nc * pb, rpb)
         p_ranked = ranked.gather(2, p_blocks.unsqueeze(-1).expand(-1, -1, -1, ranked.shape[-1]))
     for i, factor in enumerate(tiers):
-        pending = (level == len(tiers)) & chunk_ok
-        if config.max_error is not None and not bool(pending.any()):
-            break
+        if counted:
+            pending = (level == len(tiers)) & chunk_ok
+            if config.max_error is not None and not bool(pending.any()):
+                break
         m = min(round(config.sample_size * factor), nk)
         g_idx, g_logw = select_impl.gather_columns(plan, c_scores, heavy, torch.full((bsz, hkv, nc), m, device=device),
                                                m, config.num_sinks, config.sample_mix, seed, kv_heads)
-        if counted:
-            kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
-            sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
-                                    torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
-        per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1) if counted else None
+        if not counted:  # every chunk with rows approximates at the 1x tier: nothing to decide
+            break
+        kj = torch.full_like(p_blocks, round(config.key_blocks * factor))
+        sel = sel_ref.Selection(p_blocks, sel_ref.exact_blocks(plan, p_blocks, p_ranked, kj),
+                                torch.ones_like(p_blocks, dtype=torch.bool), g_idx, g_logw)
+        per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
         if trial:
             approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
             err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
             pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
         else:
             err = est
-        cheaper = per_row.double() * chunk_rows < exact_cost if counted else True
+        cheaper = per_row.double() * chunk_rows < exact_cost
         ok = pending & cheaper & ((err <= config.max_error) if config.max_error is not None else True)
         level = torch.where(ok, i, level)
         est = torch.where(ok, err, est)
@@ -203,10 +206,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         # every tier (random, diffuse heads: one trial instead of six).
         hopeless = (factor * (err / config.max_error) ** 2 > 2 * tiers[-1]) | ~cheaper
         level = torch.where(pending & ~ok & hopeless, len(tiers) + 1, level)
-    level = torch.where(level > len(tiers), len(tiers), level)
 
     # 4. Every query block at its chunk's tier, then the attention step.
-    approx_chunk = (level < len(tiers)) & chunk_ok
+    approx_chunk = (level < len(tiers)) & chunk_ok if counted else chunk_ok
     # Every chunk exact: one SDPA call, as if the guard were not there (without the guard
     # every chunk with rows approximates: no host sync to ask).
     if config.max_error is not None and not bool(approx_chunk.any()):
@@ -215,10 +217,21 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         return out, lse, AttentionStats("structured", float(pairs.mean()) / nq, zeros,
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device),
                                         exact_chunks=chunk_ok)
+    blocks = j_all[plan.first:].expand(bsz, hq, -1)
+    if not counted:
+        # Every selected block approximates at the 1x tier (its chunk has approximate rows),
+        # and rows before plan.first have empty LSH ranges already: no tables per chunk.
+        sel = sel_ref.Selection(blocks, sel_ref.exact_blocks(plan, blocks, ranked[:, :, plan.first:],
+                                                             config.key_blocks),
+                                torch.ones_like(blocks, dtype=torch.bool), g_idx, g_logw)
+        out, lse, _ = _attention_step(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels,
+                                      config, need_lse)
+        # Nobody reads the stats (the public call drops them): placeholders, as below.
+        return out, lse, AttentionStats("structured", float("nan"), zeros, zeros.bool(),
+                                        exact_chunks=torch.zeros_like(chunk_ok))
     factors = torch.zeros(level.shape, device=device)  # (B, Hq, C): each chunk's tier, 0 for exact
     for i, factor in enumerate(tiers):
         factors = torch.where(level == i, factor, factors)
-    blocks = j_all[plan.first:].expand(bsz, hq, -1)
     chunk_of = blocks // plan.chunk_blocks
     active = approx_chunk.gather(2, chunk_of)
     kj_all = torch.where(active, (factors.gather(2, chunk_of) * config.key_blocks).round().long(), 0)
@@ -240,15 +253,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
                       lsh.q_order)
     if need_stats or config.max_error is not None:
         pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
-    # 1. Rows before min_seq_len: exact. Under autograd on the kernels one Function computes
-    #    them with the attention step into one buffer (_KernelStep).
-    owned = backward_on_kernels(q, config) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if owned:
-        out, lse = _KernelStep.apply(*(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)), scale,
-                                     causal, plan, sel, lsh, need_lse)
-        lse = lse if need_lse else None
-    else:
-        out, lse = _assemble(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels, need_lse)
+    out, lse, owned = _attention_step(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels,
+                                      config, need_lse)
 
     # 5. The chunks the guard sent to exact (written over the step's inactive rows).
     exact_chunk = chunk_ok & ~approx_chunk
@@ -266,7 +272,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
             out[:, :, r0:r1] = torch.where(pick[..., None, None], o, out[:, :, r0:r1])
             if lse is not None:
                 lse[:, :, r0:r1] = torch.where(pick[..., None], l if l is not None else 0.0, lse[:, :, r0:r1])
-            pairs += torch.where(pick, exact_cost[c], 0.0)
+            if pairs is not None:
+                pairs += torch.where(pick, exact_cost[c], 0.0)
     elif bool(exact_chunk.any()):
         exact_chunk_cpu = exact_chunk.cpu()
         for c in range(nc):
@@ -293,6 +300,21 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
                            exact_chunks=exact_chunk)
     return out, lse, stats
+
+
+def _attention_step(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, kernels: bool, config,
+                    need_lse: bool):
+    """``out, lse`` of every row (the attention step, the exact rows before it) and whether one Function owns them.
+
+    Rows before ``min_seq_len`` are exact. Under autograd on the kernels one Function
+    computes them with the attention step into one buffer (:class:`_KernelStep`).
+    """
+    owned = backward_on_kernels(q, config) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if owned:
+        out, lse = _KernelStep.apply(*(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)), scale,
+                                     causal, plan, sel, lsh, need_lse)
+        return out, (lse if need_lse else None), True
+    return *_assemble(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, kernels, need_lse), False
 
 
 def _exact_head(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, plan, need_lse: bool):

@@ -301,15 +301,15 @@ def estimating_rows(rows: Tensor, probe_blocks: int) -> Tensor:
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
                 num_sinks: int, probe_blocks: int, need_out: bool = True
-                ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+                ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """Exact attention of the probe rows and each chunk's heavy columns.
 
     ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
     ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
     the scores computed per head (a float64 tensor). With ``need_out`` False only the
     heavy columns are wanted (no guard, no stats): only the finding rows are scored, ``out``
-    is ``None``, the estimating rows' ``lse`` is ``-inf`` and the scores count the finding
-    rows.
+    is ``None``, the estimating rows' ``lse`` is ``-inf`` and the scores are not counted
+    (``None``; only the stats read them).
 
     A chunk's heavy columns are the ``heavy`` keys outside the sinks with the largest
     summed softmax weight over the rows of the chunk's even probe blocks (:func:`finders`),
@@ -348,7 +348,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             best_idx = index.gather(-1, pick)
     heavy_idx = torch.where(best > 0, best_idx, -1)
     out = out.reshape(bsz, hq, nc, p, -1) if need_out else None
-    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat)
+    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat) if need_out else None
 
 
 @dataclass(frozen=True)
@@ -446,10 +446,17 @@ class Selection:
     gather_logw: Tensor
 
 
-def exact_blocks(plan: Plan, blocks: Tensor, ranked: Tensor, key_blocks: Tensor) -> Tensor:
-    """Window blocks then the first ``key_blocks (B, Hq, c)`` of ``ranked (B, Hq, c, K)``: ``(B, Hq, c, E)``, ``-1`` padding."""
+def exact_blocks(plan: Plan, blocks: Tensor, ranked: Tensor, key_blocks: Tensor | int) -> Tensor:
+    """Window blocks then the first ``key_blocks (B, Hq, c)`` of ``ranked (B, Hq, c, K)``: ``(B, Hq, c, E)``, ``-1`` padding.
+
+    An int ``key_blocks`` is every block's count: the first ``key_blocks`` columns of
+    ``ranked`` (the tensor form keeps all ``K`` columns, the unused ones ``-1``).
+    """
     device = blocks.device
-    top = torch.where(torch.arange(ranked.shape[-1], device=device) < key_blocks.unsqueeze(-1), ranked, -1)
+    if isinstance(key_blocks, int):
+        top = ranked[..., :key_blocks]
+    else:
+        top = torch.where(torch.arange(ranked.shape[-1], device=device) < key_blocks.unsqueeze(-1), ranked, -1)
     lo, hi = _per_head(plan.win_lo, blocks), _per_head(plan.win_hi, blocks)
     width = plan.win_width
     window = lo.unsqueeze(-1) + torch.arange(width, device=device)
