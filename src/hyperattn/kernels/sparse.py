@@ -588,9 +588,13 @@ class _Tables:
         self.num_chunks = sel.gather_idx.shape[2]
         self.c_blocks = sel.blocks.shape[2]
         self.num_e = sel.exact_blocks.shape[-1]
+        # The window's entries come first in each block's exact blocks (exact_blocks); NE_P
+        # sizes the block kernels' vector over them (_whole_tiles).
+        self.win_width = min(plan.win_width, self.num_e)
+        self.ne_p = triton.next_power_of_2(max(self.num_e, 1))
         # Causal, a row's LSH range ends before its block's window: the LSH passes skip the
-        # window's entries of the exact blocks (exact_blocks puts them first).
-        self.lsh_e0 = min(plan.win_width, self.num_e) if plan.causal else 0
+        # window's entries.
+        self.lsh_e0 = self.win_width if plan.causal else 0
         self.eb = sel.exact_blocks.int().contiguous()
         self.active = sel.active.to(torch.int8).contiguous()
         self.lo, self.hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
@@ -629,8 +633,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, tab: _Ta
                                           tab.win_hi, tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq,
                                           hq // hkv, hkv, nq, nk, plan.offset, plan.first, tab.c_blocks, tab.num_e,
                                           plan.chunk_blocks, tab.num_chunks, tab.s_pad,
-                                          min(plan.win_width, tab.num_e), scale, CAUSAL=plan.causal, HEAD_DIM=dim, T=t,
-                                          PRECISION=precision, NE_P=triton.next_power_of_2(max(tab.num_e, 1)))
+                                          tab.win_width, scale, CAUSAL=plan.causal, HEAD_DIM=dim, T=t,
+                                          PRECISION=precision, NE_P=tab.ne_p)
     return out, lse
 
 
@@ -726,8 +730,7 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
         q, k, v, tab.k_g, tab.v_g, grad_out, lse2, delta, dq_lsh, dq, tab.eb, tab.active, tab.win_lo, tab.win_hi,
         tab.g_idx, tab.g_logw, tab.g_slot, tab.lo, tab.hi, *strides, hq, group, hkv, nq, nk, plan.offset, plan.first,
         row0, n_rows, tab.c_blocks, tab.num_e, plan.chunk_blocks, tab.num_chunks, tab.s_pad,
-        min(plan.win_width, tab.num_e), scale, CAUSAL=plan.causal, NE_P=triton.next_power_of_2(max(tab.num_e, 1)),
-        **meta)
+        tab.win_width, scale, CAUSAL=plan.causal, NE_P=tab.ne_p, **meta)
     offsets, entries = _exact_lists(plan, tab, hkv)
     _EXACT_DKV[lambda m: (plan.nkb * (t // m["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, offsets, entries, *strides, hq, group, hkv, nq, nk, plan.nkb,

@@ -218,43 +218,46 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
                                         torch.ones(bsz, hq, dtype=torch.bool, device=device),
                                         exact_chunks=chunk_ok)
     blocks = j_all[plan.first:].expand(bsz, hq, -1)
-    if not counted:
+    if counted:
+        factors = torch.zeros(level.shape, device=device)  # (B, Hq, C): each chunk's tier, 0 for exact
+        for i, factor in enumerate(tiers):
+            factors = torch.where(level == i, factor, factors)
+        chunk_of = blocks // plan.chunk_blocks
+        active = approx_chunk.gather(2, chunk_of)
+        kj_all = torch.where(active, (factors.gather(2, chunk_of) * config.key_blocks).round().long(), 0)
+        # The query heads of a KV head share its gathered columns: a chunk draws the most
+        # samples any of them needs (more samples only lower a head's error).
+        if config.max_error is not None:
+            m_chunk = (factors.reshape(bsz, hkv, group, nc).amax(2) * config.sample_size).round().long().clamp(max=nk)
+            g_idx, g_logw = select_impl.gather_columns(plan, c_scores, heavy, m_chunk,
+                                                       min(round(config.sample_size * tiers[-1]), nk),
+                                                       config.num_sinks, config.sample_mix, seed, kv_heads)
+        # Without the guard the one trial drew every chunk's columns at the 1x tier already
+        # (chunks left exact use none of them).
+        sel = sel_ref.Selection(blocks, torch.where(active.unsqueeze(-1), sel_ref.exact_blocks(
+            plan, blocks, ranked[:, :, plan.first:], kj_all), -1), active, g_idx, g_logw)
+        row_block = torch.arange(nq, device=device) // t
+        row_active = (row_block >= plan.first) & approx_chunk.gather(
+            2, (row_block // plan.chunk_blocks).expand(bsz, hq, -1))
+        lsh = sel_ref.Lsh(lsh.order, lsh.slot, torch.where(row_active, lsh.lo, 0),
+                          torch.where(row_active, lsh.hi, 0), lsh.q_order)
+    else:
         # Every selected block approximates at the 1x tier (its chunk has approximate rows),
         # and rows before plan.first have empty LSH ranges already: no tables per chunk.
         sel = sel_ref.Selection(blocks, sel_ref.exact_blocks(plan, blocks, ranked[:, :, plan.first:],
                                                              config.key_blocks),
                                 torch.ones_like(blocks, dtype=torch.bool), g_idx, g_logw)
-        out, lse, _ = _attention_step(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels,
-                                      config, need_lse)
-        # Nobody reads the stats (the public call drops them): placeholders, as below.
-        return out, lse, AttentionStats("structured", float("nan"), zeros, zeros.bool(),
-                                        exact_chunks=torch.zeros_like(chunk_ok))
-    factors = torch.zeros(level.shape, device=device)  # (B, Hq, C): each chunk's tier, 0 for exact
-    for i, factor in enumerate(tiers):
-        factors = torch.where(level == i, factor, factors)
-    chunk_of = blocks // plan.chunk_blocks
-    active = approx_chunk.gather(2, chunk_of)
-    kj_all = torch.where(active, (factors.gather(2, chunk_of) * config.key_blocks).round().long(), 0)
-    # The query heads of a KV head share its gathered columns: a chunk draws the most samples
-    # any of them needs (more samples only lower a head's error).
-    if config.max_error is not None:
-        m_chunk = (factors.reshape(bsz, hkv, group, nc).amax(2) * config.sample_size).round().long().clamp(max=nk)
-        g_idx, g_logw = select_impl.gather_columns(plan, c_scores, heavy, m_chunk,
-                                               min(round(config.sample_size * tiers[-1]), nk), config.num_sinks,
-                                               config.sample_mix, seed, kv_heads)
-    # Without the guard the one trial drew every chunk's columns at the 1x tier already
-    # (chunks left exact use none of them).
-    sel = sel_ref.Selection(blocks, torch.where(active.unsqueeze(-1), sel_ref.exact_blocks(
-        plan, blocks, ranked[:, :, plan.first:], kj_all), -1), active, g_idx, g_logw)
-    row_block = torch.arange(nq, device=device) // t
-    row_active = (row_block >= plan.first) & approx_chunk.gather(
-        2, (row_block // plan.chunk_blocks).expand(bsz, hq, -1))
-    lsh = sel_ref.Lsh(lsh.order, lsh.slot, torch.where(row_active, lsh.lo, 0), torch.where(row_active, lsh.hi, 0),
-                      lsh.q_order)
     if need_stats or config.max_error is not None:
         pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
-    out, lse, owned = _attention_step(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels,
-                                      config, need_lse)
+    # 1. Rows before min_seq_len: exact. Under autograd on the kernels one Function computes
+    #    them with the attention step into one buffer (_KernelStep).
+    owned = backward_on_kernels(q, config) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if owned:
+        out, lse = _KernelStep.apply(*(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)), scale,
+                                     causal, plan, sel, lsh, need_lse)
+        lse = lse if need_lse else None
+    else:
+        out, lse = _assemble(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels, need_lse)
 
     # 5. The chunks the guard sent to exact (written over the step's inactive rows).
     exact_chunk = chunk_ok & ~approx_chunk
@@ -300,21 +303,6 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     stats = AttentionStats("structured", float(pairs.mean()) / nq, est_head, ~approx_chunk.any(-1) & chunk_ok.any(-1),
                            exact_chunks=exact_chunk)
     return out, lse, stats
-
-
-def _attention_step(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, kernels: bool, config,
-                    need_lse: bool):
-    """``out, lse`` of every row (the attention step, the exact rows before it) and whether one Function owns them.
-
-    Rows before ``min_seq_len`` are exact. Under autograd on the kernels one Function
-    computes them with the attention step into one buffer (:class:`_KernelStep`).
-    """
-    owned = backward_on_kernels(q, config) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if owned:
-        out, lse = _KernelStep.apply(*(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)), scale,
-                                     causal, plan, sel, lsh, need_lse)
-        return out, (lse if need_lse else None), True
-    return *_assemble(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, kernels, need_lse), False
 
 
 def _exact_head(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, plan, need_lse: bool):
