@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.lsh import draw_projections
-from ..reference.selection import Lsh, Plan, Pooled, finders, probe_pairs, to_device
+from ..reference.selection import Lsh, Plan, Pooled, finders, probe_pairs, sorted_rows, to_device
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned
 
@@ -656,26 +656,27 @@ def _ranges_kernel(COMPOSITE, QB, WIN_LO, LO, HI, num_heads, group, nq, nk, bloc
 
 
 @triton.jit
-def _cut_kernel(Q_ORDER, LO, HI, nq, lsh_tiles, BLOCK: tl.constexpr):
+def _cut_kernel(Q_ORDER, LO, HI, n_rows, lsh_tiles, BLOCK: tl.constexpr):
     # Each sorted block's ranges cut to the lsh_tiles key tiles ending at its furthest slot
     # (what the attention kernel's LSH pass reads); a row is in one sorted block: in place.
-    bh = tl.program_id(1).to(tl.int64)
+    # Program (i, b * Hkv + kv head): sorted block i of the KV head's n_rows = G * Nq rows.
+    bkv = tl.program_id(1).to(tl.int64)
     slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = slots < nq
-    rows = tl.load(Q_ORDER + bh * nq + slots, mask=ok, other=0)
-    lo = tl.load(LO + bh * nq + rows, mask=ok, other=0)
-    hi = tl.load(HI + bh * nq + rows, mask=ok, other=0)
+    ok = slots < n_rows
+    rows = bkv * n_rows + tl.load(Q_ORDER + bkv * n_rows + slots, mask=ok, other=0)
+    lo = tl.load(LO + rows, mask=ok, other=0)
+    hi = tl.load(HI + rows, mask=ok, other=0)
     hi_max = tl.max(tl.where(ok & (lo < hi), hi, 0), 0)
     floor = tl.maximum((hi_max + BLOCK - 1) // BLOCK - lsh_tiles, 0) * BLOCK
     lo = tl.maximum(lo, floor)
-    tl.store(LO + bh * nq + rows, lo, mask=ok)
-    tl.store(HI + bh * nq + rows, tl.maximum(hi, lo), mask=ok)
+    tl.store(LO + rows, lo, mask=ok)
+    tl.store(HI + rows, tl.maximum(hi, lo), mask=ok)
 
 
 def bucket_ranges(q_bucket: Tensor, k_bucket: Tensor, plan: Plan, lsh_block: int) -> Lsh:
     """:func:`hyperattn.reference.selection.bucket_ranges` on CUDA: the two sorts in PyTorch, the rest in two
     launches (the same ranges)."""
-    from ..reference.selection import LSH_TILES
+    from ..reference.selection import LSH_TILES  # read per call: the tests vary it
 
     bsz, hq, nq = q_bucket.shape
     hkv, nk = k_bucket.shape[1], k_bucket.shape[2]
@@ -683,8 +684,7 @@ def bucket_ranges(q_bucket: Tensor, k_bucket: Tensor, plan: Plan, lsh_block: int
     pos = torch.arange(nk, device=device)
     composite, order = torch.sort(k_bucket * nk + pos, dim=-1)
     slot = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
-    rows = torch.arange(nq, device=device)
-    q_order = torch.sort(q_bucket * nq + rows, dim=-1).indices
+    q_order = sorted_rows(q_bucket, hkv)
     lo = torch.empty(bsz, hq, nq, dtype=torch.long, device=device)
     hi = torch.empty_like(lo)
     if lo.numel():
@@ -692,5 +692,7 @@ def bucket_ranges(q_bucket: Tensor, k_bucket: Tensor, plan: Plan, lsh_block: int
         _ranges_kernel[(triton.cdiv(nq, block), bsz * hq)](
             composite.contiguous(), q_bucket.contiguous(), plan.win_lo.to(device), lo, hi, hq, hq // hkv, nq, nk,
             plan.block, plan.first, lsh_block, CAUSAL=plan.causal, STEPS=max(1, nk.bit_length()), BLOCK=block)
-        _cut_kernel[(plan.nqb, bsz * hq)](q_order.contiguous(), lo, hi, nq, LSH_TILES, BLOCK=plan.block)
+        # The cut runs over each KV head's rows together (lo, hi viewed as (B, Hkv, G Nq)).
+        _cut_kernel[(triton.cdiv(q_order.shape[-1], plan.block), bsz * hkv)](
+            q_order.contiguous(), lo, hi, q_order.shape[-1], LSH_TILES, BLOCK=plan.block)
     return Lsh(order, slot, lo, hi, q_order)

@@ -4,10 +4,11 @@
 gradient for the fixed selection (five launches, described where the backward kernels
 begin). The forward:
 
-1. ``_lsh_kernel``: every tile of bucket-sorted rows over the sorted key slots its rows'
-   ranges span, keys read through the sort order, masked to each row's range minus its
-   exact blocks; its output and LSE stored at the rows' original positions, in the
-   output tensor itself (in the inputs' dtype);
+1. ``_lsh_kernel``: every tile of bucket-sorted rows (a KV head's query heads sorted
+   together, so a tile's ranges overlap: it spans fewer key slots) over the sorted key
+   slots its rows' ranges span, keys read through the sort order, masked to each row's
+   range minus its exact blocks; its output and LSE stored at the rows' original
+   positions, in the output tensor itself (in the inputs' dtype);
 2. ``_sparse_kernel``: every selected query block of every head over its exact blocks
    (the leading tiles every row sees whole in an unmasked loop, the rest masked) and then
    its chunk's gathered columns (log-weights as a bias, masked outside the block's
@@ -43,7 +44,8 @@ def _start(Q, b, h, kvh, rows, row_ok, stride_qb, stride_qh, stride_qn, stride_k
            M: tl.constexpr, HEAD_DIM: tl.constexpr):
     # A program's query rows, its KV head's offsets and an empty online softmax.
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+    # h: one head, or each row's (the LSH pass's tiles mix the group's heads).
+    q = tl.load(Q + (b * stride_qb + h * stride_qh + rows * stride_qn)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     acc = tl.zeros([M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
@@ -194,30 +196,38 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
 
 
 @triton.jit
-def _lsh_rows(QORDER, LO, HI, bh, tile, nq, row0, first, c_blocks, BLOCK_M: tl.constexpr, T: tl.constexpr):
-    # Tile `tile` of head bh's bucket-sorted rows (rows before row0 are not the function's),
-    # their LSH ranges and the selected block of each (for its exact blocks).
+def _lsh_rows(QORDER, LO, HI, bkv, kvh, tile, nq, group, row0, first, c_blocks, BLOCK_M: tl.constexpr,
+              T: tl.constexpr):
+    # Tile `tile` of the bucket-sorted rows of KV head bkv's query heads (Lsh.q_order: row r
+    # of the group's head g numbered g * nq + r; rows before row0 are not the function's):
+    # each row's head (h, and bh = b * Hq + h), its LSH range and its selected block (for
+    # its exact blocks).
+    n_sorted = group * nq
     slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    s_ok = slots < nq
-    rows = tl.load(QORDER + bh * nq + slots, mask=s_ok, other=0)
+    s_ok = slots < n_sorted
+    idx = tl.load(QORDER + bkv * n_sorted + slots, mask=s_ok, other=0)
+    g = idx // nq
+    rows = idx - g * nq
+    h = kvh * group + g
+    bh = bkv * group + g
     row_ok = s_ok & (rows >= row0)
-    lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
-    hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
+    lo = tl.load(LO + bkv * n_sorted + idx, mask=row_ok, other=0)
+    hi = tl.load(HI + bkv * n_sorted + idx, mask=row_ok, other=0)
     busy = row_ok & (lo < hi)
-    return rows, row_ok, lo, hi, busy, bh * c_blocks + tl.where(busy, rows // T - first, 0)
+    return h, bh, rows, row_ok, lo, hi, busy, bh * c_blocks + tl.where(busy, rows // T - first, 0)
 
 
 @triton.jit
-def _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0, first, c_blocks, BLOCK_M: tl.constexpr,
-              T: tl.constexpr):
-    # A row-outer program's tile (_lsh_rows) and the sorted key slots [start, end) it spans.
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % num_heads
-    rows, row_ok, lo, hi, busy, sel = _lsh_rows(QORDER, LO, HI, bh, tl.program_id(0), nq, row0, first, c_blocks,
-                                                BLOCK_M, T)
+def _lsh_tile(QORDER, LO, HI, group, kv_heads, nq, row0, first, c_blocks, BLOCK_M: tl.constexpr, T: tl.constexpr):
+    # A row-outer program's tile (_lsh_rows; program (tile, b * Hkv + KV head)) and the
+    # sorted key slots [start, end) it spans.
+    bkv = tl.program_id(1).to(tl.int64)
+    kvh = bkv % kv_heads
+    h, bh, rows, row_ok, lo, hi, busy, sel = _lsh_rows(QORDER, LO, HI, bkv, kvh, tl.program_id(0), nq, group, row0,
+                                                       first, c_blocks, BLOCK_M, T)
     start = tl.min(tl.where(busy, lo, 2147483647), 0)
     end = tl.max(tl.where(busy, hi, 0), 0)
-    return bh // num_heads, h, h // group, bh, rows, row_ok, lo, hi, busy, sel, start, end
+    return bkv // kv_heads, h, kvh, bkv, bh, rows, row_ok, lo, hi, busy, sel, start, end
 
 
 @triton.jit
@@ -256,8 +266,8 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
     # through the sort order: sorted copies of K and V cost more to make, 0.9 ms at 131k,
     # than they saved here, 0.3), minus each row's exact blocks; stored at the rows'
     # original positions, where the sparse kernel merges it with the rest.
-    b, h, kvh, bh, rows, row_ok, lo, hi, busy, sel, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
-                                                                            first, c_blocks, BLOCK_M, T)
+    b, h, kvh, bkv, bh, rows, row_ok, lo, hi, busy, sel, start, end = _lsh_tile(QORDER, LO, HI, group, kv_heads, nq,
+                                                                                 row0, first, c_blocks, BLOCK_M, T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = qk_scale * 1.4426950408889634
@@ -266,8 +276,8 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
     # No test for key tiles that meet no row's range (a tile straddling two buckets): such
     # gaps are rare, and a branch around the product would stop the loop's pipelining.
     for n0 in range(start, end, BLOCK_N):
-        k, v, valid = _lsh_keys(K, V, KORDER + (b * kv_heads + kvh) * nk, EB, n0 + offs_n, end, k_base, v_base,
-                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, e0, T)
+        k, v, valid = _lsh_keys(K, V, KORDER + bkv * nk, EB, n0 + offs_n, end, k_base, v_base, stride_kn,
+                                stride_vn, offs_d, lo, hi, busy, sel, num_e, e0, T)
         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
     out, lse = _normalised(acc, m_i, l_i)
     flat = bh * nq + rows
@@ -290,7 +300,7 @@ def _grad_inputs(Q, DO, LSE2, b, h, bh, rows, row_ok, row0, n_rows, stride_qb, s
     # q and dO at rows (dO full-length and contiguous: a driver's gradient of every row, so
     # nobody copies the function's rows out of it), and the base-2 LSE (+inf: no key) of the
     # function's rows (rows row0 on, stored contiguously, at flat); row_ok implies rows >= row0.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(Q + (b * stride_qb + h * stride_qh + rows * stride_qn)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     flat = bh * n_rows + rows - row0
     do = tl.load(DO + (bh * (n_rows + row0) + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
@@ -320,8 +330,8 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
     # This launch visits every row first, so it also finds and stores each row's delta,
     # rowsum(dO * out) minus the LSE's gradient, which every later launch reads (a
     # separate pass in PyTorch cost 5 ms at 131k: fp32 copies of dO and out).
-    b, h, kvh, bh, rows, row_ok, lo, hi, busy, sel, start, end = _lsh_tile(QORDER, LO, HI, num_heads, group, nq, row0,
-                                                                            first, c_blocks, BLOCK_M, T)
+    b, h, kvh, bkv, bh, rows, row_ok, lo, hi, busy, sel, start, end = _lsh_tile(QORDER, LO, HI, group, kv_heads, nq,
+                                                                                 row0, first, c_blocks, BLOCK_M, T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634
@@ -336,8 +346,8 @@ def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO,
     v_base = b * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        k, v, valid = _lsh_keys(K, V, KORDER + (b * kv_heads + kvh) * nk, EB, n0 + offs_n, end, k_base, v_base,
-                                stride_kn, stride_vn, offs_d, lo, hi, busy, sel, num_e, e0, T)
+        k, v, valid = _lsh_keys(K, V, KORDER + bkv * nk, EB, n0 + offs_n, end, k_base, v_base, stride_kn,
+                                stride_vn, offs_d, lo, hi, busy, sel, num_e, e0, T)
         dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
     tl.store(DQL + flat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=row_ok[:, None])
 
@@ -431,13 +441,13 @@ def _exact_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, OFFSETS, ENTRIES,
 def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB, OFFSETS, ENTRIES,
                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
-                    num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, n_row_tiles, scale,
+                    num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, scale,
                     HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr):
-    # dk, dv of BLOCK_N sorted key slots of one (batch, KV head) from every tile of sorted
-    # rows of the group's heads whose ranges reach them (ENTRIES[OFFSETS[t]:OFFSETS[t + 1]],
-    # each g * n_row_tiles + tile), added into the exact blocks' gradient (a key sits in
-    # one slot: the rows are this program's alone).
+    # dk, dv of BLOCK_N sorted key slots of one (batch, KV head) from every tile of its
+    # sorted rows (the group's heads together) whose ranges reach them
+    # (ENTRIES[OFFSETS[t]:OFFSETS[t + 1]]), added into the exact blocks' gradient (a key sits
+    # in one slot: the rows are this program's alone).
     kt = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // kv_heads
@@ -454,11 +464,8 @@ def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB
     n_tiles = tl.cdiv(nk, BLOCK_N)
     key = bkv * n_tiles + kt
     for i in range(tl.load(OFFSETS + key), tl.load(OFFSETS + key + 1)):
-        entry = tl.load(ENTRIES + i)
-        h = kvh * group + entry // n_row_tiles
-        bh = b * num_heads + h
-        rows, row_ok, lo, hi, busy, sel = _lsh_rows(QORDER, LO, HI, bh, entry % n_row_tiles, nq, row0, first,
-                                                    c_blocks, BLOCK_M, T)
+        h, bh, rows, row_ok, lo, hi, busy, sel = _lsh_rows(QORDER, LO, HI, bkv, kvh, tl.load(ENTRIES + i), nq, group,
+                                                           row0, first, c_blocks, BLOCK_M, T)
         valid = _lsh_mask(EB, ks, kblk, lo, hi, busy, sel, num_e, e0)
         q, do, lse2, delta = _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_qb,
                                         stride_qh, stride_qn, offs_d, HEAD_DIM)
@@ -622,8 +629,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, tab: _Ta
     strides = _strides(q, k, v)
     precision = _precision(q.dtype)
 
-    def grid(meta):
-        return triton.cdiv(nq, meta["BLOCK_M"]), bsz * hq
+    def grid(meta):  # LSH: tiles of each KV head's sorted rows (its query heads' together)
+        return triton.cdiv(nq * (hq // hkv), meta["BLOCK_M"]), bsz * hkv
 
     _LSH[grid](q, k, v, out, lse, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides, hq, hq // hkv, hkv, nq,
                nk, plan.first * t, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale, HEAD_DIM=dim, T=t,
@@ -666,28 +673,28 @@ def _exact_lists(plan: Plan, tab: _Tables, hkv: int) -> tuple[Tensor, Tensor]:
     return _group_lists(tab.eb, (tab.eb >= 0) & (tab.active != 0).unsqueeze(-1), hkv, plan.nkb)
 
 
-def _lsh_lists(plan: Plan, tab: _Tables, hkv: int, nq: int, nk: int) -> tuple[Tensor, Tensor, int]:
-    """For each (batch, KV head, tile of sorted key slots): the group's tiles of sorted rows whose ranges reach it.
+def _lsh_lists(plan: Plan, tab: _Tables, nq: int, nk: int) -> tuple[Tensor, Tensor]:
+    """For each (batch, KV head, tile of sorted key slots): the tiles of the KV head's sorted rows that reach it.
 
-    Entries ``g * n_row_tiles + tile``; also ``n_row_tiles``. A tile's rows (BLOCK_M <=
-    block) lie in one sorted block, whose ranges lsh_ranges cuts to LSH_TILES blocks of
-    slots aligned to blocks: its span is at most ``LSH_TILES * block / BLOCK_N`` key tiles
-    (two more are listed as slack; unused ones are dropped).
+    A tile's rows (BLOCK_M <= block) lie in one sorted block, whose ranges lsh_ranges cuts
+    to LSH_TILES blocks of slots aligned to blocks: its span is at most
+    ``LSH_TILES * block / BLOCK_N`` key tiles (two more are listed as slack; unused ones are
+    dropped).
     """
     bm, bn = _BWD["BLOCK_M"], _BWD["BLOCK_N"]
-    bsz, hq = tab.lo.shape[:2]
-    n_rt = triton.cdiv(nq, bm)
     order = tab.q_order.long()
-    lo_s, hi_s = tab.lo.long().gather(2, order), tab.hi.long().gather(2, order)
-    busy = (lo_s < hi_s) & (order >= plan.first * plan.block)
-    pad = n_rt * bm - nq
-    start = torch.nn.functional.pad(torch.where(busy, lo_s, nk), (0, pad), value=nk).reshape(bsz, hq, n_rt, bm).amin(-1)
-    end = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad)).reshape(bsz, hq, n_rt, bm).amax(-1)
+    bsz, hkv, n_sorted = order.shape
+    n_rt = triton.cdiv(n_sorted, bm)
+    lo_s = tab.lo.long().reshape(bsz, hkv, n_sorted).gather(2, order)
+    hi_s = tab.hi.long().reshape(bsz, hkv, n_sorted).gather(2, order)
+    busy = (lo_s < hi_s) & (order % nq >= plan.first * plan.block)
+    pad = n_rt * bm - n_sorted
+    start = torch.nn.functional.pad(torch.where(busy, lo_s, nk), (0, pad), value=nk).view(bsz, hkv, n_rt, bm).amin(-1)
+    end = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad)).view(bsz, hkv, n_rt, bm).amax(-1)
     width = LSH_TILES * plan.block // bn + 2
     kt = (start // bn).unsqueeze(-1) + torch.arange(width, device=start.device)
     used = (start < end).unsqueeze(-1) & (kt * bn < end.unsqueeze(-1))
-    offsets, listed = _group_lists(kt, used, hkv, triton.cdiv(nk, bn))
-    return offsets, listed, n_rt
+    return _group_lists(kt, used, hkv, triton.cdiv(nk, bn))
 
 
 def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
@@ -721,7 +728,7 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
     meta = dict(HEAD_DIM=dim, T=t, PRECISION=precision)
     if n_rows == 0:  # every row exact elsewhere: this step has no gradient
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
-    _LSH_DQ[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)](
+    _LSH_DQ[lambda m: (triton.cdiv(group * nq, m["BLOCK_M"]), bsz * hkv)](
         q, k, v, grad_out, out, dlse, lse2, delta, dq_lsh, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides,
         hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
         HAS_DLSE=grad_lse is not None,
@@ -735,11 +742,11 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
     _EXACT_DKV[lambda m: (plan.nkb * (t // m["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, offsets, entries, *strides, hq, group, hkv, nq, nk, plan.nkb,
         plan.offset, plan.first, row0, n_rows, tab.c_blocks, scale, CAUSAL=plan.causal, **meta)
-    offsets, entries, n_rt = _lsh_lists(plan, tab, hkv, nq, nk)
+    offsets, entries = _lsh_lists(plan, tab, nq, nk)
     _LSH_DKV[(triton.cdiv(nk, _BWD["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, offsets, entries,
-        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, n_rt,
-        scale, **meta, **_BWD)
+        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
+        **meta, **_BWD)
     _GATHERED_DKV[lambda m: (tab.s_pad // m["BLOCK_N"], bsz * hkv, tab.num_chunks)](
         q, tab.k_g, tab.v_g, grad_out, lse2, delta, dk, dv, tab.eb, tab.active, tab.win_lo, tab.win_hi, tab.g_idx,
         tab.g_logw, tab.g_slot, tab.lo, tab.hi, q.stride(0), q.stride(1), q.stride(2), hq, group, hkv, nq, nk,

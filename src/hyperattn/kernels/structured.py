@@ -212,42 +212,47 @@ def lsh_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, lsh: Lsh
              ) -> tuple[Tensor, Tensor]:
     """Queries and keys in bucket-sorted order, each sorted block over the key tiles its rows span.
 
-    Rows are masked to their range minus their block's exact blocks; returns rows in the
-    original order.
+    Each KV head's query heads are one sequence of ``G * Nq`` rows here (sorted together,
+    :class:`hyperattn.reference.selection.Lsh`). Rows are masked to their range minus their
+    block's exact blocks; returns rows in the original order.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     device = q.device
-    nqb, nkb, group = plan.nqb, plan.nkb, hq // hkv
+    nkb, group = plan.nkb, hq // hkv
+    n_sorted = group * nq
+    nsb = math.ceil(n_sorted / TILE)
     bit = _in_bits(bits)
-    lo, hi = lsh.lo.int(), lsh.hi.int()
     q_order = lsh.q_order
-    q_sorted = q.gather(2, q_order.unsqueeze(-1).expand(-1, -1, -1, dim))
+    q_sorted = q.reshape(bsz, hkv, n_sorted, dim).gather(2, q_order.unsqueeze(-1).expand(-1, -1, -1, dim))
     k_sorted = k.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
     v_sorted = v.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
-    lo_s, hi_s = lo.gather(2, q_order), hi.gather(2, q_order)
-    row_block = (q_order // TILE).int()
-    pad_rows = nqb * TILE - nq
+    lo_s = lsh.lo.int().reshape(bsz, hkv, n_sorted).gather(2, q_order)
+    hi_s = lsh.hi.int().reshape(bsz, hkv, n_sorted).gather(2, q_order)
+    head = (q_order // nq).int()  # each sorted row's head within the group
+    row_block = ((q_order % nq) // TILE).int()
+    pad_rows = nsb * TILE - n_sorted
     busy = lo_s < hi_s
     t_lo = torch.nn.functional.pad(torch.where(busy, lo_s, 2 ** 30), (0, pad_rows), value=2 ** 30)
     t_hi = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad_rows), value=0)
-    first_tile = t_lo.reshape(bsz, hq, nqb, TILE).amin(-1) // TILE
-    last_tile = (t_hi.reshape(bsz, hq, nqb, TILE).amax(-1) - 1) // TILE
+    first_tile = t_lo.reshape(bsz, hkv, nsb, TILE).amin(-1) // TILE
+    last_tile = (t_hi.reshape(bsz, hkv, nsb, TILE).amax(-1) - 1) // TILE
     width = min(nkb, LSH_TILES)
     span = torch.clamp(last_tile - first_tile + 1, min=0, max=width)
     l_ind = torch.clamp(first_tile.clamp(max=nkb - 1).unsqueeze(-1) + torch.arange(width, device=device), max=nkb - 1)
     key_block = (lsh.order // TILE).int()
 
-    def in_range(b, h, q_idx, kv_idx):
-        kb = key_block[b, h // group, kv_idx]
-        in_exact = bit(b, h, row_block[b, h, q_idx], kb)
+    def in_range(b, h, q_idx, kv_idx):  # h: the KV head
+        kb = key_block[b, h, kv_idx]
+        in_exact = bit(b, h * group + head[b, h, q_idx], row_block[b, h, q_idx], kb)
         return (kv_idx >= lo_s[b, h, q_idx]) & (kv_idx < hi_s[b, h, q_idx]) & ~in_exact
 
-    mask = _block_mask(span, l_ind, nq, nk, in_range, backward=_needs_grad(q, k, v))
-    o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, mask,
-                  gqa=hq != hkv)
-    inverse = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=device).expand_as(q_order))
-    return o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim)), l3.gather(2, inverse)
+    mask = _block_mask(span, l_ind, n_sorted, nk, in_range, backward=_needs_grad(q, k, v))
+    o3, l3 = _run("lsh", q_sorted, k_sorted, v_sorted, scale, mask)
+    inverse = torch.empty_like(q_order).scatter_(
+        -1, q_order, torch.arange(n_sorted, device=device).expand_as(q_order))
+    out = o3.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim)).reshape(bsz, hq, nq, dim)
+    return out, l3.gather(2, inverse).reshape(bsz, hq, nq)
 
 
 def attend_flex(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh
