@@ -42,8 +42,9 @@ class HyperAttentionConfig:
         method: one of :data:`METHODS`. Default ``"structured"``.
         max_error: relative error target per (head, chunk) (structured). Each chunk runs at
             the cheapest budget tier (1/4x, 1/2x, 1x, 2x, 4x, 8x the key blocks and samples)
-            whose estimate on its probe rows is at most ``max_error``, else exactly (through
-            SDPA on CUDA). ``None`` disables the guard (every chunk at 1x). Default 0.05.
+            whose error on its probe rows, taken at a one-sided 90% upper bound (the probe
+            blocks as clusters), is at most ``max_error``, else exactly (through SDPA on
+            CUDA). ``None`` disables the guard (every chunk at 1x). Default 0.05.
         min_seq_len: at or below this many keys (per level of the causal recursion for
             ``"hyper"``; per row for ``"structured"``, rounded up to a query block) attention
             is exact. ``None`` (default) means the method's own default: 4096 for

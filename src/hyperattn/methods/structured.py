@@ -73,12 +73,29 @@ def backward_on_kernels(q: Tensor, config) -> bool:
     return config.query_block == TILE
 
 
-def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor) -> Tensor:
-    """``||approx - ref|| / ||ref||`` over the valid rows of each chunk: inputs ``(B, Hq, C, P, D)``."""
-    mask = valid.unsqueeze(-1).float()
-    num = ((approx - ref) ** 2 * mask).sum((-1, -2))
-    den = (ref ** 2 * mask).sum((-1, -2))
-    return torch.sqrt(num / den.clamp(min=1e-30))
+# One-sided normal quantile of the guard's upper bound on a chunk's error (90%).
+_BOUND_Z = 1.28
+
+
+def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor, rows_per_block: int) -> tuple[Tensor, Tensor]:
+    """``||approx - ref|| / ||ref||`` over the valid rows of each chunk, and an upper bound of it.
+
+    Inputs ``(B, Hq, C, P, D)``, ``P`` rows in probe blocks of ``rows_per_block``. The bound
+    is a one-sided 90% confidence bound on the ratio ``sum ||approx - ref||^2 / sum ||ref||^2``
+    with the probe blocks as clusters (the ratio estimator's linearised variance): a head
+    whose error is heavy-tailed over blocks has estimating rows that disagree, and its
+    bound is well above its estimate (docs/QUALITY.md).
+    """
+    *lead, p, _ = approx.shape
+    mask = valid.unsqueeze(-1).to(approx.dtype)
+    num = ((approx - ref) ** 2 * mask).sum(-1).reshape(*lead, p // rows_per_block, rows_per_block).sum(-1)
+    den = (ref ** 2 * mask).sum(-1).reshape(*lead, p // rows_per_block, rows_per_block).sum(-1)
+    used = valid.reshape(*lead, p // rows_per_block, rows_per_block).any(-1).to(approx.dtype)
+    total = den.sum(-1).clamp(min=1e-30)
+    ratio = num.sum(-1) / total
+    m = used.sum(-1)
+    var = m / (m - 1).clamp(min=1) * (((num - ratio.unsqueeze(-1) * den) * used) ** 2).sum(-1) / total ** 2
+    return torch.sqrt(ratio), torch.sqrt(ratio + _BOUND_Z * torch.sqrt(var))
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, seed: int, need_lse: bool = True,
@@ -191,12 +208,14 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         per_row = _keys_per_row(plan, sel, lsh, p_rows).reshape(bsz, hq, nc, -1).mean(-1)
         if trial:
             approx, _ = attend_impl.attend_rows(qd, kd, vd, scale, plan, sel, lsh, p_rows)
-            err = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating)
+            err, bound = _rel_error(approx.reshape(bsz, hq, nc, pb * rpb, -1), probe_out, estimating, rpb)
             pairs += (per_row * (probe >= 0).sum(-1)).sum(-1).double()
         else:
-            err = est
+            err = bound = est
         cheaper = per_row.double() * chunk_rows < exact_cost
-        ok = pending & cheaper & ((err <= config.max_error) if config.max_error is not None else True)
+        # A tier is taken when the error's upper bound meets max_error; the estimate itself is
+        # what the stats report.
+        ok = pending & cheaper & ((bound <= config.max_error) if config.max_error is not None else True)
         level = torch.where(ok, i, level)
         est = torch.where(ok, err, est)
         if config.max_error is None:
