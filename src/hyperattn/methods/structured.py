@@ -87,10 +87,10 @@ def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor, rows_per_block: int) 
     bound is well above its estimate (docs/QUALITY.md).
     """
     *lead, p, _ = approx.shape
-    mask = valid.unsqueeze(-1).to(approx.dtype)
+    mask = valid.unsqueeze(-1).to(ref.dtype)
     num = ((approx - ref) ** 2 * mask).sum(-1).reshape(*lead, p // rows_per_block, rows_per_block).sum(-1)
     den = (ref ** 2 * mask).sum(-1).reshape(*lead, p // rows_per_block, rows_per_block).sum(-1)
-    used = valid.reshape(*lead, p // rows_per_block, rows_per_block).any(-1).to(approx.dtype)
+    used = valid.reshape(*lead, p // rows_per_block, rows_per_block).any(-1).to(ref.dtype)
     total = den.sum(-1).clamp(min=1e-30)
     ratio = num.sum(-1) / total
     m = used.sum(-1)
