@@ -6,8 +6,9 @@ A call runs, per (batch, head):
 2. per chunk of ``chunk`` rows: probe rows scored exactly, which give the chunk's heavy
    columns and the guard's error estimates (:func:`~hyperattn.reference.selection.probe_exact`);
 3. the guard: each chunk takes the cheapest tier of :data:`~hyperattn.reference.selection.TIERS`
-   whose estimated error on the chunk's probe rows is at most ``max_error`` (trials run
-   on the probe rows only), else exact; without ``max_error`` every chunk runs at 1x;
+   whose error on the chunk's probe rows, at a one-sided 90% upper bound (:func:`_rel_error`),
+   is at most ``max_error`` (trials run on the probe rows only), else exact; without
+   ``max_error`` every chunk runs at 1x;
 4. the selection of every query block (its exact blocks,
    :func:`~hyperattn.reference.selection.exact_blocks`, and each chunk's gathered columns,
    :func:`~hyperattn.reference.selection.gather_columns`), then one attention step: the
