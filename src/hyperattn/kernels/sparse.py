@@ -259,7 +259,7 @@ def _lsh_keys(K, V, ORDER, EB, ks, end, k_base, v_base, stride_kn, stride_vn, of
 def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
-                num_heads, group, kv_heads, nq, nk, row0, first, c_blocks, num_e, e0, qk_scale,
+                group, kv_heads, nq, nk, row0, first, c_blocks, num_e, e0, qk_scale,
                 HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
     # A tile of bucket-sorted rows over the sorted key slots their ranges span (keys read
@@ -322,7 +322,7 @@ def _grad_rows(Q, DO, LSE2, DELTA, b, h, bh, rows, row_ok, row0, n_rows, stride_
 def _lsh_dq_kernel(Q, K, V, DO, OUT, DLSE, LSE2, DELTA, DQL, QORDER, KORDER, LO, HI, EB,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
-                   num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, scale,
+                   group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, scale,
                    HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr):
     # dq of the LSH part for a tile of bucket-sorted rows (as _lsh_kernel), stored fp32 at
@@ -441,7 +441,7 @@ def _exact_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, OFFSETS, ENTRIES,
 def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB, OFFSETS, ENTRIES,
                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
-                    num_heads, group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, scale,
+                    group, kv_heads, nq, nk, row0, n_rows, first, c_blocks, num_e, e0, scale,
                     HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr):
     # dk, dv of BLOCK_N sorted key slots of one (batch, KV head) from every tile of its
@@ -634,8 +634,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, tab: _Ta
     def grid(meta):  # LSH: tiles of each KV head's sorted rows (its query heads' together)
         return triton.cdiv(nq * (hq // hkv), meta["BLOCK_M"]), bsz * hkv
 
-    _LSH[grid](q, k, v, out, lse, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides, hq, hq // hkv, hkv, nq,
-               nk, plan.first * t, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale, HEAD_DIM=dim, T=t,
+    _LSH[grid](q, k, v, out, lse, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides, hq // hkv, hkv, nq, nk,
+               plan.first * t, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale, HEAD_DIM=dim, T=t,
                PRECISION=precision)
     if tab.c_blocks:
         _SPARSE[(tab.c_blocks, bsz * hq)](q, k, v, tab.k_g, tab.v_g, out, lse, tab.eb, tab.active, tab.win_lo,
@@ -732,7 +732,7 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     _LSH_DQ[lambda m: (triton.cdiv(group * nq, m["BLOCK_M"]), bsz * hkv)](
         q, k, v, grad_out, out, dlse, lse2, delta, dq_lsh, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, *strides,
-        hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
+        group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
         HAS_DLSE=grad_lse is not None,
         **meta)
     _SPARSE_DQ[(tab.c_blocks, bsz * hq)](
@@ -747,7 +747,7 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
     offsets, entries = _lsh_lists(plan, tab, nq, nk)
     _LSH_DKV[(triton.cdiv(nk, _BWD["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb, offsets, entries,
-        *strides, hq, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
+        *strides, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
         **meta, **_BWD)
     _GATHERED_DKV[lambda m: (tab.s_pad // m["BLOCK_N"], bsz * hkv, tab.num_chunks)](
         q, tab.k_g, tab.v_g, grad_out, lse2, delta, dk, dv, tab.eb, tab.active, tab.win_lo, tab.win_hi, tab.g_idx,
