@@ -88,10 +88,14 @@ def _rel_error(approx: Tensor, ref: Tensor, valid: Tensor, rows_per_block: int) 
     bound is well above its estimate (docs/QUALITY.md).
     """
     *lead, p, _ = approx.shape
+
+    def per_block(x):  # (..., P) -> (..., P / rows_per_block, rows_per_block)
+        return x.reshape(*lead, p // rows_per_block, rows_per_block)
+
     mask = valid.unsqueeze(-1).to(ref.dtype)
-    num = ((approx - ref) ** 2 * mask).sum(-1).reshape(*lead, p // rows_per_block, rows_per_block).sum(-1)
-    den = (ref ** 2 * mask).sum(-1).reshape(*lead, p // rows_per_block, rows_per_block).sum(-1)
-    used = valid.reshape(*lead, p // rows_per_block, rows_per_block).any(-1).to(ref.dtype)
+    num = per_block(((approx - ref) ** 2 * mask).sum(-1)).sum(-1)
+    den = per_block((ref ** 2 * mask).sum(-1)).sum(-1)
+    used = per_block(valid).any(-1).to(ref.dtype)
     total = den.sum(-1).clamp(min=1e-30)
     ratio = num.sum(-1) / total
     m = used.sum(-1)
