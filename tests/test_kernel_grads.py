@@ -104,8 +104,8 @@ def test_backward_kernels_match_reference_gradients(case, causal, dtype, monkeyp
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_backward_of_the_output_alone_matches_reference_gradients(case, causal, dtype, monkeypatch):
-    # No gradient on lse: the exact pieces go through SDPA's flash backward (given the
-    # merged output and lse), the approximate ones through the Triton kernels.
+    # No gradient on lse: the exact pieces go through SDPA's backward (given the merged
+    # output and lse), the approximate ones through the Triton kernels.
     from hyperattn.kernels import hyper as kh
 
     monkeypatch.setenv("HYPERATTN_AUTOTUNE", "0")
@@ -115,32 +115,38 @@ def test_backward_of_the_output_alone_matches_reference_gradients(case, causal, 
     grad_out = torch.randn(bsz, hq, nq, dim, device="cuda", generator=torch.Generator(device="cuda").manual_seed(12))
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     hyper_attention(*inputs, causal=causal, config=cfg).backward(grad_out.to(dtype))
-    assert not kh._FLASH_REFUSED, kh._FLASH_REFUSED
+    assert set(kh._SDPA_REFUSED) != {"cudnn", "flash"}, kh._SDPA_REFUSED
     ref = _reference_grads(q, k, v, causal, cfg, grad_out.to(dtype), torch.zeros(bsz, hq, nq, device="cuda"))
     _assert_low_precision_grads(inputs, ref, q, k, v, causal, grad_out)
 
 
 @needs_cuda
-def test_flash_backward_of_exact_pieces_equals_the_range_kernels():
-    # The same gradient two ways: flash backward (no lse gradient) and the Triton range
-    # kernels (a zero lse gradient takes them). Both fp32-accumulated from bf16 inputs; the
-    # flash backward rounds each piece's gradient to bf16 before it is added (2**-9
-    # relative), so they agree to well under 1%.
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_sdpa_backward_of_exact_pieces_equals_the_range_kernels(backend, monkeypatch):
+    # The same gradient two ways: SDPA's backward (no lse gradient; the other backend marked
+    # refused, so this one runs) and the Triton range kernels (a zero lse gradient takes
+    # them). Both fp32-accumulated from bf16 inputs; SDPA rounds each run's gradient to bf16
+    # before it is added (2**-9 relative), so they agree to well under 1%.
     from hyperattn.kernels import hyper as kh
 
-    # Causal: the plan's diagonal leaves and off-diagonal blocks are exact (not causal, one
-    # approximate piece covers everything at this length).
-    for causal, n in ((True, 8192), (False, 1024)):
-        q, k, v = qkv(1, 8, 2, n, n, 128, torch.bfloat16, device="cuda", seed=3)
+    other = {"cudnn": "flash", "flash": "cudnn"}[backend]
+    monkeypatch.setattr(kh, "_SDPA_REFUSED", {other: "refused by the test"})
+    # Runs split into calls of at most three pieces (the bound on a call's copies).
+    monkeypatch.setattr(kh, "_RUN_ELEMENTS", 3 * 8 * 1024 * 128)
+    # Causal: the plan's diagonal leaves and off-diagonal blocks are exact, two runs of
+    # equal pieces (batched calls; two batch rows: copies, not views). Not causal, one
+    # approximate piece covers everything at this length.
+    for causal, bsz, n in ((True, 1, 8192), (True, 2, 4096), (False, 1, 1024)):
+        q, k, v = qkv(bsz, 8, 2, n, n, 128, torch.bfloat16, device="cuda", seed=3)
         sel = kh.hyper_select(q, k, causal=causal, block_size=256, sample_size=256, num_projs=7, min_seq_len=1024,
                               seed=0)
         assert sel.plan.exact_pieces
         out, lse = kh.hyper_attend(q, k, v, 128 ** -0.5, sel)
         grad_out = torch.randn_like(out)
-        flash = kh.hyper_backward(q, k, v, out, lse, grad_out, None, 128 ** -0.5, sel)
-        assert not kh._FLASH_REFUSED, kh._FLASH_REFUSED
+        sdpa = kh.hyper_backward(q, k, v, out, lse, grad_out, None, 128 ** -0.5, sel)
+        assert backend not in kh._SDPA_REFUSED, kh._SDPA_REFUSED
         ranges = kh.hyper_backward(q, k, v, out, lse, grad_out, torch.zeros_like(lse), 128 ** -0.5, sel)
-        for a, b in zip(flash, ranges):
+        for a, b in zip(sdpa, ranges):
             assert rel_err(a.float(), b.float()) < 1e-2
 
 

@@ -319,8 +319,10 @@ _STAGES = (
     ("sorting", ("sort", "Sort", "radix", "Radix", "scatter", "Scatter")),
     ("exact pieces", ("_range_attention_kernel",)),
     ("approximate pieces", ("_gathered_attention_kernel",)),
-    # Backward: exact pieces through the Triton range kernels or SDPA's flash backward.
-    ("exact pieces backward", ("_range_attention_bwd_kernel", "_range_attention_dkv_kernel", "flash_bwd")),
+    # Backward: exact pieces through the Triton range kernels or SDPA's backward (cuDNN's
+    # kernels are named "..._flash_bprop_...", flash's "flash_bwd_...").
+    ("exact pieces backward", ("_range_attention_bwd_kernel", "_range_attention_dkv_kernel", "flash_bwd",
+                               "flash_bprop")),
     ("approximate pieces backward", ("_gathered_attention_bwd_kernel", "_block_dkv_kernel", "_sample_dkv_kernel")),
 )
 

@@ -56,7 +56,7 @@ class _HyperAttention(torch.autograd.Function):
         # Saved: inputs, output, fp32 lse and the selection (sorted orders, sample tables): O(N).
         ctx.save_for_backward(q, k, v, out, lse)
         # An unused lse gets no gradient (None, not zeros): the backward can then take the
-        # exact pieces through SDPA's flash backward, which has no lse gradient input.
+        # exact pieces through SDPA's backward, which has no lse gradient input.
         ctx.set_materialize_grads(False)
         ctx.selection = selection
         ctx.scale = scale
