@@ -288,10 +288,11 @@ def _lsh_kernel(Q, K, V, OUT, LSE, QORDER, KORDER, LO, HI, EB,
 # The backward: dq row-outer, as the forward runs (the LSH tiles, then each selected block
 # over its exact blocks and gathered columns, adding the LSH part in place of the merge);
 # dk, dv key-outer, each key tile's gradient summed on chip over every row tile that
-# scored it and stored once (the exact blocks and the LSH slots, through transposed lists
-# of the forward's selection); the gathered columns' by one atomic add per column per
-# chunk, as a column may be drawn by several chunks. P is recomputed from the merged LSE,
-# so each part's gradient is already that of the merged softmax.
+# scored it and stored once (the exact blocks through transposed lists of the forward's
+# selection, the LSH slots through runs of sorted row tiles); the gathered columns' by one
+# atomic add per column per chunk, as a column may be drawn by several chunks. P is
+# recomputed from the merged LSE, so each part's gradient is already that of the merged
+# softmax.
 
 
 @triton.jit
@@ -568,7 +569,7 @@ def _tiles(shapes):
 
 
 # The backward's launches, tuned per shape family. The first config of each is the one the
-# tests run (HYPERATTN_AUTOTUNE=0). The LSH slots' dk/dv walks the transposed lists built
+# tests run (HYPERATTN_AUTOTUNE=0). The LSH slots' dk/dv walks the runs of row tiles found
 # for its tiles (_BWD), so only its warps and stages vary; the launches that add into dk/dv
 # in place put them back after each timed run. Its tiles were measured (fwd+bwd, 131k
 # causal, H100, one run): 64 rows x 32 slots 59.4 ms; 64 x 64 61.1; 128 x 64 60.5; 32 x 64
@@ -683,9 +684,10 @@ def _lsh_lists(plan: Plan, tab: _Tables, nq: int, nk: int) -> Tensor:
     whose spans reach a key tile form a run: it starts at the first tile whose running
     maximum of span ends passes the key tile's start, and ends after the last whose
     running minimum of span starts (from the right) lies before its end. Tiles of the run
-    that miss the key tile are masked in the kernel; on random input at 131k the runs hold
-    1.00x the (row tile, key tile) pairs that reach, where a listed sort of every tile's
-    possible span (``LSH_TILES`` blocks) sorted ~17x as many entries.
+    that miss the key tile are masked in the kernel. On random input at 131k (simulated on
+    CPU) the runs hold 1.00x the (row tile, key tile) pairs that reach: ~20k per KV head,
+    where the lists this replaced sorted every row tile's possible span (``LSH_TILES``
+    blocks), 540k entries.
     """
     bm, bn = _BWD["BLOCK_M"], _BWD["BLOCK_N"]
     order = tab.q_order.long()
