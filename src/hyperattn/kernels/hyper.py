@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from ..reference.hyper import Piece, causal_plan, draw_randomness, noncausal_plan, stratified_samples
-from .attention import (TILE_ROWS, gathered_attention, gathered_attention_bwd, key_block_width, key_blocks,
-                        range_attention, range_attention_bwd, range_key_tiles, sample_chunks)
+from .attention import (TILE_ROWS, backward_delta, gathered_attention, gathered_attention_bwd, key_block_width,
+                        key_blocks, range_attention, range_attention_bwd, range_key_tiles, sample_chunks)
 from .lsh import lsh_sort_keys
 
 __all__ = ["KernelPlan", "kernel_plan", "HyperSelection", "hyper_select", "hyper_attend", "hyper_forward",
@@ -296,10 +296,7 @@ def hyper_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, gr
     """
     plan = selection.plan
     grad_out = grad_out.to(q.dtype).contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+    delta = backward_delta(grad_out, out.contiguous(), grad_lse)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
@@ -353,7 +350,7 @@ def _run_view(x: Tensor, start: int, count: int, step: int, length: int) -> Tens
 
 def _sdpa_bwd(backend: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One SDPA backward op on ``(B, H, L, D)`` batches: this piece's share of the gradient given the merged ``out, lse``."""
+    """One SDPA backward op on ``(B, H, L, D)`` batches: their share of the gradient, given the merged ``out, lse``."""
     seed = torch.zeros(2, dtype=torch.uint64, device=q.device)  # dropout is off: never read, but the ops take one
     offset = torch.zeros((), dtype=torch.uint64, device=q.device)
     nq, nk = q.shape[2], k.shape[2]

@@ -180,9 +180,12 @@ def _column_mass(QS, K, LSES, ROWS, MASS, stride_kb, stride_kh, stride_kn, scale
         q = tl.load(QS + at[:, None] * HEAD_DIM + d[None, :])
         lse = tl.load(LSES + at)
         limit = _last_key(rows, offset, nk, CAUSAL)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [M, BLOCK_N]
-        seen = (keys[None, :] <= limit[:, None]) & (keys[None, :] < nk)
-        total = tl.sum(tl.where(seen, tl.exp(s - lse[:, None]), 0.0), axis=0)
+        # Keys on the product's rows, probe rows on its columns: the sum over probe rows then
+        # stays within each warp (over the MMA's rows it crossed warps through shared memory
+        # and a barrier, once per chunk).
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_N, M]
+        seen = (keys[:, None] <= limit[None, :]) & (keys[:, None] < nk)
+        total = tl.sum(tl.where(seen, tl.exp(s - lse[None, :]), 0.0), axis=1)
         tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
 
 
