@@ -417,7 +417,9 @@ def _sdpa_exact_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
             try:
                 grads = _sdpa_bwd(backend, *args, p.causal, scale)
                 break
-            except RuntimeError as exc:  # this torch refuses the op (its signature, a shape): the next one
+            except (RuntimeError, TypeError) as exc:
+                # This torch refuses the op (a shape: RuntimeError; a signature older than
+                # the one called: TypeError): the next backend.
                 _SDPA_REFUSED[backend] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if grads is None:
             if i:  # runs already added: no clean fallback
