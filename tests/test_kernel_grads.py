@@ -150,6 +150,35 @@ def test_sdpa_backward_of_exact_pieces_equals_the_range_kernels(backend, monkeyp
             assert rel_err(a.float(), b.float()) < 1e-2
 
 
+@pytest.mark.parametrize("n, min_len", [(131072, 4096), (8192, 1024), (100000, 4096), (3000, 1000), (1500, 1024)])
+def test_exact_pieces_batch_into_runs_of_equal_evenly_spaced_pieces(n, min_len):
+    # The SDPA backward's batching (host code, no kernel): every exact piece of the causal
+    # plan in exactly one run; a run's pieces equal in shape and causality, at one step no
+    # shorter than a piece (its views never overlap); and a run's view is the pieces' slices.
+    from hyperattn.kernels import hyper as kh
+    from hyperattn.reference.hyper import causal_plan
+
+    pieces = tuple(p for p in causal_plan(n, n, min_len) if not p.approx)
+    assert pieces
+    runs = kh._piece_runs(pieces)
+    assert sorted(p.q0 * n + p.k0 for run in runs for p in run) == sorted(p.q0 * n + p.k0 for p in pieces)
+    for run in runs:
+        first = run[0]
+        lq, lk = first.q1 - first.q0, first.k1 - first.k0
+        assert all((p.q1 - p.q0, p.k1 - p.k0, p.causal) == (lq, lk, first.causal) for p in run)
+        for a, b in zip(run, run[1:]):
+            assert b.q0 - a.q0 == b.k0 - a.k0 == run[1].q0 - first.q0 >= max(lq, lk)
+    if n & (n - 1) == 0:  # a power of two: the diagonal leaves, and the off-diagonal blocks, one run each
+        assert len(runs) == 2
+    x = torch.arange(2 * 3 * n * 2, dtype=torch.float32).view(2, 3, n, 2)
+    for run in runs:
+        p = run[0]
+        step = run[1].q0 - p.q0 if len(run) > 1 else 0
+        view = kh._run_view(x, p.k0, len(run), step, p.k1 - p.k0)
+        for i, piece in enumerate(run):
+            assert torch.equal(view[:, i], x[:, :, piece.k0:piece.k1])
+
+
 @needs_cuda
 def test_backward_saves_no_quadratic_tensor():
     # Saved for backward: q, k, v, out (B*H*N*D each), lse and the O(N) selection. At 16k keys
