@@ -6,7 +6,8 @@ means, block scores, the guard's trials and the attention engine) and once with 
 PyTorch reference, in fp32 on one input: the outputs and error estimates agree to rounding,
 with the guard off and on, causal and not, Nq != Nk. Needs ``triton`` installed (any
 device); the compiled kernels themselves are checked on CUDA in
-``tests/test_structured_kernels.py``.
+``tests/test_structured_kernels.py``. Also here: host code of the kernels' launches that
+needs no kernel run (the LSH dk/dv launch's runs of row tiles).
 """
 
 from __future__ import annotations
