@@ -129,6 +129,8 @@ def test_sdpa_backward_of_exact_pieces_equals_the_range_kernels(backend, monkeyp
     # before it is added (2**-9 relative), so they agree to well under 1%.
     from hyperattn.kernels import hyper as kh
 
+    if backend in kh._SDPA_REFUSED:  # not called on this torch (see _SDPA_REFUSED)
+        pytest.skip(kh._SDPA_REFUSED[backend])
     other = {"cudnn": "flash", "flash": "cudnn"}[backend]
     monkeypatch.setattr(kh, "_SDPA_REFUSED", {other: "refused by the test"})
     # Runs split into calls of at most three pieces (the bound on a call's copies).

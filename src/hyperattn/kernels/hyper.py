@@ -315,8 +315,12 @@ def hyper_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, gr
 # transient copies and gradients (~2.5 GB in bf16) where a run covers a long call.
 _RUN_ELEMENTS = 1 << 28
 # SDPA backends whose backward refused a call in this process (name -> first line of the error):
-# skipped from then on.
+# skipped from then on. cuDNN's private backward op is called only from the torch release it
+# was checked on (strided batches of pieces, given another call's output and LSE); older ones
+# take flash's.
 _SDPA_REFUSED: dict[str, str] = {}
+if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
+    _SDPA_REFUSED["cudnn"] = f"not checked on torch {torch.__version__}"
 
 
 def _piece_runs(pieces: tuple[Piece, ...]) -> list[list[Piece]]:
