@@ -178,7 +178,7 @@ def test_driver_gradient_on_the_kernels_matches_the_reference_driver():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_lsh_dkv_runs_hold_every_row_tile_that_reaches_a_key_tile(causal):
     # Host code of the LSH dk/dv launch (no kernel runs): each key tile walks the run of
-    # sorted row tiles that _lsh_lists finds. A row tile whose span reaches the key tile
+    # sorted row tiles that _lsh_runs finds. A row tile whose span reaches the key tile
     # but falls outside the run would lose its gradient there, so every reaching tile must
     # be inside; and the runs stay tight (the kernel scores every tile of a run).
     import math
@@ -197,7 +197,7 @@ def test_lsh_dkv_runs_hold_every_row_tile_that_reaches_a_key_tile(causal):
     proj = draw_projections(32, 7, gen)
     lsh = S.bucket_ranges(lsh_buckets(q, proj), lsh_buckets(k, proj), plan, 32)
     tab = SimpleNamespace(q_order=lsh.q_order.int(), lo=lsh.lo.int(), hi=lsh.hi.int())
-    runs = sparse._lsh_lists(plan, tab, n, n)
+    runs = sparse._lsh_runs(plan, tab, n, n)
     bm, bn = sparse._BWD["BLOCK_M"], sparse._BWD["BLOCK_N"]
     n_kt = math.ceil(n / bn)
     assert runs.shape == (1, hkv, n_kt, 2)

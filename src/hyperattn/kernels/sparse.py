@@ -447,7 +447,7 @@ def _lsh_dkv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QORDER, KORDER, LO, HI, EB
                     PRECISION: tl.constexpr):
     # dk, dv of BLOCK_N sorted key slots of one (batch, KV head) from every tile of its
     # sorted rows (the group's heads together) whose ranges may reach them (the run RUNS[t]
-    # of row tiles, _lsh_lists; rows whose ranges miss are masked), added into the exact
+    # of row tiles, _lsh_runs; rows whose ranges miss are masked), added into the exact
     # blocks' gradient (a key sits in one slot: the rows are this program's alone).
     kt = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
@@ -676,7 +676,7 @@ def _exact_lists(plan: Plan, tab: _Tables, hkv: int) -> tuple[Tensor, Tensor]:
     return _group_lists(tab.eb, (tab.eb >= 0) & (tab.active != 0).unsqueeze(-1), hkv, plan.nkb)
 
 
-def _lsh_lists(plan: Plan, tab: _Tables, nq: int, nk: int) -> Tensor:
+def _lsh_runs(plan: Plan, tab: _Tables, nq: int, nk: int) -> Tensor:
     """For each (batch, KV head, tile of sorted key slots): the run ``[first, end)`` of the KV head's sorted row tiles
     that may reach it, ``(B, Hkv, key tiles, 2)`` int32.
 
@@ -754,7 +754,7 @@ def attend_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
         plan.offset, plan.first, row0, n_rows, tab.c_blocks, scale, CAUSAL=plan.causal, **meta)
     _LSH_DKV[(triton.cdiv(nk, _BWD["BLOCK_N"]), bsz * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, tab.q_order, tab.k_order, tab.lo, tab.hi, tab.eb,
-        _lsh_lists(plan, tab, nq, nk),
+        _lsh_runs(plan, tab, nq, nk),
         *strides, group, hkv, nq, nk, row0, n_rows, plan.first, tab.c_blocks, tab.num_e, tab.lsh_e0, scale,
         **meta, **_BWD)
     _GATHERED_DKV[lambda m: (tab.s_pad // m["BLOCK_N"], bsz * hkv, tab.num_chunks)](
