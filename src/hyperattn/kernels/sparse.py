@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.selection import Lsh, Plan, Selection
+from ..reference.selection import Lsh, Plan, Selection, sorted_spans
 from .attention import (_add_into, _bwd_lse2, _key_tile, _kv_at, _lse_merge, _normalised, _precision, _sorted_kv,
                         _tile_dkv, _tile_dq, _tile_update)
 
@@ -690,15 +690,8 @@ def _lsh_runs(plan: Plan, tab: _Tables, nq: int, nk: int) -> Tensor:
     blocks), 540k entries.
     """
     bm, bn = _BWD["BLOCK_M"], _BWD["BLOCK_N"]
-    order = tab.q_order.long()
-    bsz, hkv, n_sorted = order.shape
-    n_rt = triton.cdiv(n_sorted, bm)
-    lo_s = tab.lo.long().reshape(bsz, hkv, n_sorted).gather(2, order)
-    hi_s = tab.hi.long().reshape(bsz, hkv, n_sorted).gather(2, order)
-    busy = lo_s < hi_s
-    pad = n_rt * bm - n_sorted
-    start = torch.nn.functional.pad(torch.where(busy, lo_s, nk), (0, pad), value=nk).view(bsz, hkv, n_rt, bm).amin(-1)
-    end = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad)).view(bsz, hkv, n_rt, bm).amax(-1)
+    _, _, start, end = sorted_spans(tab.q_order.long(), tab.lo.long(), tab.hi.long(), bm, nk)
+    bsz, hkv = start.shape[:2]
     reach = torch.cummax(end, -1).values.contiguous()
     begin = torch.cummin(start.flip(-1), -1).values.flip(-1).contiguous()
     edges = (torch.arange(triton.cdiv(nk, bn), device=start.device) * bn).expand(bsz, hkv, -1).contiguous()

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..reference import structured as _ref
 from ..reference.exact import merge_lse
-from ..reference.selection import LSH_TILES, Lsh, Plan, Selection
+from ..reference.selection import LSH_TILES, Lsh, Plan, Selection, sorted_spans
 
 __all__ = ["attend", "attend_rows", "supported", "TILE"]
 
@@ -221,22 +221,17 @@ def lsh_pass(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, lsh: Lsh
     device = q.device
     nkb, group = plan.nkb, hq // hkv
     n_sorted = group * nq
-    nsb = math.ceil(n_sorted / TILE)
     bit = _in_bits(bits)
     q_order = lsh.q_order
     q_sorted = q.reshape(bsz, hkv, n_sorted, dim).gather(2, q_order.unsqueeze(-1).expand(-1, -1, -1, dim))
     k_sorted = k.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
     v_sorted = v.gather(2, lsh.order.unsqueeze(-1).expand(-1, -1, -1, dim))
-    lo_s = lsh.lo.int().reshape(bsz, hkv, n_sorted).gather(2, q_order)
-    hi_s = lsh.hi.int().reshape(bsz, hkv, n_sorted).gather(2, q_order)
+    lo_s, hi_s, start, end = sorted_spans(q_order, lsh.lo.int(), lsh.hi.int(), TILE, nk)
     head = (q_order // nq).int()  # each sorted row's head within the group
     row_block = ((q_order % nq) // TILE).int()
-    pad_rows = nsb * TILE - n_sorted
-    busy = lo_s < hi_s
-    t_lo = torch.nn.functional.pad(torch.where(busy, lo_s, 2 ** 30), (0, pad_rows), value=2 ** 30)
-    t_hi = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad_rows), value=0)
-    first_tile = t_lo.reshape(bsz, hkv, nsb, TILE).amin(-1) // TILE
-    last_tile = (t_hi.reshape(bsz, hkv, nsb, TILE).amax(-1) - 1) // TILE
+    # A tile with no range: start nk, end 0, so a span of zero tiles.
+    first_tile = start // TILE
+    last_tile = (end - 1) // TILE
     width = min(nkb, LSH_TILES)
     span = torch.clamp(last_tile - first_tile + 1, min=0, max=width)
     l_ind = torch.clamp(first_tile.clamp(max=nkb - 1).unsqueeze(-1) + torch.arange(width, device=device), max=nkb - 1)

@@ -44,8 +44,8 @@ from .lsh import draw_projections, lsh_buckets
 
 __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_hash", "uniforms", "first_block", "make_plan",
            "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
-           "estimating_rows", "lsh_ranges", "bucket_ranges", "sorted_rows", "exact_blocks", "chunk_candidates",
-           "proposal_tables", "residual_proposal",
+           "estimating_rows", "lsh_ranges", "bucket_ranges", "sorted_rows", "sorted_spans", "exact_blocks",
+           "chunk_candidates", "proposal_tables", "residual_proposal",
            "probe_pairs", "gather_columns"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
@@ -420,16 +420,31 @@ def bucket_ranges(q_bucket: Tensor, k_bucket: Tensor, plan: Plan, lsh_block: int
     lo, hi = torch.where(active, lo, 0), torch.where(active, hi, 0)
     q_order = sorted_rows(q_bucket, hkv)
     # Cut each sorted block's ranges to the LSH_TILES tiles ending at its furthest slot.
-    n_rows = group * nq
-    n_blocks = -(-n_rows // plan.block)
-    pad = n_blocks * plan.block - n_rows
-    lo_s, hi_s = lo.reshape(bsz, hkv, n_rows).gather(-1, q_order), hi.reshape(bsz, hkv, n_rows).gather(-1, q_order)
-    hi_max = torch.nn.functional.pad(torch.where(lo_s < hi_s, hi_s, 0), (0, pad)).reshape(bsz, hkv, n_blocks, -1)
-    floor = torch.clamp((hi_max.amax(-1) + plan.block - 1) // plan.block - LSH_TILES, min=0) * plan.block
-    floor = floor.repeat_interleave(plan.block, dim=-1)[..., :n_rows]
+    lo_s, _, _, hi_max = sorted_spans(q_order, lo, hi, plan.block, nk)
+    floor = torch.clamp((hi_max + plan.block - 1) // plan.block - LSH_TILES, min=0) * plan.block
+    floor = floor.repeat_interleave(plan.block, dim=-1)[..., :group * nq]
     lo = torch.empty_like(lo_s).scatter_(-1, q_order, torch.maximum(lo_s, floor)).reshape(bsz, hq, nq)
     hi = torch.maximum(hi, lo)
     return Lsh(order, slot, lo, hi, q_order)
+
+
+def sorted_spans(q_order: Tensor, lo: Tensor, hi: Tensor, tile: int, nk: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rows' ranges in :attr:`Lsh.q_order`, and the key slots each tile of ``tile`` sorted rows spans.
+
+    ``q_order (B, Hkv, G Nq)``; ``lo, hi (B, Hq, Nq)``. Returns the sorted rows' ``lo_s,
+    hi_s (B, Hkv, G Nq)`` and each tile's ``start, end (B, Hkv, tiles)``: the least start
+    and the greatest end of its rows' non-empty ranges (``nk`` and ``0`` where it has none).
+    The cut here, and the kernels' LSH tiles, take their spans from it.
+    """
+    bsz, hkv, n_rows = q_order.shape
+    lo_s = lo.reshape(bsz, hkv, n_rows).gather(-1, q_order)
+    hi_s = hi.reshape(bsz, hkv, n_rows).gather(-1, q_order)
+    busy = lo_s < hi_s
+    pad = -(-n_rows // tile) * tile - n_rows
+    start = torch.nn.functional.pad(torch.where(busy, lo_s, nk), (0, pad), value=nk).reshape(bsz, hkv, -1, tile)
+    end = torch.nn.functional.pad(torch.where(busy, hi_s, 0), (0, pad)).reshape(bsz, hkv, -1, tile)
+    return lo_s, hi_s, start.amin(-1), end.amax(-1)
 
 
 def sorted_rows(q_bucket: Tensor, kv_heads: int) -> Tensor:
