@@ -146,3 +146,27 @@ def test_profile_splits_the_call_into_stages(backward):
     # The backward's own launches are found and counted only when there is a backward.
     assert (stages.get("exact pieces backward", 0.0) > 0) is backward
     assert (stages.get("approximate pieces backward", 0.0) > 0) is backward
+
+
+def test_cli_min_seq_len_sets_both_structured_rows(tmp_path):
+    # The flag times the structured rows at a given crossover; each row's config records the
+    # value it ran with (without it: the method's own for structured, 4096 for the fixed row).
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    import json
+
+    def rows(*extra):
+        path = tmp_path / "r.json"
+        args = parser.parse_args(["--lengths", "512", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+                                  "--causal", "yes", "--budget-ms", "1", "--json", str(path), "--no-progress",
+                                  "--impls", "structured", "structured-fixed", *extra])
+        assert cli.run(args) == 0
+        return {r["impl"]: r for r in json.loads(path.read_text())["rows"]}
+
+    given = rows("--min-seq-len", "256")
+    assert all(r["ms"] is not None and r["config"]["min_seq_len"] == 256 for r in given.values())
+    default = rows()
+    assert default["structured-fixed"]["config"]["min_seq_len"] == 4096
+    assert default["structured"]["config"]["min_seq_len"] == 1024  # the CPU default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--min-seq-len", "0"])

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flex-lengths", type=positive_int, nargs="*", default=[32768, 131072, 1048576],
                         help="lengths at which flex-sink-window runs (each compiles once; default 32768 131072 "
                              "1048576)")
+    parser.add_argument("--min-seq-len", type=positive_int, metavar="N",
+                        help="min_seq_len of the structured rows (default: structured the method's own, the "
+                             "crossover on CUDA; structured-fixed 4096), e.g. to time the guard below the crossover")
     parser.add_argument("--budget-ms", type=positive_float, default=400.0, help="timing budget per row (default 400)")
     parser.add_argument("--backward", action="store_true",
                         help="time forward+backward (gradients of q, k, v) instead of the forward; rows carry "
@@ -137,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_forward_bench(lengths, impls, modes, shape, device, max_n=max_n,
                                 only={"flex-sink-window": set(args.flex_lengths)}, budget_ms=args.budget_ms,
-                                progress=not args.no_progress, on_row=save, backward=args.backward)
+                                progress=not args.no_progress, on_row=save, backward=args.backward,
+                                min_seq_len=args.min_seq_len)
     if args.profile and cuda:
         results["profile"] = [profile_hyper(n, causal, shape, device, backward=args.backward)
                               for n in args.profile for causal in modes]

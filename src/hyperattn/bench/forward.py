@@ -167,7 +167,8 @@ def _hyper_config_dict(config: HyperAttentionConfig, device: torch.device | None
     return {**asdict(config), "min_seq_len": min_len}
 
 
-def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Callable, dict, int]:
+def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, min_seq_len: int | None = None
+           ) -> tuple[Callable, dict, int]:
     n = q.shape[2]
     if impl in ("hyper", "hyper-paper-plan", "hyper-reference"):
         config = PAPER_PLAN_CONFIG if impl == "hyper-paper-plan" else HyperAttentionConfig(method="hyper")
@@ -186,8 +187,11 @@ def _build(impl: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Ca
     if impl in ("structured", "structured-fixed"):
         # The fixed row measures the approximation itself, so it passes min_seq_len explicitly
         # (below the crossover the default would be SDPA); the structured row is the default.
-        config = HyperAttentionConfig(seed=0, max_error=None, min_seq_len=4096) if impl == "structured-fixed" \
-            else HyperAttentionConfig(seed=0)
+        # A given min_seq_len replaces both (e.g. to measure the guard below the crossover).
+        if impl == "structured-fixed":
+            config = HyperAttentionConfig(seed=0, max_error=None, min_seq_len=min_seq_len or 4096)
+        else:
+            config = HyperAttentionConfig(seed=0, min_seq_len=min_seq_len)
         _, stats = hyper_attention(q, k, v, causal=causal, config=config, return_stats=True)
         pairs = round(stats.keys_per_query * n)
         return (lambda: hyper_attention(q, k, v, causal=causal, config=config)), _hyper_config_dict(config, q.device), \
@@ -241,7 +245,8 @@ def _with_backward(fn: Callable, q: Tensor, k: Tensor, v: Tensor) -> Callable:
 
 
 def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.device, max_n: dict,
-             only: dict, budget_ms: float, min_reps: int, max_reps: int, backward: bool = False) -> dict:
+             only: dict, budget_ms: float, min_reps: int, max_reps: int, backward: bool = False,
+             min_seq_len: int | None = None) -> dict:
     row = {"n": n, "causal": causal, "backward": backward, "impl": impl, "config": {}, "ms": None, "peak_gb": None}
     cuda = device.type == "cuda"
     try:
@@ -252,7 +257,7 @@ def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.d
         q, k, v = _inputs(n, shape, device)
         if backward:
             q, k, v = (t.requires_grad_() for t in (q, k, v))
-        fn, config, pairs = _build(impl, q, k, v, causal)
+        fn, config, pairs = _build(impl, q, k, v, causal, min_seq_len)
         if backward:
             fn = _with_backward(fn, q, k, v)
         row["config"] = config
@@ -282,10 +287,13 @@ def _run_row(impl: str, n: int, causal: bool, shape: BenchShape, device: torch.d
 def run_forward_bench(lengths: list[int], impls: list[str], causal_modes: list[bool], shape: BenchShape,
                       device: torch.device, max_n: dict | None = None, only: dict | None = None,
                       budget_ms: float = 400.0, min_reps: int = 3, max_reps: int = 20, progress: bool = True,
-                      on_row: Callable[[dict], None] | None = None, backward: bool = False) -> dict:
+                      on_row: Callable[[dict], None] | None = None, backward: bool = False,
+                      min_seq_len: int | None = None) -> dict:
     """Time every ``(n, causal, impl)``; returns the results object (schema in :mod:`hyperattn.bench`).
 
     ``backward``: time forward+backward (rows with ``"backward": true``) instead of the forward.
+    ``min_seq_len``: that of both structured rows (default: ``structured`` the method's own,
+    ``structured-fixed`` 4096); the rows' ``config`` records it.
 
     ``max_n``: ``{impl: N}`` skips an implementation above ``N``; ``only``: ``{impl: lengths}``
     runs it only at those lengths (rows skipped with a reason). ``on_row`` receives the
@@ -307,7 +315,7 @@ def run_forward_bench(lengths: list[int], impls: list[str], causal_modes: list[b
     results = {**versions(), "shape": asdict(shape), "rows": []}
     for n, causal, impl in tqdm(jobs, desc="bench", disable=not progress):
         results["rows"].append(_run_row(impl, n, causal, shape, device, max_n or {}, only or {}, budget_ms,
-                                        min_reps, max_reps, backward))
+                                        min_reps, max_reps, backward, min_seq_len))
         if on_row is not None:
             on_row(results)
     return results
