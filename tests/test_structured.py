@@ -377,6 +377,8 @@ def test_probe_rows_for_heavy_columns_alone(causal):
     assert torch.equal(lse_f[..., find], lse[..., find])
     assert bool(torch.isneginf(lse_f[..., ~find]).all()) and bool(torch.isfinite(lse[..., ~find]).any())
     assert pairs_f is None  # only the stats count scored pairs, and they imply need_out
+    # Only the estimating rows' outputs are read (the error estimate): the finding rows' are 0.
+    assert not bool(out[..., find, :].any()) and bool(out[..., ~find, :].any())
 
 
 def test_without_the_guard_chunks_costlier_than_exact_run_exact():

@@ -212,6 +212,13 @@ def _finding(p: int, probe_blocks: int, device: torch.device) -> tuple[int, Tens
 
 
 
+@functools.lru_cache(maxsize=16)
+def _estimating(p: int, probe_blocks: int, device: torch.device) -> Tensor:
+    """The slots (ascending) of the ``p`` probe rows that are not :func:`_finding`'s, on ``device``
+    (read-only, copied once per shape)."""
+    return torch.nonzero(~finders(p, probe_blocks, "cpu")).flatten().to(device)
+
+
 def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, probe_blocks: int, m: int
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The finding rows ``(B, Hq, C, P)`` of each chunk, the KV head's query heads stacked and
@@ -239,20 +246,28 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
                 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract).
 
-    Without ``need_out`` the kernel runs on the finding rows alone, for their LSE only (a
-    quarter of the work: half the rows, no values).
+    The finding rows are scored for their LSE alone (no values: the column mass needs only
+    that), the estimating rows, with ``need_out``, for their output too: two launches.
+    Without ``need_out`` the first alone runs (a quarter of the work of every row's output:
+    half the rows, no values; with it, three quarters).
     """
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
+    _, picked, find = _finding(p, probe_blocks, rows.device)
+    scored = rows if need_out else torch.where(find, rows, -1)
+    _, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False)
+    lse = torch.full((bsz, hq, nc, p), float("-inf"), device=q.device)
+    lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, -1))
+    out = None
     if need_out:
-        out, lse = _exact_rows(q, k, v, scale, plan, rows)
-    else:
-        _, picked, find = _finding(p, probe_blocks, rows.device)
-        rows = torch.where(find, rows, -1)
-        out, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False)
-        lse = torch.full((bsz, hq, nc, p), float("-inf"), device=q.device)
-        lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, -1))
-    flat = rows.reshape(bsz, hq, nc * p)
+        rest = _estimating(p, probe_blocks, rows.device)
+        if len(rest):
+            out_e, lse_e = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, rest))
+            lse.index_copy_(-1, rest, lse_e.reshape(bsz, hq, nc, -1))
+        out = torch.zeros(bsz, hq, nc, p, v.shape[-1], device=q.device)
+        if len(rest):
+            out.index_copy_(3, rest, out_e.reshape(bsz, hq, nc, len(rest), -1))
+    flat = scored.reshape(bsz, hq, nc * p)
     count = min(heavy, nk)
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     if count:
@@ -272,8 +287,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
-    out = out.reshape(bsz, hq, nc, p, -1) if need_out else None
-    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat) if need_out else None
+    return out, lse, heavy_idx, probe_pairs(plan, flat) if need_out else None
 
 
 @triton.jit

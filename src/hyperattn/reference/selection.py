@@ -304,8 +304,9 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
                 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """Exact attention of the probe rows and each chunk's heavy columns.
 
-    ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32,
-    ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
+    ``rows: (B, Hq, C, P)`` from :func:`probe_rows`. Returns ``out (B, Hq, C, P, D)`` fp32
+    of the estimating rows (0 on the finding rows: only the error estimate reads it, and
+    on CUDA their values are then never read, a third less work), ``lse (B, Hq, C, P)``, ``heavy (B, Hkv, C, heavy)`` key indices (``-1`` where fewer) and
     the scores computed per head (a float64 tensor). With ``need_out`` False only the
     heavy columns are wanted (no guard, no stats): only the finding rows are scored, ``out``
     is ``None``, the estimating rows' ``lse`` is ``-inf`` and the scores are not counted
@@ -347,7 +348,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             best, pick = torch.topk(values, min(count, values.shape[-1]), dim=-1)
             best_idx = index.gather(-1, pick)
     heavy_idx = torch.where(best > 0, best_idx, -1)
-    out = out.reshape(bsz, hq, nc, p, -1) if need_out else None
+    out = torch.where(finders(p, probe_blocks, q.device).view(-1, 1), 0.0,
+                      out.reshape(bsz, hq, nc, p, -1)) if need_out else None
     return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat) if need_out else None
 
 
