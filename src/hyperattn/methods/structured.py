@@ -200,7 +200,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     for i, factor in enumerate(tiers):
         if counted:
             pending = (level == len(tiers)) & chunk_ok
-            if config.max_error is not None and not bool(pending.any()):
+            # At the first tier every chunk with rows is pending, and the last chunk has rows
+            # (first_row < nq): no host wait for the selection to finish before the trial.
+            if config.max_error is not None and i > 0 and not bool(pending.any()):
                 break
         m = min(round(config.sample_size * factor), nk)
         g_idx, g_logw = select_impl.gather_columns(plan, c_scores, heavy, torch.full((bsz, hkv, nc), m, device=device),
