@@ -19,20 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import hyperattn as ha
-from hyperattn.bench.forward import versions
+from hyperattn.bench.forward import time_once_ms, versions
 
 
 def _ms(fn, reps=5):
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    fn()  # warm-up (compiles and tunes)
+    return statistics.median(time_once_ms(fn, True) for _ in range(reps))
 
 
 def profile_guard(n: int, min_seq_len: int, causal: bool = True) -> dict:

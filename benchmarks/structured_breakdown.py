@@ -17,23 +17,15 @@ import torch
 import torch.nn.functional as F
 
 import hyperattn as ha
-from hyperattn.bench.forward import versions
+from hyperattn.bench.forward import time_once_ms, versions
 from hyperattn.kernels import structured as ker
 from hyperattn.kernels import selection as ker_sel
 from hyperattn.reference import selection as S
 
 
 def _ms(fn, reps=5):
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    fn()  # warm-up (compiles and tunes)
+    return statistics.median(time_once_ms(fn, True) for _ in range(reps))
 
 
 def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = False) -> dict:
