@@ -42,11 +42,14 @@ def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = F
     row = {"n": n, "causal": causal, "impl": "structured-fixed"}
     row["probe_rows_ms"] = _ms(lambda: ker_sel.probe_rows(plan, 0, 1, heads, cfg.probe_blocks,
                                                           cfg.probe_rows // cfg.probe_blocks))
-    # As the call runs it without the guard and stats: the heavy columns alone.
+    # As the call runs it without the guard and stats: the heavy columns alone, the finding
+    # rows over their chunk's heavy_span; and over every key they see (heavy_span=None).
     row["probe_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks,
-                                                      cfg.probe_blocks, need_out=False))
+                                                      cfg.probe_blocks, need_out=False, span=cfg.heavy_span))
+    row["probe_all_keys_ms"] = _ms(lambda: ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns,
+                                                               cfg.num_sinks, cfg.probe_blocks, need_out=False))
     heavy = ker_sel.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, cfg.probe_blocks,
-                                need_out=False)[2]
+                                need_out=False, span=cfg.heavy_span)[2]
     # The CUDA path's stages (kernels.selection), as the driver calls them.
     row["pool_ms"] = _ms(lambda: ker_sel.pool(q, k, plan, cfg.score_group))
     pooled = ker_sel.pool(q, k, plan, cfg.score_group)
@@ -84,6 +87,8 @@ def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = F
         from hyperattn.reference.exact import merge_lse
         row["merge_ms"] = _ms(lambda: merge_lse(o1.float(), l1, o2.float(), l2))
     row["call_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal, config=cfg))
+    row["call_all_keys_ms"] = _ms(lambda: ha.hyper_attention(q, k, v, causal=causal,
+                                                             config=cfg.replace(heavy_span=None)))
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -96,9 +101,10 @@ def breakdown(n: int, causal: bool = True, profile: bool = False, flex: bool = F
         kernels = [e for e in events if e.self_device_time_total > 0]
         row["kernels_total_ms"] = sum(e.self_device_time_total for e in kernels) / 1000
         row["kernel_launches"] = sum(e.count for e in kernels)
-    kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-        row["sdpa_cudnn_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal))
+    if n <= 131072:  # longer: the bench extrapolates SDPA quadratically (minutes per call)
+        kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            row["sdpa_cudnn_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal))
     return row
 
 

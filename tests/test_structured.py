@@ -381,6 +381,40 @@ def test_probe_rows_for_heavy_columns_alone(causal):
     assert not bool(out[..., find, :].any()) and bool(out[..., ~find, :].any())
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_heavy_span_bounds_the_finding_rows_scan(causal):
+    # heavy_span: the finding rows of chunk c score only keys [lo[c], hi[c]) (their LSE is
+    # over those keys), so the heavy columns lie there; the estimating rows still see every
+    # key; a span covering every key is the unbounded scan, bit for bit.
+    q, k, v = qkv(1, 4, 2, 2300, 2300, 32, seed=2)
+    u = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
+    q += u
+    k[:, :, 60] = 30 * u  # a column far back that every row weighs
+    plan = S.make_plan(2300, 2300, causal, 128, 128, 512, 256)
+    probe = S.probe_rows(plan, 0, 1, torch.arange(4), 4, 4)
+    full = S.probe_exact(q, k, v, 0.125, plan, probe, 8, 4, 4)
+    assert all(torch.equal(a, b) for a, b in zip(full, S.probe_exact(q, k, v, 0.125, plan, probe, 8, 4, 4,
+                                                                      span=2300)))
+    out, lse, heavy, pairs = S.probe_exact(q, k, v, 0.125, plan, probe, 8, 4, 4, span=300)
+    lo, hi = S.heavy_range(plan, 300)
+    last = plan.num_chunks - 1
+    assert int(lo[last]) > 60 and bool((lo[0] == 0) & (hi[0] == (2300 if causal else 812)))
+    c = torch.arange(plan.num_chunks).view(1, 1, -1, 1)
+    found = heavy >= 0
+    assert bool(found.any()) and bool(((heavy >= lo.view(c.shape)) & (heavy < hi.view(c.shape)) | ~found).all())
+    assert bool((full[2][0, :, last] == 60).any()) and not bool((heavy[0, :, last] == 60).any())
+    find = S.finders(16, 4, "cpu")
+    # The finding rows' LSE: over their chunk's keys alone (the logits written out).
+    rows = probe[0, 0, last, find]
+    s = (q[0, 0, rows] @ k[0, 0].T) * 0.125
+    cols = torch.arange(2300)
+    seen = (cols >= lo[last]) & (cols < hi[last]) & ((cols <= rows.unsqueeze(-1)) if causal else True)
+    expect = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
+    assert torch.allclose(lse[0, 0, last, find], expect, atol=1e-5)
+    assert torch.equal(lse[..., ~find], full[1][..., ~find]) and torch.equal(out, full[0])
+    assert float(pairs) < float(full[3])  # the stats count the keys scored
+
+
 def test_without_the_guard_chunks_costlier_than_exact_run_exact():
     # A budget that covers about every key: the chunks where it costs as much as exact
     # attention run exact (SDPA's role on CUDA), the others approximate, without a host wait.

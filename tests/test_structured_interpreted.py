@@ -45,7 +45,8 @@ _SCRIPT = textwrap.dedent("""
         # A sink and a heavy column: selections with clear winners (random input alone is all ties).
         k[:, :, 0] *= 4
         k[:, :, 700] = q[:, 0, 900].mean(0) * 3
-        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512)
+        # heavy_span 600: later chunks' finding rows scan part of the keys (both ends bound).
+        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512, heavy_span=600)
         runs = []
         for kernels in (False, True):
             M._kernels_ok = lambda x, kernels=kernels: kernels
@@ -143,7 +144,8 @@ _DRIVER_GRAD_SCRIPT = textwrap.dedent("""
         q, k, v = qkv(1, 4, 2, nq, nk, 32, seed=5)
         k[:, :, 0] *= 4
         k[:, :, 500] = q[:, 0, nq - 1].mean(0) * 3
-        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512)
+        # heavy_span 600: later chunks' finding rows scan part of the keys (both ends bound).
+        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512, heavy_span=600)
         w_out = torch.randn(nq, 32, generator=torch.Generator().manual_seed(2))
         w_lse = torch.randn(nq, generator=torch.Generator().manual_seed(3))
         grads, exact_chunks = [], []

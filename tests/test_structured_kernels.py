@@ -148,22 +148,24 @@ def test_default_through_the_registered_op_is_sdpa_below_the_crossover():
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("split_keys", [16384, 300], ids=["one-split", "key-splits"])
-def test_probe_exact_matches_reference(causal, split_keys, monkeypatch):
+@pytest.mark.parametrize("span", [None, 400], ids=["all-keys", "span"])
+def test_probe_exact_matches_reference(causal, split_keys, span, monkeypatch):
     from hyperattn.kernels import selection as ker_sel
 
     monkeypatch.setattr(ker_sel, "_PROBE_SPLIT_KEYS", split_keys)  # 300: 4 splits merged by LSE
     q, k, v = qkv(1, 4, 2, 1500, 1300, 64, device="cuda")
     plan = S.make_plan(1500, 1300, causal, 128, 128, 512, 256)
     probe = S.probe_rows(plan, 0, 1, torch.arange(4, device="cuda"), 2, 8)
-    out_r, lse_r, heavy_r, pairs_r = S.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2)
-    out_k, lse_k, heavy_k, pairs_k = ker_sel.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2)
+    # span 400: the finding rows of later chunks scan a part of the keys (heavy_range).
+    out_r, lse_r, heavy_r, pairs_r = S.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2, span=span)
+    out_k, lse_k, heavy_k, pairs_k = ker_sel.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2, span=span)
     assert rel_err(out_k, out_r) < FP32_RTOL and float(pairs_k) == float(pairs_r)
     finite = torch.isfinite(lse_r)
     assert float((lse_k - lse_r)[finite].abs().max()) < 1e-4
     # Same heavy columns as sets (ties in the mass may order them differently).
     assert torch.equal(heavy_k.sort(-1).values, heavy_r.sort(-1).values)
     # The heavy columns alone (no guard, no stats): the finding rows' LSE, no values.
-    none, lse_f, heavy_f, _ = ker_sel.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2, need_out=False)
+    none, lse_f, heavy_f, _ = ker_sel.probe_exact(q, k, v, 0.125, plan, probe, 16, 4, 2, need_out=False, span=span)
     find = S.finders(probe.shape[-1], 2, "cpu").cuda()
     assert none is None and torch.equal(heavy_f.sort(-1).values, heavy_r.sort(-1).values)
     assert float((lse_f - lse_r)[finite & find].abs().max()) < 1e-4

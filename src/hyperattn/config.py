@@ -104,6 +104,13 @@ class HyperAttentionConfig:
         sample_mix: share of uniform sampling in the residual proposal; the rest follows
             the block scores (structured). 1.0 is plain uniform sampling; the uniform share
             bounds every weight by |complement| / (sample_size * sample_mix). Default 0.3.
+        heavy_span: keys before each chunk (causal; on each side of it otherwise) that its
+            finding probe rows scan for heavy columns (structured); ``None`` scans every key
+            they see. Bounds that scan at O(N (heavy_span + chunk)) instead of O(N^2 / chunk),
+            the selection's largest cost at long inputs; heavy columns further back are
+            left to the key blocks and the residual samples. Changes nothing while a row
+            sees at most ``heavy_span + chunk`` keys (the embedded model's 8,192 included,
+            so no quality measurement in docs/QUALITY.md sees it). Default 16384.
     """
 
     lsh_num_projs: int = 7
@@ -127,6 +134,7 @@ class HyperAttentionConfig:
     probe_blocks: int = 32
     lsh_block: int = 32
     sample_mix: float = 0.3
+    heavy_span: int | None = 16384
 
     def __post_init__(self) -> None:
         _check_int("lsh_num_projs", self.lsh_num_projs, low=1, high=16)
@@ -171,6 +179,8 @@ class HyperAttentionConfig:
             raise TypeError(f"sample_mix: expected a float in (0, 1], got {type(self.sample_mix).__name__}")
         if not 0 < self.sample_mix <= 1:
             raise ValueError(f"sample_mix: expected a float in (0, 1], got {self.sample_mix!r}")
+        if self.heavy_span is not None:
+            _check_int("heavy_span", self.heavy_span, low=0)
         if not isinstance(self.check_finite, bool):
             raise TypeError(f"check_finite: expected a bool, got {type(self.check_finite).__name__}")
 

@@ -46,13 +46,14 @@ _DEFAULT_CONFIG = HyperAttentionConfig()
 def _config(method: str, lsh_num_projs: int, block_size: int, sample_size: int, min_seq_len: Optional[int],
             seed: Optional[int], window: int, num_sinks: int, heavy_columns: int, probe_rows: int,
             max_error: Optional[float], check_finite: bool, query_block: int, key_blocks: int, score_group: int,
-            chunk: int, probe_blocks: int, lsh_block: int, sample_mix: float) -> HyperAttentionConfig:
+            chunk: int, probe_blocks: int, lsh_block: int, sample_mix: float,
+            heavy_span: Optional[int]) -> HyperAttentionConfig:
     return HyperAttentionConfig(
         method=method, lsh_num_projs=lsh_num_projs, block_size=block_size, sample_size=sample_size,
         min_seq_len=min_seq_len, seed=seed, window=window, num_sinks=num_sinks, heavy_columns=heavy_columns,
         probe_rows=probe_rows, max_error=max_error, check_finite=check_finite, query_block=query_block,
         key_blocks=key_blocks, score_group=score_group, chunk=chunk, probe_blocks=probe_blocks, lsh_block=lsh_block,
-        sample_mix=sample_mix)
+        sample_mix=sample_mix, heavy_span=heavy_span)
 
 
 # Positional order of the config arguments after (q, k, v, causal, scale): _config's parameters.
@@ -65,14 +66,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
                   seed: Optional[int], window: int, num_sinks: int, heavy_columns: int, probe_rows: int,
                   max_error: Optional[float], check_finite: bool, query_block: int, key_blocks: int,
                   score_group: int, chunk: int, probe_blocks: int, lsh_block: int,
-                  sample_mix: float, need_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  sample_mix: float, heavy_span: Optional[int], need_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``out (B, Hq, Nq, D)``, ``lse (B, Hq, Nq)`` fp32 (``(0,)`` when ``need_lse`` is False) and the seed
     used, a ``()`` int64 CPU tensor."""
     if seed is None:  # fresh randomness from torch's global generator, as hyper_attention draws it
         seed = int(torch.randint(0, 2**62, (1,)).item())
     cfg = _config(method, lsh_num_projs, block_size, sample_size, min_seq_len, seed, window, num_sinks,
                   heavy_columns, probe_rows, max_error, check_finite, query_block, key_blocks, score_group,
-                  chunk, probe_blocks, lsh_block, sample_mix)
+                  chunk, probe_blocks, lsh_block, sample_mix, heavy_span)
     # Gradients come from the backward op; without grad mode the methods take their
     # forward-only kernels on CUDA.
     with torch.no_grad():
@@ -108,11 +109,12 @@ def _attention_backward_op(grad_out: Optional[Tensor], grad_lse: Optional[Tensor
                            num_sinks: int, heavy_columns: int, probe_rows: int, max_error: Optional[float],
                            check_finite: bool, query_block: int, key_blocks: int, score_group: int,
                            chunk: int, probe_blocks: int, lsh_block: int, sample_mix: float,
+                           heavy_span: Optional[int],
                            need_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``: the forward recomputed with ``seed`` through the differentiable path, differentiated."""
     cfg = _config(method, lsh_num_projs, block_size, sample_size, min_seq_len, int(seed), window, num_sinks,
                   heavy_columns, probe_rows, max_error, check_finite, query_block, key_blocks, score_group,
-                  chunk, probe_blocks, lsh_block, sample_mix)
+                  chunk, probe_blocks, lsh_block, sample_mix, heavy_span)
     # A custom op's implementation runs with autograd's dispatch keys excluded (it sits below
     # autograd); the recompute needs them back to build its graph.
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.lsh import draw_projections
-from ..reference.selection import Lsh, Plan, Pooled, finders, probe_pairs, sorted_rows, to_device
+from ..reference.selection import Lsh, Plan, Pooled, finders, heavy_range, probe_pairs, sorted_rows, to_device
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned
 
@@ -44,7 +44,7 @@ def _last_key(rows, offset, nk, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+def _probe_kernel(Q, K, V, ROWS, KLO, KHI, OUT, LSE, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                   stride_kn, stride_vb, stride_vh, stride_vn, kv_heads, group, chunks, probe, nk, offset, split_rows,
                   qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NEED_OUT: tl.constexpr):
@@ -52,7 +52,7 @@ def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stri
     # the same keys: one K/V load serves them all), over one of the splits of the keys they
     # see: exact attention, one online softmax (the splits are merged by LSE afterwards;
     # they balance chunks late in a causal sequence against early ones). Key tiles every
-    # row sees run unmasked.
+    # row sees run unmasked. The chunk's rows score keys [KLO[c], KHI[c]) (heavy_range).
     tile = tl.program_id(0)
     pid = tl.program_id(1).to(tl.int64)  # (b * kv_heads + kvh) * chunks + c
     part = tl.program_id(2)
@@ -74,10 +74,12 @@ def _probe_kernel(Q, K, V, ROWS, OUT, LSE, stride_qb, stride_qh, stride_qn, stri
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = b * stride_kb + (bkv % kv_heads) * stride_kh
     v_base = b * stride_vb + (bkv % kv_heads) * stride_vh
-    limit = _last_key(rows, offset, nk, CAUSAL)
+    k_lo = tl.load(KLO + pid % chunks)
+    # A row's last key within the chunk's range (-1 stays -1: none).
+    limit = tl.minimum(_last_key(rows, offset, nk, CAUSAL), tl.load(KHI + pid % chunks) - 1)
     seen = tl.minimum(tl.max(limit, 0) + 1, nk)
-    step = tl.cdiv(tl.cdiv(seen, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    start = part * step
+    step = tl.cdiv(tl.cdiv(tl.maximum(seen - k_lo, 0), tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = k_lo + part * step
     end = tl.minimum(start + step, seen)
     # Keys every row of the tile sees (none when a row is -1: it sees no key and stays masked).
     low = tl.min(limit, 0)
@@ -117,10 +119,11 @@ _PROBE = _autotuned(_probe_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, n
                     ["HEAD_DIM", "CAUSAL", "BLOCK_M", "PRECISION", "NEED_OUT"])
 
 
-def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, need_out: bool = True
-                ) -> tuple[Tensor | None, Tensor]:
+def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, need_out: bool = True,
+                span: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor]:
     """Exact attention of the probe rows ``(B, Hq, C, P)`` (``-1``: none, out 0 and lse -inf): ``out (B, Hq, C * P, D)``
-    fp32 (``None`` without ``need_out``), ``lse``."""
+    fp32 (``None`` without ``need_out``), ``lse``; over each chunk's keys ``span = (lo, hi)`` ``(C,)`` if given,
+    else every key a row sees."""
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -133,8 +136,9 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         return (out[0] if need_out else None), lse[0]
     width = hq // hkv * p  # the rows of a chunk, the KV head's query heads stacked
     block_m = min(max(16, triton.next_power_of_2(width)), 128)
+    k_lo, k_hi = span if span is not None else _heavy_range(plan, None, q.device)
     _PROBE[(triton.cdiv(width, block_m), bsz * hkv * nc, splits)](
-        q, k, v, rows.contiguous(), out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        q, k, v, rows.contiguous(), k_lo, k_hi, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, hq // hkv, nc, p, nk, plan.offset, bsz * hq * nc * p,
         scale, CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype),
         NEED_OUT=need_out)
@@ -152,15 +156,16 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 @triton.jit
-def _column_mass(QS, K, LSES, ROWS, MASS, stride_kb, stride_kh, stride_kn, scale, nk, offset, kv_heads,
+def _column_mass(QS, K, LSES, ROWS, KLO, KHI, MASS, stride_kb, stride_kh, stride_kn, scale, nk, offset, kv_heads,
                  chunk_rows, chunks, chunk0, num_chunks, M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, NC_P: tl.constexpr):
     # One tile of BLOCK_N keys of one (batch, KV head) against each chunk's finding probe
     # rows, the group's query heads stacked (QS, LSES, ROWS: (B, Hkv, C, M), gathered once,
     # so each chunk's rows are one contiguous load and the loop has no branch to stall its
     # pipelining), chunk after chunk with the key tile loaded once; the rows' softmax
     # weights summed per key. Causal: the chunks whose rows all end before the tile are
-    # skipped (MASS starts at zero).
+    # skipped (MASS starts at zero), and so are the chunks whose keys [KLO, KHI) miss the
+    # tile (both ends ascend with the chunk: a count of each gives the run of chunks).
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // kv_heads
@@ -174,17 +179,23 @@ def _column_mass(QS, K, LSES, ROWS, MASS, stride_kb, stride_kh, stride_kn, scale
         # A row r of chunk c sees keys up to r + offset < (c + 1) * chunk_rows + offset.
         c_lo = tl.maximum(pid_n * BLOCK_N - offset, 0) // chunk_rows - chunk0
         c_lo = tl.maximum(c_lo, 0)
-    for c_local in range(c_lo, num_chunks):
+    every = tl.arange(0, NC_P)
+    in_call = (every >= chunk0) & (every < chunk0 + num_chunks)
+    tile0 = pid_n * BLOCK_N
+    c_lo = tl.maximum(c_lo, tl.sum(((tl.load(KHI + every, mask=in_call, other=nk) <= tile0) & in_call).to(tl.int32)))
+    c_hi = tl.sum(((tl.load(KLO + every, mask=in_call, other=nk) < tile0 + BLOCK_N) & in_call).to(tl.int32))
+    for c_local in range(c_lo, c_hi):
         at = (bkv * chunks + chunk0 + c_local) * M + slots
         rows = tl.load(ROWS + at)  # [M], -1: none
         q = tl.load(QS + at[:, None] * HEAD_DIM + d[None, :])
         lse = tl.load(LSES + at)
-        limit = _last_key(rows, offset, nk, CAUSAL)
+        limit = tl.minimum(_last_key(rows, offset, nk, CAUSAL), tl.load(KHI + chunk0 + c_local) - 1)
         # Keys on the product's rows, probe rows on its columns: the sum over probe rows then
         # stays within each warp (over the MMA's rows it crossed warps through shared memory
         # and a barrier, once per chunk).
         s = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_N, M]
-        seen = (keys[:, None] <= limit[None, :]) & (keys[:, None] < nk)
+        seen = ((keys[:, None] <= limit[None, :]) & (keys[:, None] < nk)
+                & (keys[:, None] >= tl.load(KLO + chunk0 + c_local)))
         total = tl.sum(tl.where(seen, tl.exp(s - lse[None, :]), 0.0), axis=1)
         tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
 
@@ -195,6 +206,19 @@ def _column_mass(QS, K, LSES, ROWS, MASS, stride_kb, stride_kh, stride_kn, scale
 _MASS = _autotuned(_column_mass, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                                   for n, w, s in ((128, 8, 3), (64, 8, 3), (64, 4, 3), (128, 4, 3), (32, 4, 2))],
                    ["HEAD_DIM", "M", "CAUSAL", "PRECISION"])
+
+
+def _heavy_range(plan: Plan, span: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`~hyperattn.reference.selection.heavy_range` on ``device`` (read-only, copied once per shape)."""
+    return _heavy_range_of(plan.nq, plan.nk, plan.causal, plan.block, plan.chunk_blocks, span, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _heavy_range_of(nq: int, nk: int, causal: bool, block: int, chunk_blocks: int, span: int | None,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    # The ranges depend on the shape alone; a copy per call would cost host time.
+    plan = Plan(nq, nk, causal, block, 0, chunk_blocks, 0, torch.zeros(0), torch.zeros(0))
+    return tuple(to_device(x, device) for x in heavy_range(plan, span))
 
 
 @functools.lru_cache(maxsize=16)
@@ -242,7 +266,7 @@ def _stacked_finders(q: Tensor, rows: Tensor, lse: Tensor, hkv: int, probe_block
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int, probe_blocks: int, need_out: bool = True
+                num_sinks: int, probe_blocks: int, need_out: bool = True, span: int | None = None
                 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """:func:`hyperattn.reference.selection.probe_exact` on CUDA (same contract).
 
@@ -255,7 +279,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     hkv, nk = k.shape[1], k.shape[2]
     _, picked, find = _finding(p, probe_blocks, rows.device)
     scored = rows if need_out else torch.where(find, rows, -1)
-    _, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False)
+    h_lo, h_hi = _heavy_range(plan, span, q.device)
+    _, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False, span=(h_lo, h_hi))
     lse = torch.full((bsz, hq, nc, p), float("-inf"), device=q.device)
     lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, -1))
     out = None
@@ -280,14 +305,18 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             c1 = min(nc, c0 + step)
             mass = torch.zeros(bsz, hkv, c1 - c0, nk, device=q.device, dtype=torch.float32)
             _MASS[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), bsz * hkv)](
-                qs, ks, lse_s, rows_s, mass, ks.stride(0), ks.stride(1), ks.stride(2), scale, nk, plan.offset, hkv,
-                plan.chunk_blocks * plan.block, nc, c0, c1 - c0, M=m, HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
+                qs, ks, lse_s, rows_s, h_lo, h_hi, mass, ks.stride(0), ks.stride(1), ks.stride(2), scale, nk,
+                plan.offset, hkv, plan.chunk_blocks * plan.block, nc, c0, c1 - c0, M=m, HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
                 # fp32 inputs: full-precision products, so heavy columns match the reference's.
-                PRECISION=_precision(q.dtype))
+                PRECISION=_precision(q.dtype), NC_P=triton.next_power_of_2(nc))
             mass[..., :num_sinks] = 0.0
             values, index = torch.topk(mass, count, dim=-1)
             heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
-    return out, lse, heavy_idx, probe_pairs(plan, flat) if need_out else None
+    if not need_out:
+        return out, lse, heavy_idx, None
+    lo = torch.where(find, h_lo.unsqueeze(-1), 0).reshape(-1)
+    hi = torch.where(find, h_hi.unsqueeze(-1), plan.nk).reshape(-1)
+    return out, lse, heavy_idx, probe_pairs(plan, flat, lo, hi)
 
 
 @triton.jit

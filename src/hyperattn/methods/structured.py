@@ -158,7 +158,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # Without the guard and the stats only the heavy columns are wanted from the probe rows.
     trial = config.max_error is not None or need_stats
     probe_out, _, heavy, probe_pairs = select_impl.probe_exact(qd, kd, vd, scale, plan, probe, config.heavy_columns,
-                                                               config.num_sinks, pb, need_out=trial)
+                                                               config.num_sinks, pb, need_out=trial,
+                                                               span=config.heavy_span)
     pooled = select_impl.pool(qd, kd, plan, config.score_group)
     ranked = torch.full((bsz, hq, plan.nqb, min(kmax, plan.nkb)), -1, dtype=torch.long, device=device)
     c_scores = torch.zeros(bsz, hkv, nc, plan.nkb, device=device)

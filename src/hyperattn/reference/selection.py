@@ -46,7 +46,7 @@ __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_h
            "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
            "estimating_rows", "lsh_ranges", "bucket_ranges", "sorted_rows", "sorted_spans", "exact_blocks",
            "chunk_candidates", "proposal_tables", "residual_proposal",
-           "probe_pairs", "gather_columns"]
+           "probe_pairs", "gather_columns", "heavy_range"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -271,8 +271,33 @@ def probe_rows(plan: Plan, seed: int, batch: int, heads: Tensor, probe_blocks: i
     return rows.reshape(batch, len(heads), nc, -1)
 
 
-def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0: int, k1: int) -> Tensor:
-    """Logits of ``rows (B, Hq, R)`` (``-1``: none) against keys ``[k0, k1)``, fp32, ``-inf`` where not seen."""
+def heavy_range(plan: Plan, span: int | None, device=None) -> tuple[Tensor, Tensor]:
+    """Keys ``[lo[c], hi[c])`` that chunk ``c``'s finding probe rows scan for heavy columns, ``(C,)`` long each.
+
+    Causal: from ``span`` keys before the chunk's first row's last key to the end (a row
+    sees no key past its own anyway); not causal: ``span`` keys on each side of the chunk's
+    rows mapped onto the keys (as the windows' centres are). ``None``: every key. The scan
+    then costs O(N (span + chunk)) instead of O(N^2 / chunk), and heavy columns further back
+    are left to the key blocks and the samples.
+    """
+    c = torch.arange(plan.num_chunks)
+    rows = plan.chunk_blocks * plan.block
+    if span is None:
+        lo, hi = torch.zeros_like(c), torch.full_like(c, plan.nk)
+    elif plan.causal:
+        lo, hi = torch.clamp(c * rows + plan.offset - span, min=0), torch.full_like(c, plan.nk)
+    else:
+        nq = max(plan.nq, 1)
+        start = c * rows * plan.nk // nq
+        end = -(-torch.clamp((c + 1) * rows, max=plan.nq) * plan.nk // nq)
+        lo, hi = torch.clamp(start - span, min=0), torch.clamp(end + span, max=plan.nk)
+    return lo.to(device), hi.to(device)
+
+
+def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0: int, k1: int,
+                lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
+    """Logits of ``rows (B, Hq, R)`` (``-1``: none) against keys ``[k0, k1)``, fp32, ``-inf`` where not seen
+    (or, given ``lo, hi (R,)``, outside each row's keys ``[lo, hi)``)."""
     bsz, hq, _, dim = q.shape
     hkv = k.shape[1]
     q_rows = q.gather(2, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, dim))
@@ -281,7 +306,10 @@ def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, plan: Plan, k0
     # Rows -1 (chunks with no approximate rows) see no key, whatever the causal offset.
     limit = torch.where(rows >= 0, rows + plan.offset if plan.causal else plan.nk - 1, -1)
     cols = torch.arange(k0, k1, device=q.device)
-    return s.masked_fill(cols > limit.unsqueeze(-1), float("-inf"))
+    hidden = cols > limit.unsqueeze(-1)
+    if lo is not None:
+        hidden = hidden | (cols < lo.unsqueeze(-1)) | (cols >= hi.unsqueeze(-1))
+    return s.masked_fill(hidden, float("-inf"))
 
 
 def finders(p: int, probe_blocks: int, device) -> Tensor:
@@ -300,7 +328,7 @@ def estimating_rows(rows: Tensor, probe_blocks: int) -> Tensor:
 
 
 def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows: Tensor, heavy: int,
-                num_sinks: int, probe_blocks: int, need_out: bool = True
+                num_sinks: int, probe_blocks: int, need_out: bool = True, span: int | None = None
                 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """Exact attention of the probe rows and each chunk's heavy columns.
 
@@ -318,17 +346,24 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     ``num_sinks``), found from rows of the chunk alone. The other probe blocks estimate the
     error (:func:`estimating_rows`): rows, or blocks, that chose the heavy columns find
     their own keys there and report a smaller error than the rest of the chunk sees
-    (measured: estimates of 0.01-0.04 for heads at 0.15-0.40). Keys are streamed in
-    pieces: two passes (log-sum-exp, then weights).
+    (measured: estimates of 0.01-0.04 for heads at 0.15-0.40). The finding rows scan only
+    the keys of :func:`heavy_range` (``span``; their ``lse`` is over those keys), the
+    estimating rows every key they see. Keys are streamed in pieces: two passes
+    (log-sum-exp, then weights).
     """
     bsz, hq, nc, p = rows.shape
     hkv = k.shape[1]
+    find = finders(p, probe_blocks, rows.device)
     if not need_out:
-        rows = torch.where(finders(p, probe_blocks, rows.device), rows, -1)
+        rows = torch.where(find, rows, -1)
     flat = rows.reshape(bsz, hq, nc * p)
+    # Each row's keys [lo, hi): the chunk's heavy range for finding rows, all keys otherwise.
+    h_lo, h_hi = heavy_range(plan, span, q.device)
+    lo = torch.where(find, h_lo.unsqueeze(-1), 0).reshape(-1)
+    hi = torch.where(find, h_hi.unsqueeze(-1), plan.nk).reshape(-1)
     lse = torch.full((bsz, hq, nc * p), float("-inf"), device=q.device)
     for k0, k1 in _pieces(plan.nk, bsz * hq * nc * p):
-        s = _row_scores(q, k, flat, scale, plan, k0, k1)
+        s = _row_scores(q, k, flat, scale, plan, k0, k1, lo, hi)
         lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
     shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
     out = torch.zeros(bsz, hq, nc * p, v.shape[-1], device=q.device)
@@ -336,7 +371,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     best = torch.full((bsz, hkv, nc, 0), -1.0, device=q.device)
     best_idx = torch.zeros((bsz, hkv, nc, 0), dtype=torch.long, device=q.device)
     for k0, k1 in _pieces(plan.nk, bsz * hq * nc * p):
-        w = torch.exp(_row_scores(q, k, flat, scale, plan, k0, k1) - shift)
+        w = torch.exp(_row_scores(q, k, flat, scale, plan, k0, k1, lo, hi) - shift)
         if need_out:
             out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
         if count:
@@ -350,7 +385,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.where(best > 0, best_idx, -1)
     out = torch.where(finders(p, probe_blocks, q.device).view(-1, 1), 0.0,
                       out.reshape(bsz, hq, nc, p, -1)) if need_out else None
-    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat) if need_out else None
+    return out, lse.reshape(bsz, hq, nc, p), heavy_idx, probe_pairs(plan, flat, lo, hi) if need_out else None
 
 
 @dataclass(frozen=True)
@@ -582,9 +617,12 @@ def residual_proposal(plan: Plan, chunk_scores: Tensor, sample_mix: float, table
     return sizes, csum, cand_keys, pi, torch.cumsum(pi, dim=-1)
 
 
-def probe_pairs(plan: Plan, rows: Tensor) -> Tensor:
-    """Keys the probe rows ``(B, Hq, R)`` score, per head on average (a float64 tensor: no host sync)."""
-    seen = torch.where(rows >= 0, (rows + plan.offset + 1).clamp(0, plan.nk) if plan.causal else plan.nk, 0)
+def probe_pairs(plan: Plan, rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Keys the probe rows ``(B, Hq, R)`` score, each within its keys ``[lo, hi)`` ``(R,)``, per head on average
+    (a float64 tensor: no host sync)."""
+    end = torch.minimum((rows + plan.offset + 1).clamp(0, plan.nk) if plan.causal else torch.full_like(rows, plan.nk),
+                        hi)
+    seen = torch.where(rows >= 0, (end - lo).clamp(min=0), 0)
     return seen.sum(dtype=torch.float64) / (rows.shape[0] * rows.shape[1])
 
 
