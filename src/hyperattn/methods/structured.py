@@ -40,8 +40,10 @@ __all__ = ["run", "default_min_seq_len", "exact_only", "backward_on_kernels"]
 _CROSSOVER = {"cuda": 131072}
 _CPU_MIN_SEQ_LEN = 1024
 
-# Query blocks whose selection is built at once (bounds the (blocks x key blocks) tables).
-_SELECT_ELEMENTS = 1 << 25
+# Block scores held at once, (batch, heads, query blocks, key blocks) fp32: 512 MiB. The
+# query blocks of a piece are whole chunks (the first piece ends at a chunk's end), so each
+# chunk's score sums are one sum whatever the heads in the call or the piece size.
+_SELECT_ELEMENTS = 1 << 27
 
 
 def default_min_seq_len(device: torch.device) -> int:
@@ -164,12 +166,16 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     ranked = torch.full((bsz, hq, plan.nqb, min(kmax, plan.nkb)), -1, dtype=torch.long, device=device)
     c_scores = torch.zeros(bsz, hkv, nc, plan.nkb, device=device)
     j_all = torch.arange(plan.nqb, device=device)
-    step = max(1, _SELECT_ELEMENTS // max(1, bsz * hq * plan.nkb * (t // config.score_group)))
-    for j0 in range(plan.first, plan.nqb, step):
-        blocks = j_all[j0:j0 + step].expand(bsz, hq, -1)
+    cb = plan.chunk_blocks
+    step = max(1, _SELECT_ELEMENTS // max(1, bsz * hq * plan.nkb * cb)) * cb
+    j0 = plan.first
+    while j0 < plan.nqb:
+        j1 = min(plan.nqb, j0 // cb * cb + step)
+        blocks = j_all[j0:j1].expand(bsz, hq, -1)
         scores = select_impl.block_scores(pooled, scale, plan, blocks)
-        ranked[:, :, j0:j0 + step] = select_impl.rank_blocks(scores, kmax)
+        ranked[:, :, j0:j1] = select_impl.rank_blocks(scores, kmax)
         c_scores += sel_ref.chunk_scores(scores, j0, plan, hkv)
+        j0 = j1
     lsh = select_impl.lsh_ranges(qd, kd, plan, config.lsh_block, config.lsh_num_projs, seed)
     # Scored pairs per head, for the stats (counted with the trial, which the stats imply).
     pairs = probe_pairs + torch.full((bsz, hq), exact_pairs(0, first_row, nq, nk, causal), dtype=torch.float64,
