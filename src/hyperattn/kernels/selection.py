@@ -157,7 +157,7 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 @triton.jit
 def _column_mass(QS, K, LSES, ROWS, KLO, KHI, MASS, stride_kb, stride_kh, stride_kn, scale, nk, offset, kv_heads,
-                 chunk_rows, chunks, chunk0, num_chunks, M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 chunk_rows, chunks, chunk0, num_chunks, width, num_sinks, M: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, NC_P: tl.constexpr):
     # One tile of BLOCK_N keys of one (batch, KV head) against each chunk's finding probe
     # rows, the group's query heads stacked (QS, LSES, ROWS: (B, Hkv, C, M), gathered once,
@@ -166,6 +166,7 @@ def _column_mass(QS, K, LSES, ROWS, KLO, KHI, MASS, stride_kb, stride_kh, stride
     # weights summed per key. Causal: the chunks whose rows all end before the tile are
     # skipped (MASS starts at zero), and so are the chunks whose keys [KLO, KHI) miss the
     # tile (both ends ascend with the chunk: a count of each gives the run of chunks).
+    # MASS holds each chunk's keys from its KLO on, `width` of them (every key it may weigh).
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // kv_heads
@@ -194,10 +195,13 @@ def _column_mass(QS, K, LSES, ROWS, KLO, KHI, MASS, stride_kb, stride_kh, stride
         # stays within each warp (over the MMA's rows it crossed warps through shared memory
         # and a barrier, once per chunk).
         s = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_N, M]
-        seen = ((keys[:, None] <= limit[None, :]) & (keys[:, None] < nk)
-                & (keys[:, None] >= tl.load(KLO + chunk0 + c_local)))
+        k_lo = tl.load(KLO + chunk0 + c_local)
+        seen = (keys[:, None] <= limit[None, :]) & (keys[:, None] < nk) & (keys[:, None] >= k_lo)
         total = tl.sum(tl.where(seen, tl.exp(s - lse[None, :]), 0.0), axis=1)
-        tl.store(MASS + (bkv * num_chunks + c_local) * nk + keys, total, mask=keys < nk)
+        total = tl.where(keys >= num_sinks, total, 0.0)  # the sinks are exact already
+        at_key = keys - k_lo
+        tl.store(MASS + (bkv * num_chunks + c_local) * width + at_key, total,
+                 mask=(keys < nk) & (at_key >= 0) & (at_key < width))
 
 
 # Its launch writes each key's mass once (stores, no adds): timed runs need nothing restored.
@@ -219,6 +223,24 @@ def _heavy_range_of(nq: int, nk: int, causal: bool, block: int, chunk_blocks: in
     # The ranges depend on the shape alone; a copy per call would cost host time.
     plan = Plan(nq, nk, causal, block, 0, chunk_blocks, 0, torch.zeros(0), torch.zeros(0))
     return tuple(to_device(x, device) for x in heavy_range(plan, span))
+
+
+def _mass_window(plan: Plan, span: int | None, device: torch.device) -> tuple[int, Tensor]:
+    """The most keys one chunk's finding rows may weigh (a causal row sees none past its own) and each chunk's
+    first key, ``(C,)`` on ``device`` (read-only, copied once per shape)."""
+    return _mass_window_of(plan.nq, plan.nk, plan.causal, plan.block, plan.chunk_blocks, span, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _mass_window_of(nq: int, nk: int, causal: bool, block: int, chunk_blocks: int, span: int | None,
+                    device: torch.device) -> tuple[int, Tensor]:
+    plan = Plan(nq, nk, causal, block, 0, chunk_blocks, 0, torch.zeros(0), torch.zeros(0))
+    lo, hi = heavy_range(plan, span)
+    if causal:  # a chunk's last row sees keys up to its own position
+        last = torch.clamp((torch.arange(len(lo)) + 1) * chunk_blocks * block, max=nq) + (nk - nq)
+        hi = torch.minimum(hi, torch.clamp(last, min=0))
+    width = max(1, int((hi - lo).max())) if len(lo) else 1
+    return width, to_device(lo, device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -300,18 +322,21 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         m = max(16, triton.next_power_of_2((hq // hkv) * _finding(p, probe_blocks, rows.device)[0]))
         qs, rows_s, lse_s = _stacked_finders(q, rows, lse.reshape(bsz, hq, nc, p), hkv, probe_blocks, m)
         ks = k if k.stride(-1) == 1 else k.contiguous()
-        step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * nk))
+        # Each chunk's mass over its own keys alone, [lo, lo + width): O(N (span + chunk)) memory
+        # and top-k work under heavy_span instead of O(N^2 / chunk).
+        width, lo_of = _mass_window(plan, span, q.device)
+        step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * width))
         for c0 in range(0, nc, step):
             c1 = min(nc, c0 + step)
-            mass = torch.zeros(bsz, hkv, c1 - c0, nk, device=q.device, dtype=torch.float32)
+            mass = torch.zeros(bsz, hkv, c1 - c0, width, device=q.device, dtype=torch.float32)
             _MASS[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), bsz * hkv)](
                 qs, ks, lse_s, rows_s, h_lo, h_hi, mass, ks.stride(0), ks.stride(1), ks.stride(2), scale, nk,
-                plan.offset, hkv, plan.chunk_blocks * plan.block, nc, c0, c1 - c0, M=m, HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
+                plan.offset, hkv, plan.chunk_blocks * plan.block, nc, c0, c1 - c0, width, num_sinks, M=m,
+                HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
                 # fp32 inputs: full-precision products, so heavy columns match the reference's.
                 PRECISION=_precision(q.dtype), NC_P=triton.next_power_of_2(nc))
-            mass[..., :num_sinks] = 0.0
-            values, index = torch.topk(mass, count, dim=-1)
-            heavy_idx[:, :, c0:c1] = torch.where(values > 0, index, -1)
+            values, index = torch.topk(mass, min(count, width), dim=-1)
+            heavy_idx[:, :, c0:c1, :values.shape[-1]] = torch.where(values > 0, index + lo_of[c0:c1, None], -1)
     if not need_out:
         return out, lse, heavy_idx, None
     lo = torch.where(find, h_lo.unsqueeze(-1), 0).reshape(-1)
