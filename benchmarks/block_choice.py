@@ -51,7 +51,8 @@ def approximate(q, k, v, scale: float, cfg, rule: str, value: float, max_blocks:
     heads, kv_heads = torch.arange(hq), torch.arange(hkv)
     pb = cfg.probe_blocks
     probe = S.probe_rows(plan, seed, bsz, heads, pb, max(1, math.ceil(cfg.probe_rows / pb)))
-    _, _, heavy, _ = S.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, pb, need_out=False)
+    _, _, heavy, _ = S.probe_exact(q, k, v, scale, plan, probe, cfg.heavy_columns, cfg.num_sinks, pb, need_out=False,
+                                   span=cfg.heavy_span)
     blocks = torch.arange(plan.first, plan.nqb).expand(bsz, hq, -1)
     scores = S.block_scores(S.pool(q, k, plan, cfg.score_group), scale, plan, blocks)
     ranked = S.rank_blocks(scores, max_blocks)
