@@ -259,16 +259,23 @@ def test_estimator_and_guard_fields_validated():
         ha.HyperAttentionConfig(query_block=1.5)
     with pytest.raises(ValueError, match="key_blocks"):
         ha.HyperAttentionConfig(key_blocks=-1)
+    with pytest.raises(ValueError, match="heavy_span"):
+        ha.HyperAttentionConfig(heavy_span=-1)
+    with pytest.raises(TypeError, match="heavy_span"):
+        ha.HyperAttentionConfig(heavy_span=4096.0)
     assert math.isclose(ha.HyperAttentionConfig().sample_mix, 0.3)
+    assert ha.HyperAttentionConfig(heavy_span=None).heavy_span is None
 
 
+@pytest.mark.parametrize("span", [None, 200], ids=["all-keys", "heavy-span"])
 @pytest.mark.parametrize("max_error", [None, 0.05], ids=["fixed", "guarded"])
 @pytest.mark.parametrize("part", ["q", "k", "v"])
-def test_chunk_causal(part, max_error):
+def test_chunk_causal(part, max_error, span):
     # Rows before a multiple t of the chunk never depend on q, k or v at positions >= t:
-    # selection, heavy columns, probe rows and the guard's tier are all decided per chunk.
+    # selection, heavy columns (over the whole prefix or a span of it), probe rows and the
+    # guard's tier are all decided per chunk.
     q, k, v = qkv(1, 4, 2, 900, 900, 16, seed=4)
-    cfg = _cfg(chunk=128, max_error=max_error, probe_rows=8)
+    cfg = _cfg(chunk=128, max_error=max_error, probe_rows=8, heavy_span=span)
     base = ha.hyper_attention(q, k, v, causal=True, config=cfg)
     for t in (256, 512):
         x = {"q": q, "k": k, "v": v}
