@@ -389,10 +389,11 @@ def test_probe_rows_for_heavy_columns_alone(causal):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-def test_heavy_span_bounds_the_finding_rows_scan(causal):
-    # heavy_span: the finding rows of chunk c score only keys [lo[c], hi[c]) (their LSE is
-    # over those keys), so the heavy columns lie there; the estimating rows still see every
-    # key; a span covering every key is the unbounded scan, bit for bit.
+def test_heavy_span_scans_near_keys_and_carried_columns(causal):
+    # heavy_span: the finding rows of chunk c score the keys [lo[c], hi[c]) and the columns
+    # earlier chunks found near themselves (carried); their LSE is over both; a vertical
+    # line far back is still found in the last chunk (carried from the first); the
+    # estimating rows still see every key; a span covering every key is the full scan.
     q, k, v = qkv(1, 4, 2, 2300, 2300, 32, seed=2)
     u = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
     q += u
@@ -401,25 +402,53 @@ def test_heavy_span_bounds_the_finding_rows_scan(causal):
     probe = S.probe_rows(plan, 0, 1, torch.arange(4), 4, 4)
     full = S.probe_exact(q, k, v, 0.125, plan, probe, 8, 4, 4)
     assert all(torch.equal(a, b) for a, b in zip(full, S.probe_exact(q, k, v, 0.125, plan, probe, 8, 4, 4,
-                                                                      span=2300)))
+                                                                      span=None)))
     out, lse, heavy, pairs = S.probe_exact(q, k, v, 0.125, plan, probe, 8, 4, 4, span=300)
     lo, hi = S.heavy_range(plan, 300)
     last = plan.num_chunks - 1
     assert int(lo[last]) > 60 and bool((lo[0] == 0) & (hi[0] == (2300 if causal else 812)))
-    c = torch.arange(plan.num_chunks).view(1, 1, -1, 1)
-    found = heavy >= 0
-    assert bool(found.any()) and bool(((heavy >= lo.view(c.shape)) & (heavy < hi.view(c.shape)) | ~found).all())
-    assert bool((full[2][0, :, last] == 60).any()) and not bool((heavy[0, :, last] == 60).any())
+    assert bool((full[2][0, :, last] == 60).any()) and bool((heavy[0, :, last] == 60).any())
     find = S.finders(16, 4, "cpu")
-    # The finding rows' LSE: over their chunk's keys alone (the logits written out).
+    flat = torch.where(find, probe, -1).reshape(1, 4, -1)
+    row_lo = torch.where(find, lo.unsqueeze(-1), 0).reshape(-1)
+    near = S._top_mass(q, k, flat, 0.125, plan, row_lo, torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1),
+                       torch.logsumexp(S._row_scores(q, k, flat, 0.125, plan, 0, 2300, row_lo,
+                                                     torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1)), -1),
+                       find, 8, 4, 2)
+    carried = S.carried_columns(near, plan, 300)
+    # Every heavy column of chunk c is near it or carried to it.
+    for c in range(plan.num_chunks):
+        for g in range(2):
+            keys = heavy[0, g, c][heavy[0, g, c] >= 0]
+            allowed = ((keys >= lo[c]) & (keys < hi[c])) | torch.isin(keys, carried[0, g, c])
+            assert bool(allowed.all())
+    # The finding rows' LSE: over their chunk's keys and its carried columns (the logits written out).
     rows = probe[0, 0, last, find]
-    s = (q[0, 0, rows] @ k[0, 0].T) * 0.125
+    sc = (q[0, 0, rows] @ k[0, 0].T) * 0.125
     cols = torch.arange(2300)
-    seen = (cols >= lo[last]) & (cols < hi[last]) & ((cols <= rows.unsqueeze(-1)) if causal else True)
-    expect = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
+    seen = ((cols >= lo[last]) & (cols < hi[last]) & ((cols <= rows.unsqueeze(-1)) if causal else True)
+            | torch.isin(cols, carried[0, 0, last]))
+    expect = torch.logsumexp(sc.masked_fill(~seen, float("-inf")), -1)
     assert torch.allclose(lse[0, 0, last, find], expect, atol=1e-5)
     assert torch.equal(lse[..., ~find], full[1][..., ~find]) and torch.equal(out, full[0])
     assert float(pairs) < float(full[3])  # the stats count the keys scored
+
+
+def test_carried_columns_are_earlier_chunks_columns_before_the_range():
+    # Chunk c's candidates: columns found by chunks before it (never after: chunk-causal),
+    # before its own range, ascending, each once.
+    plan = S.make_plan(2300, 2300, True, 128, 128, 512, 256)
+    lo, _ = S.heavy_range(plan, 300)
+    near = torch.randint(-1, 2300, (1, 2, plan.num_chunks, 6), generator=torch.Generator().manual_seed(1))
+    near[0, 0, 0, :3] = 17  # a repeat
+    carried = S.carried_columns(near, plan, 300)
+    for c in range(plan.num_chunks):
+        for g in range(2):
+            got = carried[0, g, c][carried[0, g, c] >= 0]
+            pool = near[0, g, :c].flatten()
+            expect = torch.unique(pool[(pool >= 0) & (pool < lo[c])])
+            assert torch.equal(got, expect)
+    assert int((carried[0, :, 0] >= 0).sum()) == 0
 
 
 def test_without_the_guard_chunks_costlier_than_exact_run_exact():

@@ -40,13 +40,12 @@ _SCRIPT = textwrap.dedent("""
 
     ker._flex = eager
     results = []
-    for causal, nq, nk, max_error, need_stats in json.loads(sys.argv[1]):
+    for causal, nq, nk, max_error, need_stats, span in json.loads(sys.argv[1]):
         q, k, v = qkv(1, 4, 2, nq, nk, 32, seed=5)
         # A sink and a heavy column: selections with clear winners (random input alone is all ties).
         k[:, :, 0] *= 4
         k[:, :, 700] = q[:, 0, 900].mean(0) * 3
-        # heavy_span 600: later chunks' finding rows scan part of the keys (both ends bound).
-        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512, heavy_span=600)
+        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512, heavy_span=span)
         runs = []
         for kernels in (False, True):
             M._kernels_ok = lambda x, kernels=kernels: kernels
@@ -60,12 +59,14 @@ _SCRIPT = textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (causal, Nq, Nk, max_error, need_stats): non-causal with Nq != Nk and causal without stats
-# (the probe rows score the heavy columns alone), guard off (~1 minute on two cores); the
-# guard on, with causal Nq < Nk, mixed exact and approximate chunks, and guard off with stats
-# (~4 minutes, long_interpreted).
-CASES = [(False, 1800, 2100, None, True), (True, 2048, 2048, None, False)]
-LONG_CASES = [(True, 1500, 2300, 0.2, True), (True, 2048, 2048, 0.05, True), (True, 2048, 2048, None, True)]
+# (causal, Nq, Nk, max_error, need_stats, heavy_span): non-causal with Nq != Nk and causal
+# without stats (the probe rows score the heavy columns alone, over a span of 600 keys that
+# later chunks' finding rows cut), guard off (~1 minute on two cores); the guard on, with
+# causal Nq < Nk, mixed exact and approximate chunks, and guard off with stats (~4 minutes,
+# long_interpreted).
+CASES = [(False, 1800, 2100, None, True, None), (True, 2048, 2048, None, False, 600)]
+LONG_CASES = [(True, 1500, 2300, 0.2, True, None), (True, 2048, 2048, 0.05, True, 600),
+              (True, 2048, 2048, None, True, None)]
 
 
 @pytest.mark.parametrize("cases", [CASES, pytest.param(LONG_CASES, marks=long_interpreted)], ids=["short", "long"])
@@ -144,8 +145,7 @@ _DRIVER_GRAD_SCRIPT = textwrap.dedent("""
         q, k, v = qkv(1, 4, 2, nq, nk, 32, seed=5)
         k[:, :, 0] *= 4
         k[:, :, 500] = q[:, 0, nq - 1].mean(0) * 3
-        # heavy_span 600: later chunks' finding rows scan part of the keys (both ends bound).
-        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512, heavy_span=600)
+        cfg = ha.HyperAttentionConfig(seed=0, max_error=max_error, min_seq_len=256, chunk=512)
         w_out = torch.randn(nq, 32, generator=torch.Generator().manual_seed(2))
         w_lse = torch.randn(nq, generator=torch.Generator().manual_seed(3))
         grads, exact_chunks = [], []

@@ -19,7 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.lsh import draw_projections
-from ..reference.selection import Lsh, Plan, Pooled, finders, heavy_range, probe_pairs, sorted_rows, to_device
+from ..reference.selection import (Lsh, Plan, Pooled, carried_columns, carried_scores, finders, heavy_range,
+                                   probe_pairs, sorted_rows, to_device)
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned
 
@@ -317,31 +318,76 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     flat = scored.reshape(bsz, hq, nc * p)
     count = min(heavy, nk)
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
+    carried = None
     if count:
-        # Only the finding probe rows count (reference: finders), the group's heads stacked.
-        m = max(16, triton.next_power_of_2((hq // hkv) * _finding(p, probe_blocks, rows.device)[0]))
-        qs, rows_s, lse_s = _stacked_finders(q, rows, lse.reshape(bsz, hq, nc, p), hkv, probe_blocks, m)
-        ks = k if k.stride(-1) == 1 else k.contiguous()
-        # Each chunk's mass over its own keys alone, [lo, lo + width): O(N (span + chunk)) memory
-        # and top-k work under heavy_span instead of O(N^2 / chunk).
-        width, lo_of = _mass_window(plan, span, q.device)
-        step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * width))
-        for c0 in range(0, nc, step):
-            c1 = min(nc, c0 + step)
-            mass = torch.zeros(bsz, hkv, c1 - c0, width, device=q.device, dtype=torch.float32)
-            _MASS[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), bsz * hkv)](
-                qs, ks, lse_s, rows_s, h_lo, h_hi, mass, ks.stride(0), ks.stride(1), ks.stride(2), scale, nk,
-                plan.offset, hkv, plan.chunk_blocks * plan.block, nc, c0, c1 - c0, width, num_sinks, M=m,
-                HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
-                # fp32 inputs: full-precision products, so heavy columns match the reference's.
-                PRECISION=_precision(q.dtype), NC_P=triton.next_power_of_2(nc))
-            values, index = torch.topk(mass, min(count, width), dim=-1)
-            heavy_idx[:, :, c0:c1, :values.shape[-1]] = torch.where(values > 0, index + lo_of[c0:c1, None], -1)
+        near = _column_top(q, k, rows, lse, plan, span, h_lo, h_hi, scale, count, num_sinks, probe_blocks)
+        if span is None:
+            heavy_idx = near
+        else:
+            # The columns found near each chunk, carried to the later ones (reference: the same
+            # steps); the finding rows' LSE then covers them, and the near mass is taken again.
+            carried = carried_columns(near, plan, span)
+            mass_c = torch.zeros(carried.shape, device=q.device)
+            lse_f = lse.reshape(bsz, hq, nc * p).clone()
+            m = carried.shape[-1]
+            step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * p * m))
+            for c0 in range(0, nc, step):
+                c1 = min(nc, c0 + step)
+                part = slice(c0 * p, c1 * p)
+                s_c = carried_scores(q, k, flat[:, :, part], carried[:, :, c0:c1], scale, find)
+                lse_f[:, :, part] = torch.logaddexp(lse_f[:, :, part], torch.logsumexp(s_c, dim=-1))
+                shift = torch.where(torch.isfinite(lse_f[:, :, part]), lse_f[:, :, part], 0.0).unsqueeze(-1)
+                w = torch.exp(s_c - shift).reshape(bsz, hkv, hq // hkv, c1 - c0, p, m)
+                mass_c[:, :, c0:c1] = (w * find.float().view(-1, 1)).sum((2, 4))
+            lse = lse_f.reshape(bsz, hq, nc, p)
+            heavy_idx = _column_top(q, k, rows, lse, plan, span, h_lo, h_hi, scale, count, num_sinks, probe_blocks,
+                                    (mass_c, carried))
     if not need_out:
         return out, lse, heavy_idx, None
     lo = torch.where(find, h_lo.unsqueeze(-1), 0).reshape(-1)
     hi = torch.where(find, h_hi.unsqueeze(-1), plan.nk).reshape(-1)
-    return out, lse, heavy_idx, probe_pairs(plan, flat, lo, hi)
+    pairs = probe_pairs(plan, flat, lo, hi)
+    if carried is not None:  # the carried columns each finding row scored
+        per_chunk = (carried >= 0).sum(-1).double()
+        rows_of = ((rows >= 0) & find).sum(-1).reshape(bsz, hkv, hq // hkv, nc).sum(2).double()
+        pairs = pairs + (per_chunk * rows_of).sum() / (bsz * hq)
+    return out, lse, heavy_idx, pairs
+
+
+def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, span: int | None, h_lo: Tensor,
+                h_hi: Tensor, scale: float, count: int, num_sinks: int, probe_blocks: int,
+                extra: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:func:`hyperattn.reference.selection._top_mass` on CUDA: the finding rows' column mass over each chunk's
+    keys (``_column_mass``, one launch per piece of chunks) and its top ``count``, with ``extra = (mass, keys)``
+    ``(B, Hkv, C, M)`` candidates merged in."""
+    bsz, hq, nc, p = rows.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
+    # Only the finding probe rows count (reference: finders), the group's heads stacked.
+    m = max(16, triton.next_power_of_2((hq // hkv) * _finding(p, probe_blocks, rows.device)[0]))
+    qs, rows_s, lse_s = _stacked_finders(q, rows, lse, hkv, probe_blocks, m)
+    ks = k if k.stride(-1) == 1 else k.contiguous()
+    # Each chunk's mass over its own keys alone, [lo, lo + width): O(N (span + chunk)) memory
+    # and top-k work with a heavy_span instead of O(N^2 / chunk).
+    width, lo_of = _mass_window(plan, span, q.device)
+    step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * width))
+    for c0 in range(0, nc, step):
+        c1 = min(nc, c0 + step)
+        mass = torch.zeros(bsz, hkv, c1 - c0, width, device=q.device, dtype=torch.float32)
+        _MASS[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), bsz * hkv)](
+            qs, ks, lse_s, rows_s, h_lo, h_hi, mass, ks.stride(0), ks.stride(1), ks.stride(2), scale, nk,
+            plan.offset, hkv, plan.chunk_blocks * plan.block, nc, c0, c1 - c0, width, num_sinks, M=m,
+            HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
+            # fp32 inputs: full-precision products, so heavy columns match the reference's.
+            PRECISION=_precision(q.dtype), NC_P=triton.next_power_of_2(nc))
+        index = (torch.arange(width, device=q.device) + lo_of[c0:c1, None]).expand_as(mass)
+        if extra is not None:
+            more, keys = extra[0][:, :, c0:c1], extra[1][:, :, c0:c1]
+            mass = torch.cat([mass, torch.where(keys >= 0, more, 0.0)], dim=-1)
+            index = torch.cat([index, keys], dim=-1)
+        values, pick = torch.topk(mass, min(count, mass.shape[-1]), dim=-1)
+        heavy_idx[:, :, c0:c1, :values.shape[-1]] = torch.where(values > 0, index.gather(-1, pick), -1)
+    return heavy_idx
 
 
 @triton.jit
