@@ -346,12 +346,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         return out, lse, heavy_idx, None
     lo = torch.where(find, h_lo.unsqueeze(-1), 0).reshape(-1)
     hi = torch.where(find, h_hi.unsqueeze(-1), plan.nk).reshape(-1)
-    pairs = probe_pairs(plan, flat, lo, hi)
-    if carried is not None:  # the carried columns each finding row scored
-        per_chunk = (carried >= 0).sum(-1).double()
-        rows_of = ((rows >= 0) & find).sum(-1).reshape(bsz, hkv, hq // hkv, nc).sum(2).double()
-        pairs = pairs + (per_chunk * rows_of).sum() / (bsz * hq)
-    return out, lse, heavy_idx, pairs
+    return out, lse, heavy_idx, probe_pairs(plan, flat, lo, hi, carried, find)
 
 
 def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, span: int | None, h_lo: Tensor,

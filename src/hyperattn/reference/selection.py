@@ -391,11 +391,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         heavy_idx = _top_mass(q, k, flat, scale, plan, lo, hi, lse, find, count, num_sinks, hkv, extra)
     pairs = None
     if need_out:
-        pairs = probe_pairs(plan, flat, lo, hi)
-        if carried is not None:  # the carried columns each finding row scored
-            per_chunk = (carried >= 0).sum(-1).double()  # (B, Hkv, C)
-            rows_of = ((rows >= 0) & find).sum(-1).reshape(bsz, hkv, hq // hkv, nc).sum(2).double()
-            pairs = pairs + (per_chunk * rows_of).sum() / (bsz * hq)
+        pairs = probe_pairs(plan, flat, lo, hi, carried, find)
     return out, lse.reshape(bsz, hq, nc, p), heavy_idx, pairs
 
 
@@ -699,13 +695,21 @@ def residual_proposal(plan: Plan, chunk_scores: Tensor, sample_mix: float, table
     return sizes, csum, cand_keys, pi, torch.cumsum(pi, dim=-1)
 
 
-def probe_pairs(plan: Plan, rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Keys the probe rows ``(B, Hq, R)`` score, each within its keys ``[lo, hi)`` ``(R,)``, per head on average
-    (a float64 tensor: no host sync)."""
+def probe_pairs(plan: Plan, rows: Tensor, lo: Tensor, hi: Tensor, carried: Tensor | None = None,
+                find: Tensor | None = None) -> Tensor:
+    """Keys the probe rows ``(B, Hq, R)`` score, each within its keys ``[lo, hi)`` ``(R,)``, and the finding rows
+    (``find (P,)``) their chunk's ``carried`` columns ``(B, Hkv, C, M)`` too, per head on average (a float64
+    tensor: no host sync)."""
     end = torch.minimum((rows + plan.offset + 1).clamp(0, plan.nk) if plan.causal else torch.full_like(rows, plan.nk),
                         hi)
     seen = torch.where(rows >= 0, (end - lo).clamp(min=0), 0)
-    return seen.sum(dtype=torch.float64) / (rows.shape[0] * rows.shape[1])
+    total = seen.sum(dtype=torch.float64)
+    if carried is not None:
+        bsz, hkv, nc = carried.shape[:3]
+        per_chunk = (carried >= 0).sum(-1).double()
+        present = ((rows >= 0).reshape(bsz, rows.shape[1], nc, -1) & find).sum(-1)
+        total = total + (per_chunk * present.reshape(bsz, hkv, -1, nc).sum(2).double()).sum()
+    return total / (rows.shape[0] * rows.shape[1])
 
 
 def chunk_scores(scores: Tensor, first: int, plan: Plan, kv_heads: int) -> Tensor:
