@@ -328,18 +328,23 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             # steps); the finding rows' LSE then covers them, and the near mass is taken again.
             carried = carried_columns(near, plan, span)
             mass_c = torch.zeros(carried.shape, device=q.device)
-            lse_f = lse.reshape(bsz, hq, nc * p).clone()
+            # The finding rows alone (the reference scores every row and masks the others).
+            f_rows = rows.index_select(-1, picked)  # (B, Hq, C, Pf)
+            pf = f_rows.shape[-1]
+            all_find = torch.ones(pf, dtype=torch.bool, device=q.device)
+            lse_f = lse.index_select(-1, picked).reshape(bsz, hq, nc * pf)
             m = carried.shape[-1]
-            step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * p * m))
+            step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * pf * m))
             for c0 in range(0, nc, step):
                 c1 = min(nc, c0 + step)
-                part = slice(c0 * p, c1 * p)
-                s_c = carried_scores(q, k, flat[:, :, part], carried[:, :, c0:c1], scale, find)
+                part = slice(c0 * pf, c1 * pf)
+                s_c = carried_scores(q, k, f_rows[:, :, c0:c1].reshape(bsz, hq, -1), carried[:, :, c0:c1], scale,
+                                     all_find)
                 lse_f[:, :, part] = torch.logaddexp(lse_f[:, :, part], torch.logsumexp(s_c, dim=-1))
                 shift = torch.where(torch.isfinite(lse_f[:, :, part]), lse_f[:, :, part], 0.0).unsqueeze(-1)
-                w = torch.exp(s_c - shift).reshape(bsz, hkv, hq // hkv, c1 - c0, p, m)
-                mass_c[:, :, c0:c1] = (w * find.float().view(-1, 1)).sum((2, 4))
-            lse = lse_f.reshape(bsz, hq, nc, p)
+                mass_c[:, :, c0:c1] = torch.exp(s_c - shift).reshape(bsz, hkv, hq // hkv, c1 - c0, pf, m).sum((2, 4))
+            lse = lse.clone()
+            lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, pf))
             heavy_idx = _column_top(q, k, rows, lse, plan, span, h_lo, h_hi, scale, count, num_sinks, probe_blocks,
                                     (mass_c, carried))
     if not need_out:
