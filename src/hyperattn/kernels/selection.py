@@ -380,13 +380,17 @@ def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, spa
             HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
             # fp32 inputs: full-precision products, so heavy columns match the reference's.
             PRECISION=_precision(q.dtype), NC_P=triton.next_power_of_2(nc))
-        index = (torch.arange(width, device=q.device) + lo_of[c0:c1, None]).expand_as(mass)
-        if extra is not None:
-            more, keys = extra[0][:, :, c0:c1], extra[1][:, :, c0:c1]
-            mass = torch.cat([mass, torch.where(keys >= 0, more, 0.0)], dim=-1)
-            index = torch.cat([index, keys], dim=-1)
-        values, pick = torch.topk(mass, min(count, mass.shape[-1]), dim=-1)
-        heavy_idx[:, :, c0:c1, :values.shape[-1]] = torch.where(values > 0, index.gather(-1, pick), -1)
+        if extra is None:
+            values, pick = torch.topk(mass, min(count, width), dim=-1)
+            keys = pick + lo_of[c0:c1, None]
+        else:
+            more, carried = extra[0][:, :, c0:c1], extra[1][:, :, c0:c1]
+            index = torch.cat([(torch.arange(width, device=q.device) + lo_of[c0:c1, None]).expand_as(mass), carried],
+                              dim=-1)
+            values, pick = torch.topk(torch.cat([mass, torch.where(carried >= 0, more, 0.0)], dim=-1),
+                                      min(count, width + carried.shape[-1]), dim=-1)
+            keys = index.gather(-1, pick)
+        heavy_idx[:, :, c0:c1, :values.shape[-1]] = torch.where(values > 0, keys, -1)
     return heavy_idx
 
 
