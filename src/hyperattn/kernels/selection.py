@@ -137,10 +137,10 @@ def _exact_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
         return (out[0] if need_out else None), lse[0]
     width = hq // hkv * p  # the rows of a chunk, the KV head's query heads stacked
     block_m = min(max(16, triton.next_power_of_2(width)), 128)
-    k_lo, k_hi = span if span is not None else _heavy_range(plan, None, q.device)
+    k_lo, k_hi = span if span is not None else _heavy_range(plan, None, q.device)[:2]
     _PROBE[(triton.cdiv(width, block_m), bsz * hkv * nc, splits)](
-        q, k, v, rows.contiguous(), k_lo, k_hi, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, hq // hkv, nc, p, nk, plan.offset, bsz * hq * nc * p,
+        q, k, v, rows.contiguous(), k_lo, k_hi, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, hq // hkv, nc, p, nk, plan.offset, bsz * hq * nc * p,
         scale, CAUSAL=plan.causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, PRECISION=_precision(q.dtype),
         NEED_OUT=need_out)
     if splits == 1:
@@ -213,35 +213,25 @@ _MASS = _autotuned(_column_mass, [triton.Config({"BLOCK_N": n}, num_warps=w, num
                    ["HEAD_DIM", "M", "CAUSAL", "PRECISION"])
 
 
-def _heavy_range(plan: Plan, span: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    """:func:`~hyperattn.reference.selection.heavy_range` on ``device`` (read-only, copied once per shape)."""
+def _heavy_range(plan: Plan, span: int | None, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """:func:`~hyperattn.reference.selection.heavy_range` on ``device`` and the most keys one chunk's finding rows
+    may weigh there (a causal row sees none past its own): the width of each chunk's column mass from its ``lo``
+    on. Read-only, built once per shape."""
     return _heavy_range_of(plan.nq, plan.nk, plan.causal, plan.block, plan.chunk_blocks, span, device)
 
 
 @functools.lru_cache(maxsize=64)
 def _heavy_range_of(nq: int, nk: int, causal: bool, block: int, chunk_blocks: int, span: int | None,
-                    device: torch.device) -> tuple[Tensor, Tensor]:
+                    device: torch.device) -> tuple[Tensor, Tensor, int]:
     # The ranges depend on the shape alone; a copy per call would cost host time.
     plan = Plan(nq, nk, causal, block, 0, chunk_blocks, 0, torch.zeros(0), torch.zeros(0))
-    return tuple(to_device(x, device) for x in heavy_range(plan, span))
-
-
-def _mass_window(plan: Plan, span: int | None, device: torch.device) -> tuple[int, Tensor]:
-    """The most keys one chunk's finding rows may weigh (a causal row sees none past its own) and each chunk's
-    first key, ``(C,)`` on ``device`` (read-only, copied once per shape)."""
-    return _mass_window_of(plan.nq, plan.nk, plan.causal, plan.block, plan.chunk_blocks, span, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _mass_window_of(nq: int, nk: int, causal: bool, block: int, chunk_blocks: int, span: int | None,
-                    device: torch.device) -> tuple[int, Tensor]:
-    plan = Plan(nq, nk, causal, block, 0, chunk_blocks, 0, torch.zeros(0), torch.zeros(0))
     lo, hi = heavy_range(plan, span)
+    end = hi
     if causal:  # a chunk's last row sees keys up to its own position
         last = torch.clamp((torch.arange(len(lo)) + 1) * chunk_blocks * block, max=nq) + (nk - nq)
-        hi = torch.minimum(hi, torch.clamp(last, min=0))
-    width = max(1, int((hi - lo).max())) if len(lo) else 1
-    return width, to_device(lo, device)
+        end = torch.minimum(hi, torch.clamp(last, min=0))
+    width = max(1, int((end - lo).max())) if len(lo) else 1
+    return to_device(lo, device), to_device(hi, device), width
 
 
 @functools.lru_cache(maxsize=16)
@@ -302,7 +292,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     hkv, nk = k.shape[1], k.shape[2]
     _, picked, find = _finding(p, probe_blocks, rows.device)
     scored = rows if need_out else torch.where(find, rows, -1)
-    h_lo, h_hi = _heavy_range(plan, span, q.device)
+    h_lo, h_hi, _ = _heavy_range(plan, span, q.device)
     _, lse_f = _exact_rows(q, k, v, scale, plan, rows.index_select(-1, picked), need_out=False, span=(h_lo, h_hi))
     lse = torch.full((bsz, hq, nc, p), float("-inf"), device=q.device)
     lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, -1))
@@ -320,7 +310,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     carried = None
     if count:
-        near = _column_top(q, k, rows, lse, plan, span, h_lo, h_hi, scale, count, num_sinks, probe_blocks)
+        near = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks)
         if span is None:
             heavy_idx = near
         else:
@@ -345,7 +335,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
                 mass_c[:, :, c0:c1] = torch.exp(s_c - shift).reshape(bsz, hkv, hq // hkv, c1 - c0, pf, m).sum((2, 4))
             lse = lse.clone()
             lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, pf))
-            heavy_idx = _column_top(q, k, rows, lse, plan, span, h_lo, h_hi, scale, count, num_sinks, probe_blocks,
+            heavy_idx = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks,
                                     (mass_c, carried))
     if not need_out:
         return out, lse, heavy_idx, None
@@ -354,9 +344,8 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     return out, lse, heavy_idx, probe_pairs(plan, flat, lo, hi, carried, find)
 
 
-def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, span: int | None, h_lo: Tensor,
-                h_hi: Tensor, scale: float, count: int, num_sinks: int, probe_blocks: int,
-                extra: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, span: int | None, scale: float,
+                count: int, num_sinks: int, probe_blocks: int, extra: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """:func:`hyperattn.reference.selection._top_mass` on CUDA: the finding rows' column mass over each chunk's
     keys (``_column_mass``, one launch per piece of chunks) and its top ``count``, with ``extra = (mass, keys)``
     ``(B, Hkv, C, M)`` candidates merged in."""
@@ -369,7 +358,7 @@ def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, spa
     ks = k if k.stride(-1) == 1 else k.contiguous()
     # Each chunk's mass over its own keys alone, [lo, lo + width): O(N (span + chunk)) memory
     # and top-k work with a heavy_span instead of O(N^2 / chunk).
-    width, lo_of = _mass_window(plan, span, q.device)
+    h_lo, h_hi, width = _heavy_range(plan, span, q.device)
     step = max(1, _MASS_ELEMENTS // max(1, bsz * hkv * width))
     for c0 in range(0, nc, step):
         c1 = min(nc, c0 + step)
@@ -382,10 +371,10 @@ def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, spa
             PRECISION=_precision(q.dtype), NC_P=triton.next_power_of_2(nc))
         if extra is None:
             values, pick = torch.topk(mass, min(count, width), dim=-1)
-            keys = pick + lo_of[c0:c1, None]
+            keys = pick + h_lo[c0:c1, None]
         else:
             more, carried = extra[0][:, :, c0:c1], extra[1][:, :, c0:c1]
-            index = torch.cat([(torch.arange(width, device=q.device) + lo_of[c0:c1, None]).expand_as(mass), carried],
+            index = torch.cat([(torch.arange(width, device=q.device) + h_lo[c0:c1, None]).expand_as(mass), carried],
                               dim=-1)
             values, pick = torch.topk(torch.cat([mass, torch.where(carried >= 0, more, 0.0)], dim=-1),
                                       min(count, width + carried.shape[-1]), dim=-1)

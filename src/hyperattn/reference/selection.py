@@ -277,8 +277,8 @@ def heavy_range(plan: Plan, span: int | None, device=None) -> tuple[Tensor, Tens
     Causal: from ``span`` keys before the chunk's first row's last key to the end (a row
     sees no key past its own anyway); not causal: ``span`` keys on each side of the chunk's
     rows mapped onto the keys (as the windows' centres are). ``None``: every key. The scan
-    then costs O(N (span + chunk)) instead of O(N^2 / chunk), and heavy columns further back
-    are left to the key blocks and the samples.
+    then costs O(N (span + chunk)) instead of O(N^2 / chunk); heavy columns further back come
+    from the earlier chunks (:func:`carried_columns`).
     """
     c = torch.arange(plan.num_chunks)
     rows = plan.chunk_blocks * plan.block
