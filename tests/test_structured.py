@@ -411,11 +411,11 @@ def test_heavy_span_scans_near_keys_and_carried_columns(causal):
     find = S.finders(16, 4, "cpu")
     flat = torch.where(find, probe, -1).reshape(1, 4, -1)
     row_lo = torch.where(find, lo.unsqueeze(-1), 0).reshape(-1)
-    near = S._top_mass(q, k, flat, 0.125, plan, row_lo, torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1),
-                       torch.logsumexp(S._row_scores(q, k, flat, 0.125, plan, 0, 2300, row_lo,
-                                                     torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1)), -1),
-                       find, 8, 4, 2)
-    carried = S.carried_columns(near, plan, 300)
+    near, mass = S._top_mass(q, k, flat, 0.125, plan, row_lo, torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1),
+                             torch.logsumexp(S._row_scores(q, k, flat, 0.125, plan, 0, 2300, row_lo,
+                                                           torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1)), -1),
+                             find, 8, 4, 2, with_mass=True)
+    carried = S.carried_columns(near, mass, plan, 300, S.CARRIED * 8)
     # Every heavy column of chunk c is near it or carried to it.
     for c in range(plan.num_chunks):
         for g in range(2):
@@ -434,21 +434,35 @@ def test_heavy_span_scans_near_keys_and_carried_columns(causal):
     assert float(pairs) < float(full[3])  # the stats count the keys scored
 
 
-def test_carried_columns_are_earlier_chunks_columns_before_the_range():
-    # Chunk c's candidates: columns found by chunks before it (never after: chunk-causal),
-    # before its own range, ascending, each once.
+@pytest.mark.parametrize("count", [4, 40])
+def test_carried_columns_are_earlier_chunks_heaviest_columns_before_the_range(count):
+    # Chunk c's candidates: of the columns found by chunks before it (never after: chunk-causal)
+    # and before its own range, the count with the most mass summed over those chunks,
+    # ascending, each once; with room for all of them, all of them.
     plan = S.make_plan(2300, 2300, True, 128, 128, 512, 256)
     lo, _ = S.heavy_range(plan, 300)
-    near = torch.randint(-1, 2300, (1, 2, plan.num_chunks, 6), generator=torch.Generator().manual_seed(1))
-    near[0, 0, 0, :3] = 17  # a repeat
-    carried = S.carried_columns(near, plan, 300)
+    gen = torch.Generator().manual_seed(1)
+    near = torch.stack([torch.randperm(2300, generator=gen)[:6] for _ in range(2 * plan.num_chunks)])
+    near = near.view(1, 2, plan.num_chunks, 6)
+    near[0, 0, :, 5] = -1  # none found there
+    near[0, 1, :, 0] = 17  # a column every chunk finds
+    # Distinct masses (multiples of 1/64: sums exact), so the ranking has no ties.
+    mass = (torch.randperm(2 * plan.num_chunks * 6, generator=gen).float() + 1).view(near.shape) / 64
+    carried = S.carried_columns(near, mass, plan, 300, count)
+    assert carried.shape == (1, 2, plan.num_chunks, count)
     for c in range(plan.num_chunks):
         for g in range(2):
             got = carried[0, g, c][carried[0, g, c] >= 0]
-            pool = near[0, g, :c].flatten()
-            expect = torch.unique(pool[(pool >= 0) & (pool < lo[c])])
+            pool, weight = near[0, g, :c].flatten(), mass[0, g, :c].flatten()
+            ok = (pool >= 0) & (pool < lo[c])
+            cols = torch.unique(pool[ok])
+            summed = torch.stack([weight[ok & (pool == x)].sum() for x in cols]) if len(cols) else torch.zeros(0)
+            expect = cols[torch.topk(summed, min(count, len(cols))).indices].sort().values
             assert torch.equal(got, expect)
+            if g == 1 and c > 0 and lo[c] > 17:
+                assert 17 in got.tolist()  # found by every earlier chunk: the heaviest
     assert int((carried[0, :, 0] >= 0).sum()) == 0
+    assert count == 4 or bool((carried >= 0).sum(-1).max() > 4)  # the large count is not the cap
 
 
 def test_without_the_guard_chunks_costlier_than_exact_run_exact():

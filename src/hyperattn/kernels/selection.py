@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.lsh import draw_projections
-from ..reference.selection import (Lsh, Plan, Pooled, carried_columns, carried_scores, finders, heavy_range,
+from ..reference.selection import (CARRIED, Lsh, Plan, Pooled, carried_columns, carried_scores, finders, heavy_range,
                                    probe_pairs, sorted_rows, to_device)
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned
@@ -310,13 +310,13 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     carried = None
     if count:
-        near = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks)
+        near, near_mass = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks)
         if span is None:
             heavy_idx = near
         else:
             # The columns found near each chunk, carried to the later ones (reference: the same
             # steps); the finding rows' LSE then covers them, and the near mass is taken again.
-            carried = carried_columns(near, plan, span)
+            carried = carried_columns(near, near_mass, plan, span, CARRIED * count)
             mass_c = torch.zeros(carried.shape, device=q.device)
             # The finding rows alone (the reference scores every row and masks the others).
             f_rows = rows.index_select(-1, picked)  # (B, Hq, C, Pf)
@@ -336,7 +336,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             lse = lse.clone()
             lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, pf))
             heavy_idx = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks,
-                                    (mass_c, carried))
+                                    (mass_c, carried))[0]
     if not need_out:
         return out, lse, heavy_idx, None
     lo = torch.where(find, h_lo.unsqueeze(-1), 0).reshape(-1)
@@ -345,13 +345,15 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, span: int | None, scale: float,
-                count: int, num_sinks: int, probe_blocks: int, extra: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """:func:`hyperattn.reference.selection._top_mass` on CUDA: the finding rows' column mass over each chunk's
-    keys (``_column_mass``, one launch per piece of chunks) and its top ``count``, with ``extra = (mass, keys)``
-    ``(B, Hkv, C, M)`` candidates merged in."""
+                count: int, num_sinks: int, probe_blocks: int, extra: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """:func:`hyperattn.reference.selection._top_mass` on CUDA, ``with_mass``: the finding rows' column mass over
+    each chunk's keys (``_column_mass``, one launch per piece of chunks), its top ``count`` and their mass, with
+    ``extra = (mass, keys)`` ``(B, Hkv, C, M)`` candidates merged in."""
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
+    heavy_mass = torch.zeros((bsz, hkv, nc, count), device=q.device)
     # Only the finding probe rows count (reference: finders), the group's heads stacked.
     m = max(16, triton.next_power_of_2((hq // hkv) * _finding(p, probe_blocks, rows.device)[0]))
     qs, rows_s, lse_s = _stacked_finders(q, rows, lse, hkv, probe_blocks, m)
@@ -380,7 +382,8 @@ def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, spa
                                       min(count, width + carried.shape[-1]), dim=-1)
             keys = index.gather(-1, pick)
         heavy_idx[:, :, c0:c1, :values.shape[-1]] = torch.where(values > 0, keys, -1)
-    return heavy_idx
+        heavy_mass[:, :, c0:c1, :values.shape[-1]] = torch.clamp(values, min=0.0)
+    return heavy_idx, heavy_mass
 
 
 @triton.jit

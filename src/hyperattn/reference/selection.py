@@ -51,6 +51,10 @@ __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_h
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
+#: Carried candidates per heavy column (carried_columns): room for a chunk to keep the lines
+#: its earlier chunks found beside the ones near it.
+CARRIED = 2
+
 # Sorted key tiles one bucket-sorted query block may span in the LSH pass (see lsh_ranges).
 LSH_TILES = 16
 
@@ -370,8 +374,9 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     if span is not None and count:
         # The columns found near each chunk, carried to the later chunks as candidates
         # (carried_columns); the finding rows' softmax then runs over both.
-        near = _top_mass(q, k, flat, scale, plan, lo, hi, lse, find, count, num_sinks, hkv)
-        carried = carried_columns(near, plan, span)
+        near, near_mass = _top_mass(q, k, flat, scale, plan, lo, hi, lse, find, count, num_sinks, hkv,
+                                    with_mass=True)
+        carried = carried_columns(near, near_mass, plan, span, CARRIED * count)
         s_c = carried_scores(q, k, flat, carried, scale, find)
         lse = torch.logaddexp(lse, torch.logsumexp(s_c, dim=-1))
     out = None
@@ -396,11 +401,12 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 def _top_mass(q: Tensor, k: Tensor, flat: Tensor, scale: float, plan: Plan, lo: Tensor, hi: Tensor, lse: Tensor,
-              find: Tensor, count: int, num_sinks: int, hkv: int, extra: tuple[Tensor, Tensor] | None = None
-              ) -> Tensor:
+              find: Tensor, count: int, num_sinks: int, hkv: int, extra: tuple[Tensor, Tensor] | None = None,
+              with_mass: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The ``count`` keys outside the sinks with the largest summed softmax weight of each chunk's finding rows
     (``flat (B, Hq, C * P)`` over keys ``[lo, hi)``, normalised by ``lse``), per KV head: ``(B, Hkv, C, count)``,
-    ``-1`` where fewer have weight. ``extra = (mass, keys)``, ``(B, Hkv, C, M)`` each: more candidates (keys -1: none)."""
+    ``-1`` where fewer have weight. ``extra = (mass, keys)``, ``(B, Hkv, C, M)`` each: more candidates (keys -1: none). ``with_mass``: their summed weights too (0 where
+    -1)."""
     bsz, hq, n = flat.shape
     p = find.shape[0]
     nc = n // p
@@ -423,31 +429,50 @@ def _top_mass(q: Tensor, k: Tensor, flat: Tensor, scale: float, plan: Plan, lo: 
         best_idx = index.gather(-1, pick)
     out = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     out[..., :best.shape[-1]] = torch.where(best > 0, best_idx, -1)
-    return out
+    if not with_mass:
+        return out
+    mass = torch.zeros(out.shape, device=q.device)
+    mass[..., :best.shape[-1]] = torch.clamp(best, min=0.0)
+    return out, mass
 
 
-def carried_columns(near: Tensor, plan: Plan, span: int) -> Tensor:
-    """Each chunk's carried candidates ``(B, Hkv, C, C * H)``: the heavy columns ``near (B, Hkv, C, H)`` that the
-    earlier chunks found within their own span, before this chunk's range (``heavy_range``), ascending, each
-    once, ``-1`` after them.
+def carried_columns(near: Tensor, mass: Tensor, plan: Plan, span: int, count: int) -> Tensor:
+    """Each chunk's carried candidates ``(B, Hkv, C, count)``: of the heavy columns ``near (B, Hkv, C, H)`` that
+    the earlier chunks found within their own span (their column mass ``mass``, same shape), the ``count`` with
+    the most mass summed over those chunks, before this chunk's range (``heavy_range``), ascending, each once,
+    ``-1`` after them.
 
     A vertical line (a delimiter every later row weighs) is found by the chunks near it and
     carried to every later chunk, so a span loses none that an earlier chunk saw: at 8k on
     the held-out text (1,024-row chunks, a span of 1,024) this matched the full scan's error
     on every layer, where the span alone took layers 3-10 from 0.03-0.14 to 0.23-0.32
-    (docs/QUALITY.md). Chunk-causal: chunk ``c`` reads chunks before it only.
+    (docs/QUALITY.md). Ranked by summed mass, the lines that chunk after chunk weighs stay
+    and a column one chunk found once gives way: ``count`` bounds the logits the finding rows
+    add (every earlier chunk's columns, C H per chunk, cost 140 ms at 1M on an H100, more than
+    the span saved). Chunk-causal: chunk ``c`` reads chunks before it only. The table of
+    each chunk's mass on every column found is ``(B, Hkv, C, C H)``: O(N^2 / chunk^2).
     """
     bsz, hkv, nc, h = near.shape
     lo, _ = heavy_range(plan, span, near.device)
-    c = torch.arange(nc, device=near.device)
-    earlier = (c.view(1, -1) < c.view(-1, 1)).view(1, 1, nc, nc, 1)  # [c, c']: c' before c
-    cand = near.unsqueeze(2).expand(bsz, hkv, nc, nc, h)
-    ok = earlier & (cand >= 0) & (cand < lo.view(1, 1, nc, 1, 1))
-    cand = torch.where(ok, cand, plan.nk).reshape(bsz, hkv, nc, nc * h).sort(-1).values
-    repeat = torch.zeros_like(cand, dtype=torch.bool)
-    repeat[..., 1:] = cand[..., 1:] == cand[..., :-1]
-    cand = torch.where(repeat | (cand >= plan.nk), plan.nk, cand).sort(-1).values
-    return torch.where(cand >= plan.nk, -1, cand)
+    keys = torch.where(near >= 0, near, plan.nk).reshape(bsz, hkv, nc * h)
+    weight = torch.where(near >= 0, mass, 0.0).float()
+    # Each distinct column found gets an id (its rank among them); a chunk's picks are distinct.
+    sorted_keys, order = torch.sort(keys, dim=-1)
+    first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    first[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
+    ident = first.long().cumsum(-1) - 1
+    column = torch.full_like(keys, plan.nk).scatter_(-1, ident, sorted_keys)  # the key of each id
+    pick_id = torch.empty_like(ident).scatter_(-1, order, ident).view(bsz, hkv, nc, h)
+    table = torch.zeros(bsz, hkv, nc, nc * h, device=near.device).scatter_add_(-1, pick_id, weight)
+    # Summed over the chunks before each one alone (an exclusive prefix: exact zeros elsewhere).
+    before = torch.cat([torch.zeros_like(table[:, :, :1]), table[:, :, :-1]], dim=2).cumsum(2)
+    before = torch.where(column.unsqueeze(2) < lo.view(1, 1, nc, 1), before, 0.0)
+    top, pick = torch.topk(before, min(count, nc * h), dim=-1)
+    cand = torch.where(top > 0, column.unsqueeze(2).expand(-1, -1, nc, -1).gather(-1, pick), plan.nk)
+    cand = cand.sort(-1).values
+    out = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=near.device)
+    out[..., :cand.shape[-1]] = torch.where(cand >= plan.nk, -1, cand)
+    return out
 
 
 def carried_scores(q: Tensor, k: Tensor, flat: Tensor, carried: Tensor, scale: float, find: Tensor) -> Tensor:
