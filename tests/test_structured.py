@@ -434,6 +434,18 @@ def test_heavy_span_scans_near_keys_and_carried_columns(causal):
     assert float(pairs) < float(full[3])  # the stats count the keys scored
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_span_cuts_only_where_a_chunk_misses_keys(causal):
+    # The carried step runs only where some chunk's finding rows miss a key they would see.
+    plan = S.make_plan(2300, 2300, causal, 128, 128, 512, 256)
+    assert not S.span_cuts(plan, None) and not S.span_cuts(plan, 2300) and S.span_cuts(plan, 300)
+    lo, hi = S.heavy_range(plan, 2300)
+    assert bool((lo == 0).all() & (hi == 2300).all())
+    # The default span (32,768) covers every key below it: the default is the full scan there.
+    assert not S.span_cuts(S.make_plan(32768, 32768, causal, 128, 128, 4096, 4096), ha.HyperAttentionConfig().heavy_span)
+    assert S.span_cuts(S.make_plan(65536, 65536, causal, 128, 128, 4096, 4096), ha.HyperAttentionConfig().heavy_span)
+
+
 @pytest.mark.parametrize("count", [4, 40])
 def test_carried_columns_are_earlier_chunks_heaviest_columns_before_the_range(count):
     # Chunk c's candidates: of the columns found by chunks before it (never after: chunk-causal)

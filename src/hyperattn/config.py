@@ -106,17 +106,18 @@ class HyperAttentionConfig:
             bounds every weight by |complement| / (sample_size * sample_mix). Default 0.3.
         heavy_span: keys before each chunk (causal; on each side of it otherwise) that its
             finding probe rows scan for heavy columns (structured), besides the columns the
-            earlier chunks found near themselves, carried forward; ``None`` (default) scans
-            every key they see. A span bounds the scan at O(N (heavy_span + chunk)) plus the
-            carried columns instead of O(N^2 / chunk), the selection's largest cost at long
-            inputs (1M tokens on an H100: 499 ms a call with the full scan, 199 ms with the
-            span alone, before the carried columns were added). Measured at 8k on the
-            held-out text with 1,024-row chunks: a span of 1,024 with the carried columns
-            matched the full scan on every layer (the span alone took layers 3-10 from
-            0.03-0.14 to 0.23-0.32 mean error); at 16k tokens (past the model's positions,
-            4,096-row chunks) a span of 4,096 with them gave 6-12% more error than the full
-            scan on the four layers measured (docs/QUALITY.md). Its GPU time with the
-            carried columns is not measured yet.
+            earlier chunks found near themselves, carried forward (the ``2 * heavy_columns``
+            with the most mass summed over those chunks); ``None`` scans every key they see.
+            Default 32768: up to that many keys before a chunk's rows it is the full scan
+            (the embedded model's 8,192 positions always are), past it the scan costs
+            O(N (heavy_span + chunk)) instead of O(N^2 / chunk), the selection's largest cost
+            at long inputs (1M tokens on an H100: 500 ms a call with the full scan, 211 ms
+            with a span of 16,384 and the carried columns). Measured at 8k on the held-out
+            text with 1,024-row chunks: a span of 1,024 with the carried columns matched the
+            full scan on every layer (the span alone took layers 3-10 from 0.03-0.14 to
+            0.23-0.32 mean error); at 16k tokens (past the model's positions, 4,096-row
+            chunks) a span of 4,096 with them gave 6-12% more error than the full scan on the
+            four layers measured (docs/QUALITY.md).
     """
 
     lsh_num_projs: int = 7
@@ -140,7 +141,7 @@ class HyperAttentionConfig:
     probe_blocks: int = 32
     lsh_block: int = 32
     sample_mix: float = 0.3
-    heavy_span: int | None = None
+    heavy_span: int | None = 32768
 
     def __post_init__(self) -> None:
         _check_int("lsh_num_projs", self.lsh_num_projs, low=1, high=16)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..reference.lsh import draw_projections
 from ..reference.selection import (CARRIED, Lsh, Plan, Pooled, carried_columns, carried_scores, finders, heavy_range,
-                                   probe_pairs, sorted_rows, to_device)
+                                   probe_pairs, sorted_rows, span_cuts, to_device)
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned
 
@@ -234,6 +234,16 @@ def _heavy_range_of(nq: int, nk: int, causal: bool, block: int, chunk_blocks: in
     return to_device(lo, device), to_device(hi, device), width
 
 
+def _span_cuts(plan: Plan, span: int | None) -> bool:
+    """:func:`~hyperattn.reference.selection.span_cuts`, kept per shape (no host work per call)."""
+    return _span_cuts_of(plan.nq, plan.nk, plan.causal, plan.block, plan.chunk_blocks, span)
+
+
+@functools.lru_cache(maxsize=64)
+def _span_cuts_of(nq: int, nk: int, causal: bool, block: int, chunk_blocks: int, span: int | None) -> bool:
+    return span_cuts(Plan(nq, nk, causal, block, 0, chunk_blocks, 0, torch.zeros(0), torch.zeros(0)), span)
+
+
 @functools.lru_cache(maxsize=16)
 def _finding(p: int, probe_blocks: int, device: torch.device) -> tuple[int, Tensor, Tensor]:
     """:func:`~hyperattn.reference.selection.finders` of ``p`` probe rows: their count, slots
@@ -311,7 +321,7 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     carried = None
     if count:
         near, near_mass = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks)
-        if span is None:
+        if not _span_cuts(plan, span):
             heavy_idx = near
         else:
             # The columns found near each chunk, carried to the later ones (reference: the same
