@@ -432,6 +432,26 @@ def test_heavy_span_scans_near_keys_and_carried_columns(causal):
     assert torch.allclose(lse[0, 0, last, find], expect, atol=1e-5)
     assert torch.equal(lse[..., ~find], full[1][..., ~find]) and torch.equal(out, full[0])
     assert float(pairs) < float(full[3])  # the stats count the keys scored
+    # The heavy columns: the 8 of the carried and the RESCORED * 8 heaviest near columns with
+    # the most mass under that LSE (summed over the group's finding rows, from the logits
+    # here); a candidate left out weighs no more than the lightest one taken.
+    near_all = S._top_mass(q, k, flat, 0.125, plan, row_lo, torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1),
+                           torch.logsumexp(S._row_scores(q, k, flat, 0.125, plan, 0, 2300, row_lo,
+                                                         torch.where(find, hi.unsqueeze(-1), 2300).reshape(-1)), -1),
+                           find, S.RESCORED * 8, 4, 2)
+    for c in range(1, plan.num_chunks):
+        rows = probe[0, :2, c, find]  # the finding rows of KV head 0's two query heads
+        sc = torch.stack([q[0, h, rows[h]] @ k[0, 0].T for h in range(2)]) * 0.125
+        seen = (((cols >= lo[c]) & (cols < hi[c])) | torch.isin(cols, carried[0, 0, c])) & (
+            (cols <= rows.unsqueeze(-1)) if causal else True)
+        mass = torch.exp(sc.masked_fill(~seen, float("-inf")) - lse[0, :2, c, find].unsqueeze(-1)).sum((0, 1))
+        cand = torch.cat([carried[0, 0, c], near_all[0, 0, c]])
+        cand = cand[cand >= 0]
+        picked = heavy[0, 0, c][heavy[0, 0, c] >= 0]
+        assert bool(torch.isin(picked, cand).all()) and len(picked) == min(8, len(cand))
+        left = cand[~torch.isin(cand, picked)]
+        if len(left):
+            assert float(mass[left].max()) <= float(mass[picked].min()) * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -19,8 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.lsh import draw_projections
-from ..reference.selection import (CARRIED, Lsh, Plan, Pooled, carried_columns, carried_scores, finders, heavy_range,
-                                   probe_pairs, sorted_rows, span_cuts, to_device)
+from ..reference.selection import (CARRIED, RESCORED, Lsh, Plan, Pooled, carried_columns, carried_scores, finders,
+                                   heavy_range, probe_pairs, sorted_rows, span_cuts, to_device, top_candidates)
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned
 
@@ -320,33 +320,36 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
     carried = None
     if count:
-        near, near_mass = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks)
-        if not _span_cuts(plan, span):
+        cuts = _span_cuts(plan, span)
+        near, near_mass = _column_top(q, k, rows, lse, plan, span, scale, min(RESCORED * count, nk) if cuts else count,
+                                      num_sinks, probe_blocks)
+        if not cuts:
             heavy_idx = near
         else:
             # The columns found near each chunk, carried to the later ones (reference: the same
-            # steps); the finding rows' LSE then covers them, and the near mass is taken again.
-            carried = carried_columns(near, near_mass, plan, span, CARRIED * count)
-            mass_c = torch.zeros(carried.shape, device=q.device)
+            # steps); the finding rows' LSE then covers them, and the near candidates' mass and
+            # theirs are taken under it.
+            carried = carried_columns(near[..., :count], near_mass[..., :count], plan, span, CARRIED * count)
+            columns = torch.cat([carried, near], dim=-1)
+            mass_c = torch.zeros(columns.shape, device=q.device)
             # The finding rows alone (the reference scores every row and masks the others).
             f_rows = rows.index_select(-1, picked)  # (B, Hq, C, Pf)
             pf = f_rows.shape[-1]
             all_find = torch.ones(pf, dtype=torch.bool, device=q.device)
             lse_f = lse.index_select(-1, picked).reshape(bsz, hq, nc * pf)
-            m = carried.shape[-1]
+            m, mc = columns.shape[-1], carried.shape[-1]
             step = max(1, _MASS_ELEMENTS // max(1, bsz * hq * pf * m))
             for c0 in range(0, nc, step):
                 c1 = min(nc, c0 + step)
                 part = slice(c0 * pf, c1 * pf)
-                s_c = carried_scores(q, k, f_rows[:, :, c0:c1].reshape(bsz, hq, -1), carried[:, :, c0:c1], scale,
-                                     all_find)
-                lse_f[:, :, part] = torch.logaddexp(lse_f[:, :, part], torch.logsumexp(s_c, dim=-1))
+                s_c = carried_scores(q, k, f_rows[:, :, c0:c1].reshape(bsz, hq, -1), columns[:, :, c0:c1], scale,
+                                     all_find, plan)
+                lse_f[:, :, part] = torch.logaddexp(lse_f[:, :, part], torch.logsumexp(s_c[..., :mc], dim=-1))
                 shift = torch.where(torch.isfinite(lse_f[:, :, part]), lse_f[:, :, part], 0.0).unsqueeze(-1)
                 mass_c[:, :, c0:c1] = torch.exp(s_c - shift).reshape(bsz, hkv, hq // hkv, c1 - c0, pf, m).sum((2, 4))
             lse = lse.clone()
             lse.index_copy_(-1, picked, lse_f.reshape(bsz, hq, nc, pf))
-            heavy_idx = _column_top(q, k, rows, lse, plan, span, scale, count, num_sinks, probe_blocks,
-                                    (mass_c, carried))[0]
+            heavy_idx = top_candidates(mass_c, columns, count)
     if not need_out:
         return out, lse, heavy_idx, None
     lo = torch.where(find, h_lo.unsqueeze(-1), 0).reshape(-1)
@@ -355,11 +358,9 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, span: int | None, scale: float,
-                count: int, num_sinks: int, probe_blocks: int, extra: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, Tensor]:
+                count: int, num_sinks: int, probe_blocks: int) -> tuple[Tensor, Tensor]:
     """:func:`hyperattn.reference.selection._top_mass` on CUDA, ``with_mass``: the finding rows' column mass over
-    each chunk's keys (``_column_mass``, one launch per piece of chunks), its top ``count`` and their mass, with
-    ``extra = (mass, keys)`` ``(B, Hkv, C, M)`` candidates merged in."""
+    each chunk's keys (``_column_mass``, one launch per piece of chunks), its top ``count`` and their mass."""
     bsz, hq, nc, p = rows.shape
     hkv, nk = k.shape[1], k.shape[2]
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
@@ -381,16 +382,8 @@ def _column_top(q: Tensor, k: Tensor, rows: Tensor, lse: Tensor, plan: Plan, spa
             HEAD_DIM=q.shape[-1], CAUSAL=plan.causal,
             # fp32 inputs: full-precision products, so heavy columns match the reference's.
             PRECISION=_precision(q.dtype), NC_P=triton.next_power_of_2(nc))
-        if extra is None:
-            values, pick = torch.topk(mass, min(count, width), dim=-1)
-            keys = pick + h_lo[c0:c1, None]
-        else:
-            more, carried = extra[0][:, :, c0:c1], extra[1][:, :, c0:c1]
-            index = torch.cat([(torch.arange(width, device=q.device) + h_lo[c0:c1, None]).expand_as(mass), carried],
-                              dim=-1)
-            values, pick = torch.topk(torch.cat([mass, torch.where(carried >= 0, more, 0.0)], dim=-1),
-                                      min(count, width + carried.shape[-1]), dim=-1)
-            keys = index.gather(-1, pick)
+        values, pick = torch.topk(mass, min(count, width), dim=-1)
+        keys = pick + h_lo[c0:c1, None]
         heavy_idx[:, :, c0:c1, :values.shape[-1]] = torch.where(values > 0, keys, -1)
         heavy_mass[:, :, c0:c1, :values.shape[-1]] = torch.clamp(values, min=0.0)
     return heavy_idx, heavy_mass

@@ -46,7 +46,8 @@ __all__ = ["Plan", "Pooled", "Lsh", "Selection", "TIERS", "LSH_TILES", "stream_h
            "to_device", "pool", "block_scores", "rank_blocks", "chunk_scores", "probe_rows", "probe_exact", "finders",
            "estimating_rows", "lsh_ranges", "bucket_ranges", "sorted_rows", "sorted_spans", "exact_blocks",
            "chunk_candidates", "proposal_tables", "residual_proposal",
-           "probe_pairs", "gather_columns", "heavy_range", "span_cuts", "carried_columns", "carried_scores"]
+           "probe_pairs", "gather_columns", "heavy_range", "span_cuts", "carried_columns", "carried_scores",
+           "top_candidates"]
 
 #: Budget tiers of the guard: factors on ``key_blocks`` and ``sample_size``.
 TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -54,6 +55,12 @@ TIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Carried candidates per heavy column (carried_columns): room for a chunk to keep the lines
 #: its earlier chunks found beside the ones near it.
 CARRIED = 2
+
+#: Near candidates per heavy column (probe_exact, where the span cuts): the columns with the most
+#: mass over the chunk's own keys that are scored again once the carried columns join the
+#: finding rows' softmax, instead of a second scan of every key (a second column-mass launch
+#: and top-k over the span, ~1.5 ms at 131k on an H100).
+RESCORED = 4
 
 # Sorted key tiles one bucket-sorted query block may span in the LSH pass (see lsh_ranges).
 LSH_TILES = 16
@@ -362,9 +369,12 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     error (:func:`estimating_rows`): rows, or blocks, that chose the heavy columns find
     their own keys there and report a smaller error than the rest of the chunk sees
     (measured: estimates of 0.01-0.04 for heads at 0.15-0.40). The finding rows scan only
-    the keys of :func:`heavy_range` (``span``; their ``lse`` is over those keys), the
-    estimating rows every key they see. Keys are streamed in pieces: two passes
-    (log-sum-exp, then weights).
+    the keys of :func:`heavy_range` (``span``) and, where it leaves keys out, the columns
+    earlier chunks found (:func:`carried_columns`); their ``lse`` is over both. The heavy
+    columns are then the top of the carried columns and the ``RESCORED * heavy`` near ones
+    with the most mass over the span, weighed again under that softmax. The estimating rows
+    score every key they see. Keys are streamed in pieces: two passes (log-sum-exp, then
+    weights).
     """
     bsz, hq, nc, p = rows.shape
     hkv = k.shape[1]
@@ -383,13 +393,16 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
     count = min(heavy, plan.nk)
     carried = None
     if count and span_cuts(plan, span):
-        # The columns found near each chunk, carried to the later chunks as candidates
-        # (carried_columns); the finding rows' softmax then runs over both.
-        near, near_mass = _top_mass(q, k, flat, scale, plan, lo, hi, lse, find, count, num_sinks, hkv,
-                                    with_mass=True)
-        carried = carried_columns(near, near_mass, plan, span, CARRIED * count)
-        s_c = carried_scores(q, k, flat, carried, scale, find)
-        lse = torch.logaddexp(lse, torch.logsumexp(s_c, dim=-1))
+        # The columns found near each chunk (its top RESCORED * count by mass over its own
+        # keys), the top count of them carried to the later chunks as candidates
+        # (carried_columns); the finding rows' softmax then runs over their keys and the
+        # carried columns.
+        near, near_mass = _top_mass(q, k, flat, scale, plan, lo, hi, lse, find, min(RESCORED * count, plan.nk),
+                                    num_sinks, hkv, with_mass=True)
+        carried = carried_columns(near[..., :count], near_mass[..., :count], plan, span, CARRIED * count)
+        columns = torch.cat([carried, near], dim=-1)
+        s_c = carried_scores(q, k, flat, columns, scale, find, plan)
+        lse = torch.logaddexp(lse, torch.logsumexp(s_c[..., :carried.shape[-1]], dim=-1))
     out = None
     if need_out:
         shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
@@ -399,12 +412,14 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
             out += (w.reshape(bsz, hkv, -1, k1 - k0).to(v.dtype) @ v[:, :, k0:k1]).float().reshape(bsz, hq, nc * p, -1)
         out = torch.where(find.view(-1, 1), 0.0, out.reshape(bsz, hq, nc, p, -1))
     heavy_idx = torch.full((bsz, hkv, nc, count), -1, dtype=torch.long, device=q.device)
-    if count:
-        extra = None
-        if carried is not None:
-            mass_c = torch.exp(s_c - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
-            extra = (mass_c.reshape(bsz, hkv, hq // hkv, nc, p, -1) * find.float().view(-1, 1)).sum((2, 4)), carried
-        heavy_idx = _top_mass(q, k, flat, scale, plan, lo, hi, lse, find, count, num_sinks, hkv, extra)
+    if count and carried is not None:
+        # The heavy columns: the count candidates (near or carried) with the most mass under
+        # that softmax; a column past the near candidates has too little mass to rank.
+        mass_c = torch.exp(s_c - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+        mass_c = (mass_c.reshape(bsz, hkv, hq // hkv, nc, p, -1) * find.float().view(-1, 1)).sum((2, 4))
+        heavy_idx = top_candidates(mass_c, columns, count)
+    elif count:
+        heavy_idx = _top_mass(q, k, flat, scale, plan, lo, hi, lse, find, count, num_sinks, hkv)
     pairs = None
     if need_out:
         pairs = probe_pairs(plan, flat, lo, hi, carried, find)
@@ -412,28 +427,23 @@ def probe_exact(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, rows:
 
 
 def _top_mass(q: Tensor, k: Tensor, flat: Tensor, scale: float, plan: Plan, lo: Tensor, hi: Tensor, lse: Tensor,
-              find: Tensor, count: int, num_sinks: int, hkv: int, extra: tuple[Tensor, Tensor] | None = None,
-              with_mass: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              find: Tensor, count: int, num_sinks: int, hkv: int, with_mass: bool = False
+              ) -> Tensor | tuple[Tensor, Tensor]:
     """The ``count`` keys outside the sinks with the largest summed softmax weight of each chunk's finding rows
     (``flat (B, Hq, C * P)`` over keys ``[lo, hi)``, normalised by ``lse``), per KV head: ``(B, Hkv, C, count)``,
-    ``-1`` where fewer have weight. ``extra = (mass, keys)``, ``(B, Hkv, C, M)`` each: more candidates (keys -1: none). ``with_mass``: their summed weights too (0 where
-    -1)."""
+    ``-1`` where fewer have weight, in descending mass. ``with_mass``: their summed weights too (0 where -1)."""
     bsz, hq, n = flat.shape
     p = find.shape[0]
     nc = n // p
     shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
     best = torch.full((bsz, hkv, nc, 0), -1.0, device=q.device)
     best_idx = torch.zeros((bsz, hkv, nc, 0), dtype=torch.long, device=q.device)
-    parts = [(k0, k1, None) for k0, k1 in _pieces(plan.nk, bsz * hq * n)] + ([(0, 0, extra)] if extra else [])
-    for k0, k1, more in parts:
-        if more is None:
-            w = torch.exp(_row_scores(q, k, flat, scale, plan, k0, k1, lo, hi) - shift)
-            # Heavy columns are per KV head: the mass of all its query heads' probe rows.
-            mass = (w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0) * find.float().view(-1, 1)).sum((2, 4))
-            mass[..., :max(0, num_sinks - k0)] = 0.0
-            keys = torch.arange(k0, k1, device=q.device).expand_as(mass)
-        else:
-            mass, keys = torch.where(more[1] >= 0, more[0], 0.0), more[1]
+    for k0, k1 in _pieces(plan.nk, bsz * hq * n):
+        w = torch.exp(_row_scores(q, k, flat, scale, plan, k0, k1, lo, hi) - shift)
+        # Heavy columns are per KV head: the mass of all its query heads' probe rows.
+        mass = (w.reshape(bsz, hkv, hq // hkv, nc, p, k1 - k0) * find.float().view(-1, 1)).sum((2, 4))
+        mass[..., :max(0, num_sinks - k0)] = 0.0
+        keys = torch.arange(k0, k1, device=q.device).expand_as(mass)
         values = torch.cat([best, mass], dim=-1)
         index = torch.cat([best_idx, keys], dim=-1)
         best, pick = torch.topk(values, min(count, values.shape[-1]), dim=-1)
@@ -486,20 +496,32 @@ def carried_columns(near: Tensor, mass: Tensor, plan: Plan, span: int, count: in
     return out
 
 
-def carried_scores(q: Tensor, k: Tensor, flat: Tensor, carried: Tensor, scale: float, find: Tensor) -> Tensor:
-    """Logits of the finding rows ``flat (B, Hq, C * P)`` against their chunk's carried columns ``(B, Hkv, C, M)``:
-    ``(B, Hq, C * P, M)`` fp32, ``-inf`` for other rows, rows ``-1`` and padding (every row sees its chunk's
-    carried columns: they lie before the chunk's range)."""
+def carried_scores(q: Tensor, k: Tensor, flat: Tensor, columns: Tensor, scale: float, find: Tensor, plan: Plan
+                   ) -> Tensor:
+    """Logits of the finding rows ``flat (B, Hq, C * P)`` against their chunk's candidate columns ``(B, Hkv, C, M)``
+    (carried, or near and scored again): ``(B, Hq, C * P, M)`` fp32, ``-inf`` for other rows, rows ``-1``,
+    padding (``-1``) and, causal, columns past the row."""
     bsz, hq, n = flat.shape
-    hkv, nc, m = carried.shape[1], carried.shape[2], carried.shape[3]
+    hkv, nc, m = columns.shape[1], columns.shape[2], columns.shape[3]
     p, dim = n // nc, q.shape[-1]
     q_rows = q.gather(2, flat.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, dim))
     q_rows = q_rows.reshape(bsz, hkv, hq // hkv, nc, p, dim)
-    k_c = k.gather(2, carried.clamp(min=0).reshape(bsz, hkv, nc * m, 1).expand(-1, -1, -1, dim))
+    k_c = k.gather(2, columns.clamp(min=0).reshape(bsz, hkv, nc * m, 1).expand(-1, -1, -1, dim))
     s = torch.einsum("bhgcpd,bhcmd->bhgcpm", q_rows, k_c.reshape(bsz, hkv, nc, m, dim)).float() * scale
-    hidden = ((carried < 0).view(bsz, hkv, 1, nc, 1, m) | (flat < 0).view(bsz, hkv, hq // hkv, nc, p, 1)
-              | ~find.view(1, 1, 1, 1, p, 1))
+    rows = flat.view(bsz, hkv, hq // hkv, nc, p, 1)
+    hidden = (columns < 0).view(bsz, hkv, 1, nc, 1, m) | (rows < 0) | ~find.view(1, 1, 1, 1, p, 1)
+    if plan.causal:
+        hidden = hidden | (columns.view(bsz, hkv, 1, nc, 1, m) > rows + plan.offset)
     return s.masked_fill(hidden, float("-inf")).reshape(bsz, hq, n, m)
+
+
+def top_candidates(mass: Tensor, columns: Tensor, count: int) -> Tensor:
+    """The ``count`` columns ``(B, Hkv, C, M)`` (``-1``: none) with the largest ``mass`` (same shape), ``-1`` where
+    fewer have any: ``(B, Hkv, C, count)``."""
+    out = torch.full((*columns.shape[:-1], count), -1, dtype=torch.long, device=columns.device)
+    values, pick = torch.topk(torch.where(columns >= 0, mass, 0.0), min(count, columns.shape[-1]), dim=-1)
+    out[..., :values.shape[-1]] = torch.where(values > 0, columns.gather(-1, pick), -1)
+    return out
 
 
 @dataclass(frozen=True)
