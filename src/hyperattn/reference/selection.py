@@ -291,7 +291,8 @@ def heavy_range(plan: Plan, span: int | None, device=None) -> tuple[Tensor, Tens
     then costs O(N (span + chunk)) instead of O(N^2 / chunk); heavy columns further back come
     from the earlier chunks (:func:`carried_columns`).
     """
-    c = torch.arange(plan.num_chunks)
+    # Built where it is used: a host table copied per call would wait for the GPU.
+    c = torch.arange(plan.num_chunks, device=device)
     rows = plan.chunk_blocks * plan.block
     if span is None:
         lo, hi = torch.zeros_like(c), torch.full_like(c, plan.nk)
@@ -302,7 +303,7 @@ def heavy_range(plan: Plan, span: int | None, device=None) -> tuple[Tensor, Tens
         start = c * rows * plan.nk // nq
         end = -(-torch.clamp((c + 1) * rows, max=plan.nq) * plan.nk // nq)
         lo, hi = torch.clamp(start - span, min=0), torch.clamp(end + span, max=plan.nk)
-    return lo.to(device), hi.to(device)
+    return lo, hi
 
 
 def span_cuts(plan: Plan, span: int | None) -> bool:
