@@ -144,6 +144,12 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
     # step: computed on detached inputs, so autograd differentiates the attention step only
     # (the exact gradient of the approximate function) and builds no graph for the rest.
     qd, kd, vd = qc.detach(), kc.detach(), vc.detach()
+    owned = backward_on_kernels(q, config) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    # Without the guard the exact rows before the selection are always kept: launched first,
+    # SDPA runs them while the host enqueues the selection (at 32k the call waits on the
+    # host until the attention launches, which come last). With the guard every chunk may
+    # end exact, and one SDPA call over all rows would make them wasted work.
+    head = _exact_head(q, k, v, scale, causal, plan, need_lse) if config.max_error is None and not owned else None
     heads = torch.arange(hq, device=device) + head_offset
     group = hq // hkv
     kv_heads = torch.arange(hkv, device=device) + head_offset // group
@@ -291,13 +297,13 @@ def run(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, config, see
         pairs += _keys_per_row(plan, sel, lsh, None).sum(-1).double()
     # 1. Rows before min_seq_len: exact. Under autograd on the kernels one Function computes
     #    them with the attention step into one buffer (_KernelStep).
-    owned = backward_on_kernels(q, config) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if owned:
         out, lse = _KernelStep.apply(*(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)), scale,
                                      causal, plan, sel, lsh, need_lse)
         lse = lse if need_lse else None
     else:
-        out, lse = _assemble(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels, need_lse)
+        out, lse = _assemble(q, k, v, (qc, kc, vc), scale, causal, plan, sel, lsh, attend_impl, kernels, need_lse,
+                             head)
 
     # 5. The chunks the guard sent to exact (written over the step's inactive rows).
     exact_chunk = chunk_ok & ~approx_chunk
@@ -365,8 +371,12 @@ def _exact_head(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, pla
     return row0, k_end, exact(q[:, :, :row0], k[:, :, :k_end], v[:, :, :k_end], scale, causal, need_lse)
 
 
-def _assemble(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, kernels: bool, need_lse: bool):
-    """``out, lse`` of every row: the attention step's rows (on ``step_inputs``), after the exact rows before them."""
+def _assemble(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, kernels: bool, need_lse: bool,
+              head=None):
+    """``out, lse`` of every row: the attention step's rows (on ``step_inputs``), after the exact rows before them.
+
+    ``head``: :func:`_exact_head`'s result when the caller computed it already (else computed here).
+    """
     bsz, hq, nq, _ = q.shape
     out_a, lse_a = attend_impl.attend(*step_inputs, scale, plan, sel, lsh)
     first_row = nq - out_a.shape[2]
@@ -379,7 +389,7 @@ def _assemble(q, k, v, step_inputs, scale, causal, plan, sel, lsh, attend_impl, 
     if lse is not None:
         lse[:, :, first_row:] = lse_a
     if first_row > 0:
-        _, _, (o, l) = _exact_head(q, k, v, scale, causal, plan, need_lse)
+        _, _, (o, l) = head if head is not None else _exact_head(q, k, v, scale, causal, plan, need_lse)
         out[:, :, :first_row] = o
         if lse is not None:
             lse[:, :, :first_row] = l if l is not None else 0.0
