@@ -185,6 +185,13 @@ def test_finite_check_can_be_skipped():
     assert bool(torch.isnan(out[0, 0, 0]).any())
 
 
+def test_finite_check_accepts_float64_values_beyond_float32s_range():
+    # The check's peaks are float64 for float64 inputs: 1e300 is finite, not an overflow.
+    q, k, v = (x.double() for x in GOOD)
+    out = ha.hyper_attention(q, k, v * 1e300, config=FULL)
+    assert bool(torch.isfinite(out).all()) and out.abs().max() > 1e299
+
+
 def test_exact_attention_validates_too():
     q, k, v = GOOD
     with pytest.raises(ValueError, match="k: expected a head count"):
