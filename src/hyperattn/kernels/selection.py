@@ -648,13 +648,20 @@ def _search(A, base, values, ok, n, STEPS: tl.constexpr, RIGHT: tl.constexpr):
 
 @triton.jit
 def _gather_kernel(CDF, PI, CSUM, SIZES, SAMPLES, CAND_KEYS, HEAVY, KV_HEADS, IDX, LOGW, h3, num_chunks, kv_heads,
-                   nkb, block, num_sinks, num_heavy, m_max, width, fixed,
-                   STEPS: tl.constexpr, M_P: tl.constexpr):
+                   nkb, block, num_sinks, num_heavy, m_max, width, fixed, ns,
+                   STEPS: tl.constexpr, M_P: tl.constexpr, F_P: tl.constexpr):
     # One (batch, KV head, chunk): its m_max residual draws (reference.selection.gather_columns,
     # the same operations in the same float64 order): stratified uniforms on the proposal's
     # CDF, a key uniformly in the drawn block, its log-weight; every candidate once where
-    # the samples cover them; draws equal to a sink or heavy column dropped.
+    # the samples cover them; draws equal to a sink or heavy column dropped. First the
+    # fixed columns before them: the ns sinks (weight 1), then the heavy columns (-1: none).
     pid = tl.program_id(0).to(tl.int64)  # (b * kv_heads + g) * num_chunks + c
+    f = tl.arange(0, F_P)
+    f_ok = f < fixed
+    col = tl.load(HEAVY + pid * num_heavy + f - ns, mask=f_ok & (f >= ns), other=-1)
+    sink = f < ns
+    tl.store(IDX + pid * width + f, tl.where(sink, f, tl.maximum(col, 0)).to(tl.int64), mask=f_ok)
+    tl.store(LOGW + pid * width + f, tl.where(sink | (col >= 0), 0.0, float("-inf")), mask=f_ok)
     c = pid % num_chunks
     bkv = pid // num_chunks
     b = bkv // kv_heads
@@ -729,15 +736,12 @@ def gather_columns(plan: Plan, chunk_scores: Tensor, heavy: Tensor, samples: Ten
     width = fixed + m_max
     idx = torch.empty(bsz, hkv, nc, width, dtype=torch.long, device=device)
     logw = torch.empty(bsz, hkv, nc, width, dtype=torch.float32, device=device)
-    idx[..., :ns] = torch.arange(ns, device=device)
-    logw[..., :ns] = 0.0
-    idx[..., ns:fixed] = heavy.clamp(min=0)
-    logw[..., ns:fixed] = torch.where(heavy >= 0, 0.0, float("-inf"))
-    if m_max and idx.numel():
+    if idx.numel():  # one launch writes the sinks, the heavy columns and the draws (host time at 32k)
         _gather_kernel[(bsz * hkv * nc,)](
             cdf, pi, csum, sizes, samples.long().contiguous(), cand_keys, heavy.contiguous(),
             kv_heads.contiguous(), idx, logw, stream_hash(seed, 3), nc, hkv, nkb, plan.block, num_sinks, count, m_max,
-            width, fixed, STEPS=max(1, nkb.bit_length()), M_P=triton.next_power_of_2(m_max), num_warps=4)
+            width, fixed, ns, STEPS=max(1, nkb.bit_length()), M_P=triton.next_power_of_2(max(m_max, 1)),
+            F_P=triton.next_power_of_2(max(fixed, 1)), num_warps=4)
     return idx, logw
 
 
