@@ -425,8 +425,8 @@ def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads,
     offs_k = tl.arange(0, BLOCK_K)
     qp = tl.load(QP + ((bh * nqb + j) * G + g)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
     g_w = tl.load(VALID + j * G + g, mask=ok, other=0).to(tl.float32)
-    wlo = tl.load(WLO + j, mask=ok, other=0)
-    whi = tl.load(WHI + j, mask=ok, other=0)
+    wlo = tl.load(WLO + j, mask=ok, other=0).to(tl.int32)  # the plan's int64 tables
+    whi = tl.load(WHI + j, mask=ok, other=0).to(tl.int32)
     k_base = (b * kv_heads + kvh) * nkb
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
@@ -450,8 +450,8 @@ def _block_scores_kernel(QP, VALID, KP, BLOCKS, WLO, WHI, OUT, scale, num_heads,
     ok_r = (i_r < c_blocks) & (head_r < group)
     bh_r = b * num_heads + kvh * group + head_r
     j_r = tl.load(BLOCKS + bh_r * c_blocks + i_r, mask=ok_r, other=0)
-    wlo_r = tl.load(WLO + j_r, mask=ok_r, other=0)
-    whi_r = tl.load(WHI + j_r, mask=ok_r, other=0)
+    wlo_r = tl.load(WLO + j_r, mask=ok_r, other=0).to(tl.int32)
+    whi_r = tl.load(WHI + j_r, mask=ok_r, other=0).to(tl.int32)
     out = OUT + (bh_r * c_blocks + i_r) * nkb
     for k0 in range(0, nkb, BLOCK_K):
         kb = k0 + offs_k
@@ -480,8 +480,8 @@ def block_scores(pooled: Pooled, scale: float, plan: Plan, blocks: Tensor) -> Te
     qb = max(1, 64 // (gp * hp))
     _block_scores_kernel[(triton.cdiv(c, qb), bsz * hkv)](
         pooled.q.contiguous(), pooled.valid.to(torch.int8).contiguous(), pooled.k.contiguous(),
-        blocks.int().contiguous(), plan.win_lo.to(device=device, dtype=torch.int32),
-        plan.win_hi.to(device=device, dtype=torch.int32), out, scale, hq, hq // hkv, hkv, c, plan.nqb, plan.nkb,
+        blocks.int().contiguous(), plan.win_lo.to(device), plan.win_hi.to(device), out, scale, hq, hq // hkv, hkv, c,
+        plan.nqb, plan.nkb,
         G=groups, GP=gp, HP=hp, QB=qb, HEAD_DIM=dim, BLOCK_K=64, CAUSAL=plan.causal,
         # fp32 inputs: full-precision products, so the ranking matches the reference's.
         PRECISION=_precision(pooled.q.dtype), num_warps=4)

@@ -93,8 +93,8 @@ def _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, 
                     row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL: tl.constexpr,
                     HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # Block j's rows over its chunk's gathered columns (_gathered_tile), one online softmax.
-    wlo = tl.load(WLO + j)
-    whi = tl.load(WHI + j)
+    wlo = tl.load(WLO + j).to(tl.int32)  # the plan's int64 tables, read as they are
+    whi = tl.load(WHI + j).to(tl.int32)
     lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
     hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
     for s0 in range(0, s_pad, BLOCK_N):
@@ -386,8 +386,8 @@ def _sparse_dq_kernel(Q, K, V, KG, VG, DO, LSE2, DELTA, DQL, DQ, EB, ACTIVE, WLO
             k, v, _, valid = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
                                          stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
             dq = _tile_dq(dq, q, do, lse2, delta, k, v, 0.0, valid, qk_scale, True, PRECISION)
-        wlo = tl.load(WLO + j)
-        whi = tl.load(WHI + j)
+        wlo = tl.load(WLO + j).to(tl.int32)
+        whi = tl.load(WHI + j).to(tl.int32)
         lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
         hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
         g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
@@ -506,8 +506,9 @@ def _gathered_dkv_kernel(Q, KG, VG, DO, LSE2, DELTA, DK, DV, EB, ACTIVE, WLO, WH
         for j in range(j0, j1):
             sel = bh * c_blocks + j - first
             if tl.load(ACTIVE + sel) != 0:
-                _, ok, slot, bias = _gathered_cols(GIDX, GLOGW, GSLOT, EB, sel, num_e, sj, tl.load(WLO + j),
-                                                   tl.load(WHI + j), CAUSAL, T)
+                _, ok, slot, bias = _gathered_cols(GIDX, GLOGW, GSLOT, EB, sel, num_e, sj,
+                                                   tl.load(WLO + j).to(tl.int32), tl.load(WHI + j).to(tl.int32),
+                                                   CAUSAL, T)
                 for m0 in range(0, T, BLOCK_M):
                     rows = j * T + m0 + tl.arange(0, BLOCK_M)
                     row_ok = rows < nq
@@ -608,8 +609,8 @@ class _Tables:
         self.eb = sel.exact_blocks.int().contiguous()
         self.active = sel.active.to(torch.int8).contiguous()
         self.lo, self.hi = lsh.lo.int().contiguous(), lsh.hi.int().contiguous()
-        self.win_lo = plan.win_lo.to(device=device, dtype=torch.int32)
-        self.win_hi = plan.win_hi.to(device=device, dtype=torch.int32)
+        # The plan's window tables (int64, on the device once per shape): no copy per call.
+        self.win_lo, self.win_hi = plan.win_lo.to(device), plan.win_hi.to(device)
         self.q_order = lsh.q_order.int().contiguous()
         self.k_order = lsh.order.int().contiguous()
 
