@@ -559,9 +559,17 @@ def pool(q: Tensor, k: Tensor, plan: Plan, score_group: int) -> Pooled:
     groups = plan.nqb * t // g
     q_pool = _means(q, g, groups)
     k_pool = _means(k, t, plan.nkb)
-    rows_ok = torch.clamp(plan.nq - g * torch.arange(groups, device=q.device), 0, g)
-    valid = (rows_ok > 0).reshape(plan.nqb, t // g)
-    return Pooled(q_pool.reshape(q.shape[0], q.shape[1], plan.nqb, t // g, dim), valid, k_pool)
+    return Pooled(q_pool.reshape(q.shape[0], q.shape[1], plan.nqb, t // g, dim), _pooled_valid(plan.nq, t, g, q.device),
+                  k_pool)
+
+
+@functools.lru_cache(maxsize=16)
+def _pooled_valid(nq: int, block: int, group: int, device: torch.device) -> Tensor:
+    # Which pooled query groups hold rows, (nqb, block / group): shapes only, built once per
+    # shape (read-only; six launches per call otherwise).
+    nqb = -(-nq // block)
+    rows_ok = torch.clamp(nq - group * torch.arange(nqb * block // group, device=device), 0, group)
+    return (rows_ok > 0).reshape(nqb, block // group)
 
 
 @triton.jit
