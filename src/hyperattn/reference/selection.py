@@ -107,7 +107,9 @@ class Plan:
     """Geometry of one call: blocks, windows, candidates, chunks (everything shape-only).
 
     ``win_lo, win_hi: (nqb,)`` first and last key block of each query block's window (on
-    the call's device), ``win_width`` the most key blocks of one window;
+    the call's device), ``win_width`` the most key blocks of one window, ``win_blocks
+    (nqb, win_width)`` its blocks in ascending order (``-1``: padding, and every entry of
+    the exact blocks before ``first``);
     ``first``: the first approximate query block (earlier rows see at most
     ``min_seq_len`` keys and are exact); ``chunk_blocks`` query blocks per chunk.
     """
@@ -122,6 +124,7 @@ class Plan:
     win_lo: Tensor
     win_hi: Tensor
     win_width: int = 0
+    win_blocks: Tensor | None = None
 
     @property
     def offset(self) -> int:
@@ -190,8 +193,12 @@ def make_plan(nq: int, nk: int, causal: bool, block: int, window: int, chunk: in
         win_hi = torch.clamp(centre + block - 1 + window, max=nk - 1) // block
     first = first_block(nq, nk, causal, block, min_seq_len)
     width = int((win_hi - win_lo).max()) + 1 if nqb else 1
+    # Each block's window as exact_blocks lists it, built here once per shape (a dozen
+    # launches per call otherwise).
+    win_blocks = win_lo.unsqueeze(-1) + torch.arange(width)
+    win_blocks = torch.where((win_blocks <= win_hi.unsqueeze(-1)) & (j >= first).unsqueeze(-1), win_blocks, -1)
     return Plan(nq, nk, causal, block, window, chunk // block, first, to_device(win_lo, device),
-                to_device(win_hi, device), width)
+                to_device(win_hi, device), width, to_device(win_blocks, device))
 
 
 def _pieces(total: int, per_item: int):
@@ -662,11 +669,7 @@ def exact_blocks(plan: Plan, blocks: Tensor, ranked: Tensor, key_blocks: Tensor 
         top = ranked[..., :key_blocks]
     else:
         top = torch.where(torch.arange(ranked.shape[-1], device=device) < key_blocks.unsqueeze(-1), ranked, -1)
-    lo, hi = _per_head(plan.win_lo, blocks), _per_head(plan.win_hi, blocks)
-    width = plan.win_width
-    window = lo.unsqueeze(-1) + torch.arange(width, device=device)
-    window = torch.where((window <= hi.unsqueeze(-1)) & (blocks >= plan.first).unsqueeze(-1), window, -1)
-    return torch.cat([window, top], dim=-1)
+    return torch.cat([_per_head(plan.win_blocks, blocks), top], dim=-1)
 
 
 def chunk_candidates(plan: Plan, device) -> Tensor:
