@@ -89,8 +89,8 @@ def _sparse_tma(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GS
                                             block_shape=[BLOCK_N, HEAD_DIM])
             vgd = tl.make_tensor_descriptor(VG, shape=[g_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
-            wlo = tl.load(WLO + j)
-            whi = tl.load(WHI + j)
+            wlo = tl.load(WLO + j).to(tl.int32)
+            whi = tl.load(WHI + j).to(tl.int32)
             lo = tl.load(LO + bh * nq + rows, mask=row_ok, other=0)
             hi = tl.load(HI + bh * nq + rows, mask=row_ok, other=0)
             for s0 in range(0, s_pad, BLOCK_N):
