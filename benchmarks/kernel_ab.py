@@ -10,7 +10,9 @@ records CUDA events between its two launches and swaps in a candidate:
 - ``sparse=tma``: the exact blocks' unmasked tiles loaded through tensor descriptors
   (Hopper's bulk tensor copies, one per K and V tile) instead of per-thread pointer loads;
   the masked tiles as shipped. ``tma_g``: the gathered columns' tiles too (their copies are
-  contiguous per chunk). ``tma_ws``: ``tma`` with a warp-specialised loop.
+  contiguous per chunk). ``tma_ws``: ``tma`` with a warp-specialised loop. ``half``: each
+  selected block's 128 rows over two programs of 64 (pointer loads as shipped): half the
+  accumulator per program, more programs per SM, keys read twice (from L2).
 - ``lsh=more``: the LSH pass autotuned over twice the tile shapes (smaller tiles, fewer
   warps: the pass is short per program and may be bound by latency, not bandwidth).
 
@@ -118,6 +120,61 @@ _TMA = _autotuned(_sparse_tma, [triton.Config({"BLOCK_N": n}, num_warps=w, num_s
                                 for n, w, s in ((64, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2), (64, 8, 2),
                                                 (128, 8, 3))],
                   ["HEAD_DIM", "CAUSAL", "T", "PRECISION", "NE_P", "s_pad", "GTMA", "WS"], restore_value=["OUT", "LSE"])
+@triton.jit
+def _sparse_half(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn,
+                 num_heads, group, kv_heads, nq, nk, offset, first, c_blocks, num_e, chunk_blocks, num_chunks,
+                 s_pad, win_width, qk_scale,
+                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr, NE_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    # kernels.sparse._sparse_kernel with each selected block's rows split over T // BLOCK_M
+    # programs (smaller accumulators: more programs per SM). Program (jj * T // BLOCK_M + part).
+    PARTS: tl.constexpr = T // BLOCK_M
+    jj = tl.program_id(0) // PARTS
+    part = tl.program_id(0) % PARTS
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % num_heads
+    b = bh // num_heads
+    kvh = h // group
+    j = first + jj
+    rows = j * T + part * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < nq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qk_scale = qk_scale * 1.4426950408889634
+    q, acc, m_i, l_i, k_base, v_base = _start(Q, b, h, kvh, rows, row_ok, stride_qb, stride_qh, stride_qn, stride_kb,
+                                              stride_kh, stride_vb, stride_vh, BLOCK_M, HEAD_DIM)
+    sel = bh * c_blocks + jj
+    if tl.load(ACTIVE + sel) != 0:
+        # _whole_tiles judges from the block's first row: conservative for the later parts.
+        n_tiles = num_e * (T // BLOCK_N)
+        n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
+        for t in range(0, n_whole):
+            k, v, pad, _ = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                       stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, pad, None, qk_scale, False, PRECISION)
+        for t in range(n_whole, n_tiles):
+            k, v, _, valid = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                         stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
+        acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel,
+                                        num_e, j, bh, rows, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale,
+                                        CAUSAL, HEAD_DIM, T, BLOCK_N, PRECISION)
+    out, lse = _normalised(acc, m_i, l_i)
+    flat = bh * nq + rows
+    o_ptrs = OUT + flat[:, None] * HEAD_DIM + offs_d[None, :]
+    prev_lse = tl.load(LSE + flat, mask=row_ok, other=float("-inf"))
+    prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    out, lse = _lse_merge(prev, prev_lse, out, lse)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + flat, lse, mask=row_ok)
+
+
+_HALF = _autotuned(_sparse_half, [triton.Config({"BLOCK_N": n, "BLOCK_M": 64}, num_warps=w, num_stages=s)
+                                  for n, w, s in ((64, 4, 3), (128, 4, 2), (64, 4, 2), (32, 4, 3), (128, 8, 2))],
+                   ["HEAD_DIM", "CAUSAL", "T", "PRECISION", "NE_P", "s_pad"], restore_value=["OUT", "LSE"])
 _LSH_MORE = _autotuned(_lsh_kernel, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                                      for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2),
                                                         (64, 64, 4, 1), (32, 64, 4, 1), (64, 32, 4, 2),
@@ -158,6 +215,9 @@ def _forward(q, k, v, scale, plan, tab):
     meta = dict(CAUSAL=plan.causal, HEAD_DIM=dim, T=t, PRECISION=precision, NE_P=tab.ne_p)
     if tab.c_blocks and MODE["sparse"] == "base":
         S._SPARSE[(tab.c_blocks, bsz * hq)](*args, **meta)
+    elif tab.c_blocks and MODE["sparse"] == "half":
+        LAST["candidate_launches"] = LAST.get("candidate_launches", 0) + 1
+        _HALF[lambda m: (tab.c_blocks * (t // m["BLOCK_M"]), bsz * hq)](*args, **meta)
     elif tab.c_blocks:
         LAST["candidate_launches"] = LAST.get("candidate_launches", 0) + 1
         _TMA[(tab.c_blocks, bsz * hq)](*args, tab.k_g.numel() // dim, **meta, GTMA=MODE["sparse"].startswith("tma_g"),
@@ -169,7 +229,8 @@ def _forward(q, k, v, scale, plan, tab):
 
 S._forward = _forward
 
-MODES = [("base", "base"), ("tma", "base"), ("tma_g", "base"), ("base", "more"), ("base", "base"), ("tma_ws", "base")]
+MODES = [("base", "base"), ("tma", "base"), ("tma_g", "base"), ("half", "base"), ("base", "more"), ("base", "base"),
+         ("tma_ws", "base")]
 
 
 def _row(n: int, causal: bool, sparse: str, lsh: str, call, ref, reps: int = 7) -> dict:
@@ -194,7 +255,8 @@ def _row(n: int, causal: bool, sparse: str, lsh: str, call, ref, reps: int = 7) 
             calls.append(start.elapsed_time(end))
             lsh_ms.append(ev[0].elapsed_time(ev[1]))
             sparse_ms.append(ev[1].elapsed_time(ev[2]))
-        kernels = {"sparse": S._SPARSE if sparse == "base" else _TMA, "lsh": S._LSH if lsh == "base" else _LSH_MORE}
+        kernels = {"sparse": {"base": S._SPARSE, "half": _HALF}.get(sparse, _TMA),
+                   "lsh": S._LSH if lsh == "base" else _LSH_MORE}
         row.update(call_ms=statistics.median(calls), lsh_ms=statistics.median(lsh_ms),
                    sparse_ms=statistics.median(sparse_ms), host_to_attention_ms=statistics.median(host),
                    configs={name: [str(c) for c in kern.cache.values()] for name, kern in kernels.items()})
@@ -244,7 +306,7 @@ def check() -> None:
         k[:, :, 0] *= 4
         cfg = ha.HyperAttentionConfig(seed=0, max_error=None, min_seq_len=256, chunk=512)
         outs = {}
-        for sparse in ("base", "tma", "tma_g"):
+        for sparse in ("base", "tma", "tma_g", "half"):
             MODE.update(sparse=sparse, lsh="base")
             with torch.no_grad():
                 outs[sparse] = M.run(q, k, v, 32 ** -0.5, causal, cfg, 0, need_stats=False)[0].float()
