@@ -888,24 +888,54 @@ _ROWS = _autotuned(_rows_kernel, [triton.Config({"BLOCK_N": n}, num_warps=w, num
                    ["HEAD_DIM", "CAUSAL", "T", "RP", "PRECISION", "s_pad"])
 
 
+@triton.jit
+def _gathered_kernel(GIDX, GLOGW, SLOT, K, V, OUT_IDX, OUT_LOGW, OUT_SLOT, KG, VG, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, kv_heads, num_chunks, nk, width, s_pad,
+                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK padded slots of one (batch, KV head, chunk): index (0 past width), log-weight
+    # (-inf past width), the key's sorted LSH slot and its key and value rows.
+    bkvc = tl.program_id(1).to(tl.int64)  # (b * kv_heads + kv head) * chunks + chunk
+    bkv = bkvc // num_chunks
+    s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    used = s < width
+    idx = tl.load(GIDX + bkvc * width + s, mask=used, other=0)
+    logw = tl.load(GLOGW + bkvc * width + s, mask=used, other=float("-inf"))
+    out = bkvc * s_pad + s
+    tl.store(OUT_IDX + out, idx.to(tl.int32))
+    tl.store(OUT_LOGW + out, logw.to(tl.float32))
+    tl.store(OUT_SLOT + out, tl.load(SLOT + bkv * nk + idx).to(tl.int32))
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + (b * stride_kb + kvh * stride_kh + idx * stride_kn)[:, None] + offs_d[None, :])
+    v = tl.load(V + (b * stride_vb + kvh * stride_vh + idx * stride_vn)[:, None] + offs_d[None, :])
+    tl.store(KG + out[:, None] * HEAD_DIM + offs_d[None, :], k)
+    tl.store(VG + out[:, None] * HEAD_DIM + offs_d[None, :], v)
+
+
 def _gathered(k: Tensor, v: Tensor, sel: Selection, lsh: Lsh):
     """Each chunk's gathered columns padded to whole tiles: indices, log-weights, sorted slots and K/V copies.
 
     Padded to 64 columns, not to the largest key tile (128): the default's 320 columns are
     five tiles of 64, where 384 would add a sixth of masked work; launches whose key tile
-    does not divide ``s_pad`` are pruned (``_prune``).
+    does not divide ``s_pad`` are pruned (``_prune``). One launch (host time at 32k: the
+    same in PyTorch took ~14 ops). k, v have unit stride in D.
     """
     bsz, hkv, nc, width = sel.gather_idx.shape
     dim = k.shape[-1]
     s_pad = max(1, math.ceil(width / 64)) * 64
-    g_idx = torch.nn.functional.pad(sel.gather_idx, (0, s_pad - width))  # (B, Hkv, C, S_pad)
-    g_logw = torch.nn.functional.pad(sel.gather_logw, (0, s_pad - width), value=float("-inf")).float().contiguous()
-    flat_idx = g_idx.reshape(bsz, hkv, nc * s_pad)
-    rows = flat_idx.unsqueeze(-1).expand(-1, -1, -1, dim)
-    k_g, v_g = k.gather(2, rows).contiguous(), v.gather(2, rows).contiguous()
-    b_ix = torch.arange(bsz, device=k.device).view(-1, 1, 1)
-    g_slot = lsh.slot[b_ix, torch.arange(hkv, device=k.device).view(1, -1, 1), flat_idx].int().contiguous()
-    return g_idx.int().contiguous(), g_logw, g_slot, k_g, v_g, s_pad
+    device = k.device
+    g_idx = torch.empty(bsz, hkv, nc, s_pad, device=device, dtype=torch.int32)
+    g_logw = torch.empty(bsz, hkv, nc, s_pad, device=device, dtype=torch.float32)
+    g_slot = torch.empty(bsz, hkv, nc * s_pad, device=device, dtype=torch.int32)
+    k_g = torch.empty(bsz, hkv, nc * s_pad, dim, device=device, dtype=k.dtype)
+    v_g = torch.empty(bsz, hkv, nc * s_pad, dim, device=device, dtype=v.dtype)
+    if g_idx.numel():
+        _gathered_kernel[(s_pad // 64, bsz * hkv * nc)](
+            sel.gather_idx.contiguous(), sel.gather_logw.contiguous(), lsh.slot.contiguous(), k, v, g_idx, g_logw,
+            g_slot, k_g, v_g, *_strides(k, k, v)[3:], hkv, nc, k.shape[2], width, s_pad, HEAD_DIM=dim, BLOCK=64,
+            num_warps=4)
+    return g_idx, g_logw, g_slot, k_g, v_g, s_pad
 
 
 def attend_rows_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, plan: Plan, sel: Selection, lsh: Lsh,
