@@ -108,8 +108,8 @@ class Plan:
 
     ``win_lo, win_hi: (nqb,)`` first and last key block of each query block's window (on
     the call's device), ``win_width`` the most key blocks of one window, ``win_blocks
-    (nqb, win_width)`` its blocks in ascending order (``-1``: padding, and every entry of
-    the exact blocks before ``first``);
+    (nqb, win_width)`` each window's blocks in ascending order (``-1``: padding; all ``-1``
+    for the exact query blocks before ``first``);
     ``first``: the first approximate query block (earlier rows see at most
     ``min_seq_len`` keys and are exact); ``chunk_blocks`` query blocks per chunk.
     """
