@@ -45,8 +45,8 @@ import triton.language as tl
 
 import hyperattn as ha
 from hyperattn.kernels import sparse as S
-from hyperattn.kernels.sparse import (_autotuned, _block_program, _exact_tile, _gathered_cols, _gathered_tiles,
-                                      _lse_merge, _lsh_kernel, _normalised, _outside_lsh, _start, _tile_update,
+from hyperattn.kernels.sparse import (_autotuned, _block_program, _exact_blocks_pass, _exact_tile, _gathered_cols,
+                                      _gathered_tiles, _lsh_kernel, _merge_into, _outside_lsh, _start, _tile_update,
                                       _whole_tiles)
 
 
@@ -106,14 +106,7 @@ def _sparse_tma(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GS
             acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel,
                                             num_e, j, bh, rows, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale,
                                             CAUSAL, HEAD_DIM, T, BLOCK_N, PRECISION)
-    out, lse = _normalised(acc, m_i, l_i)
-    flat = bh * nq + rows
-    o_ptrs = OUT + flat[:, None] * HEAD_DIM + offs_d[None, :]
-    prev_lse = tl.load(LSE + flat, mask=row_ok, other=float("-inf"))
-    prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    out, lse = _lse_merge(prev, prev_lse, out, lse)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + flat, lse, mask=row_ok)
+    _merge_into(OUT, LSE, acc, m_i, l_i, bh, nq, rows, row_ok, offs_d, HEAD_DIM)
 
 
 _TMA = _autotuned(_sparse_tma, [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -148,28 +141,14 @@ def _sparse_half(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, G
     sel = bh * c_blocks + jj
     if tl.load(ACTIVE + sel) != 0:
         # _whole_tiles judges from the block's first row: conservative for the later parts.
-        n_tiles = num_e * (T // BLOCK_N)
-        n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
-        for t in range(0, n_whole):
-            k, v, pad, _ = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
-                                       stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, pad, None, qk_scale, False, PRECISION)
-        for t in range(n_whole, n_tiles):
-            k, v, _, valid = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
-                                         stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        acc, m_i, l_i = _exact_blocks_pass(acc, m_i, l_i, q, K, V, EB, sel, num_e, win_width, j, rows, nk, offset,
+                                           k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, qk_scale, CAUSAL, T,
+                                           BLOCK_N, PRECISION, NE_P)
         g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
         acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel,
                                         num_e, j, bh, rows, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale,
                                         CAUSAL, HEAD_DIM, T, BLOCK_N, PRECISION)
-    out, lse = _normalised(acc, m_i, l_i)
-    flat = bh * nq + rows
-    o_ptrs = OUT + flat[:, None] * HEAD_DIM + offs_d[None, :]
-    prev_lse = tl.load(LSE + flat, mask=row_ok, other=float("-inf"))
-    prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    out, lse = _lse_merge(prev, prev_lse, out, lse)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + flat, lse, mask=row_ok)
+    _merge_into(OUT, LSE, acc, m_i, l_i, bh, nq, rows, row_ok, offs_d, HEAD_DIM)
 
 
 _HALF = _autotuned(_sparse_half, [triton.Config({"BLOCK_N": n, "BLOCK_M": 64}, num_warps=w, num_stages=s)

@@ -150,6 +150,41 @@ def _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_
 
 
 @triton.jit
+def _exact_blocks_pass(acc, m_i, l_i, q, K, V, EB, sel, num_e, win_width, j, rows, nk, offset, k_base, v_base,
+                       stride_kn, stride_vn, offs_n, offs_d, qk_scale, CAUSAL: tl.constexpr, T: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NE_P: tl.constexpr):
+    # Selected block sel's exact blocks' tiles (_whole_tiles' order) for rows of query block
+    # j: the leading run every row sees whole is one unmasked loop the compiler can
+    # pipeline; the rest is masked.
+    n_tiles = num_e * (T // BLOCK_N)
+    n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
+    for t in range(0, n_whole):
+        k, v, pad, _ = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                   stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, pad, None, qk_scale, False, PRECISION)
+    for t in range(n_whole, n_tiles):
+        k, v, _, valid = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
+                                     stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _merge_into(OUT, LSE, acc, m_i, l_i, bh, nq, rows, row_ok, offs_d, HEAD_DIM: tl.constexpr):
+    # The online softmax's result LSE-merged with the LSH part the first launch left in
+    # OUT/LSE (contiguous rows here, where the LSH pass's rows are scattered), in place:
+    # the one store of the result.
+    out, lse = _normalised(acc, m_i, l_i)
+    flat = bh * nq + rows
+    o_ptrs = OUT + flat[:, None] * HEAD_DIM + offs_d[None, :]
+    prev_lse = tl.load(LSE + flat, mask=row_ok, other=float("-inf"))
+    prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    out, lse = _lse_merge(prev, prev_lse, out, lse)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + flat, lse, mask=row_ok)
+
+
+@triton.jit
 def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW, GSLOT, LO, HI,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -167,32 +202,14 @@ def _sparse_kernel(Q, K, V, KG, VG, OUT, LSE, EB, ACTIVE, WLO, WHI, GIDX, GLOGW,
                                               stride_kh, stride_vb, stride_vh, T, HEAD_DIM)
     sel = bh * c_blocks + jj
     if tl.load(ACTIVE + sel) != 0:
-        # The exact blocks' tiles (_whole_tiles' order): the leading run every row sees
-        # whole is one unmasked loop the compiler can pipeline; the rest is masked.
-        n_tiles = num_e * (T // BLOCK_N)
-        n_whole = _whole_tiles(EB, sel, num_e, win_width, j, nk, offset, n_tiles, CAUSAL, T, BLOCK_N, NE_P)
-        for t in range(0, n_whole):
-            k, v, pad, _ = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
-                                       stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, pad, None, qk_scale, False, PRECISION)
-        for t in range(n_whole, n_tiles):
-            k, v, _, valid = _exact_tile(K, V, EB, sel, num_e, win_width, t, rows, nk, offset, k_base, v_base,
-                                         stride_kn, stride_vn, offs_n, offs_d, CAUSAL, T, BLOCK_N)
-            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, 0.0, valid, qk_scale, True, PRECISION)
+        acc, m_i, l_i = _exact_blocks_pass(acc, m_i, l_i, q, K, V, EB, sel, num_e, win_width, j, rows, nk, offset,
+                                           k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, qk_scale, CAUSAL, T,
+                                           BLOCK_N, PRECISION, NE_P)
         g_base = ((b * kv_heads + kvh) * num_chunks + j // chunk_blocks) * s_pad
         acc, m_i, l_i = _gathered_tiles(acc, m_i, l_i, q, KG, VG, GIDX, GLOGW, GSLOT, EB, WLO, WHI, LO, HI, sel, num_e,
                                         j, bh, rows, row_ok, nq, g_base, s_pad, offs_n, offs_d, qk_scale, CAUSAL,
                                         HEAD_DIM, T, BLOCK_N, PRECISION)
-    # LSE-merged with the LSH part the first launch left in OUT/LSE (contiguous rows here,
-    # where the LSH pass's rows are scattered), in place: the one store of the result.
-    out, lse = _normalised(acc, m_i, l_i)
-    flat = bh * nq + rows
-    o_ptrs = OUT + flat[:, None] * HEAD_DIM + offs_d[None, :]
-    prev_lse = tl.load(LSE + flat, mask=row_ok, other=float("-inf"))
-    prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    out, lse = _lse_merge(prev, prev_lse, out, lse)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + flat, lse, mask=row_ok)
+    _merge_into(OUT, LSE, acc, m_i, l_i, bh, nq, rows, row_ok, offs_d, HEAD_DIM)
 
 
 @triton.jit
