@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ..reference.lsh import draw_projections
 from ..reference.selection import (CARRIED, RESCORED, Lsh, Plan, Pooled, carried_columns, carried_scores, finders,
-                                   heavy_range, probe_pairs, sorted_rows, span_cuts, to_device, top_candidates)
+                                   group_rows, heavy_range, probe_pairs, sorted_rows, span_cuts, to_device,
+                                   top_candidates)
 from .attention import _kv_at, _normalised, _precision, _tile_update
 from .sparse import _autotuned
 
@@ -567,9 +568,7 @@ def pool(q: Tensor, k: Tensor, plan: Plan, score_group: int) -> Pooled:
 def _pooled_valid(nq: int, block: int, group: int, device: torch.device) -> Tensor:
     # Which pooled query groups hold rows, (nqb, block / group): shapes only, built once per
     # shape (read-only; six launches per call otherwise).
-    nqb = -(-nq // block)
-    rows_ok = torch.clamp(nq - group * torch.arange(nqb * block // group, device=device), 0, group)
-    return (rows_ok > 0).reshape(nqb, block // group)
+    return (group_rows(nq, block, group, device) > 0).reshape(-1, block // group)
 
 
 @triton.jit

@@ -217,13 +217,18 @@ class Pooled:
     k: Tensor
 
 
+def group_rows(nq: int, block: int, group: int, device) -> Tensor:
+    """Rows in each pooled group of ``group`` query rows, ``(ceil(nq / block) * block / group,)``."""
+    return torch.clamp(nq - group * torch.arange(math.ceil(nq / block) * block // group, device=device), 0, group)
+
+
 def pool(q: Tensor, k: Tensor, plan: Plan, score_group: int) -> Pooled:
     """The :class:`Pooled` queries and keys of a call."""
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     t, g = plan.block, score_group
     q_pad = torch.nn.functional.pad(q, (0, 0, 0, plan.nqb * t - nq))
-    rows_ok = torch.clamp(nq - g * torch.arange(plan.nqb * t // g, device=q.device), 0, g)
+    rows_ok = group_rows(nq, t, g, q.device)
     q_pool = q_pad.reshape(bsz, hq, plan.nqb * t // g, g, dim).sum(3) / rows_ok.clamp(min=1).unsqueeze(-1).to(q.dtype)
     k_pad = torch.nn.functional.pad(k, (0, 0, 0, plan.nkb * t - nk))
     k_pool = k_pad.reshape(bsz, hkv, plan.nkb, t, dim).sum(3) / plan.block_sizes(k.device).unsqueeze(-1).to(k.dtype)
